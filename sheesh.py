@@ -1,0 +1,1386 @@
+#!/usr/bin/env python3
+"""sheesh: a one-file SMTP server that keeps every message it is sent.
+
+    python sheesh.py                 listen on 127.0.0.1:1025, store mail in the Maildir ./mail
+    python sheesh.py --help          every option, with its default
+    mutt -f mail                     read what arrived (or mailbox.Maildir("mail") from Python)
+
+sheesh is the successor to ``python -m smtpd -n -c DebuggingServer``, which Python 3.12
+removed: a local SMTP sink for programs that send mail, and for their test suites. It is one
+file and uses only the standard library of Python 3.11 or later, on Linux, macOS and Windows.
+
+It speaks SMTP as RFC 5321 describes it, with the extensions that clients look for:
+SIZE (RFC 1870), 8BITMIME (RFC 6152), PIPELINING (RFC 2920), SMTPUTF8 (RFC 6531),
+ENHANCEDSTATUSCODES (RFC 2034, codes from RFC 3463) and AUTH (RFC 4954).
+
+The file reads top to bottom, the way one message travels through it:
+
+    1. Limits        the numbers that bound every read, and where they come from
+    2. Replies       every reply sheesh sends, in one table
+    3. Commands      one small class per verb, and parse_command()
+    4. DATA          finding the end of a message and removing dot-stuffing
+    5. The session   the SMTP state machine: bytes in, replies out; no sockets, files or clocks
+    6. The store     a Maildir: written in tmp/, renamed into new/
+    7. The handler   the only code that reads from or writes to a connection
+    8. The server    threads, the connection limit, a clean stop, and the in-process API
+    9. The CLI       main()
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import collections
+import email.header
+import email.parser
+import email.policy
+import email.utils
+import enum
+import errno
+import itertools
+import logging
+import os
+import signal
+import socket
+import socketserver
+import sys
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from email.message import EmailMessage
+from pathlib import Path
+
+__version__ = "0.1.0"
+
+log = logging.getLogger("sheesh")
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Limits
+#
+# Every read sheesh makes is bounded, so that a client can only ever cost the server a known
+# amount of memory and time. Each number says where it comes from.
+# ---------------------------------------------------------------------------------------------
+
+DEFAULT_HOST = "127.0.0.1"  # loopback: a sink accepts mail from anyone who can reach it
+DEFAULT_PORT = 1025  # the unprivileged port that Mailpit, MailHog and smtpd's examples use
+DEFAULT_MAILDIR = "mail"  # as the Gleam server that sheesh follows
+
+# 50 MiB: the default that Mailpit and MailDev settled on. Advertised as SIZE (RFC 1870).
+DEFAULT_MAX_SIZE = 50 * 1024 * 1024
+
+# RFC 5321 section 4.5.3.1.8: a server must be able to take at least 100 recipients.
+DEFAULT_MAX_RECIPIENTS = 100
+
+# RFC 5321 section 4.5.3.2.7: a server should wait at least 5 minutes for the next command.
+DEFAULT_TIMEOUT = 300.0
+
+# As Postfix's smtp-sink. One more connection than this is told 421 and closed at once.
+DEFAULT_MAX_CONNECTIONS = 256
+
+# RFC 5321 section 4.5.3.1.4 allows a command line of 512 octets, and section 4.5.3.1.2 lets each
+# extension lengthen it: SIZE= adds 26 (RFC 1870), AUTH= adds 500 (RFC 4954), and an SMTPUTF8 path
+# of 256 characters may take 1,024 octets of UTF-8 (RFC 6531). 4 KiB holds all of those at once,
+# and an AUTH PLAIN initial response with long credentials, and is still a trivial cost per client.
+COMMAND_LINE_LIMIT = 4096
+
+# aiosmtpd closes a session after 20 unrecognised commands: a client that sends more is not
+# speaking SMTP (it may be an HTTP client, or an attack that smuggles HTTP through SMTP).
+MAX_UNKNOWN_COMMANDS = 20
+
+# How much one read from a connection may return. Bodies are handled a buffer at a time, so this
+# is also the most memory that one message in DATA costs, whatever its size.
+READ_SIZE = 256 * 1024
+
+# On SIGTERM or Ctrl-C, messages already in DATA get this long to finish before they are dropped.
+SHUTDOWN_GRACE = 5.0
+
+# How long after reading a message's head sheesh looks for its Subject (for the log line).
+HEADER_SCAN_LIMIT = 64 * 1024
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Replies
+#
+# An SMTP reply is a three-digit code and text (RFC 5321 section 4.2). A reply of several lines
+# repeats the code on each, with a hyphen after all but the last: "250-first", "250 last".
+# The first digit says how it went: 2 done, 3 go on, 4 failed for now, 5 failed for good.
+# Most replies also carry an enhanced status code such as 2.1.0 (RFC 2034, RFC 3463), which
+# RFC 2034 leaves out of the greeting, the HELO/EHLO reply and the 354 that starts DATA.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One SMTP reply: a code and one or more lines of text."""
+
+    code: int
+    lines: tuple[str, ...]
+
+    def __bytes__(self) -> bytes:
+        *first, last = self.lines
+        text = "".join(f"{self.code}-{line}\r\n" for line in first) + f"{self.code} {last}\r\n"
+        return text.encode("utf-8")
+
+
+def reply(code: int, *lines: str) -> Reply:
+    return Reply(code, lines)
+
+
+OK = reply(250, "2.0.0 Ok")
+SENDER_OK = reply(250, "2.1.0 Ok")
+RECIPIENT_OK = reply(250, "2.1.5 Ok")
+START_DATA = reply(354, "End data with <CR><LF>.<CR><LF>")
+BYE = reply(221, "2.0.0 Bye")
+CANNOT_VRFY = reply(252, "2.5.0 Cannot verify the user, but will accept mail for it")
+HELP = reply(214, "2.0.0 Commands: HELO EHLO MAIL RCPT DATA RSET NOOP VRFY HELP QUIT AUTH",
+             "2.0.0 See RFC 5321 for what each one does")
+AUTH_OK = reply(235, "2.7.0 Authentication successful")
+AUTH_USERNAME = reply(334, "VXNlcm5hbWU6")  # base64 of "Username:" (the LOGIN mechanism)
+AUTH_PASSWORD = reply(334, "UGFzc3dvcmQ6")  # base64 of "Password:"
+AUTH_GO_ON = reply(334, "")  # PLAIN without an initial response: an empty challenge
+
+UNKNOWN_COMMAND = reply(500, "5.5.2 Error: command not recognized")
+LINE_TOO_LONG = reply(500, "5.5.2 Error: line too long")  # RFC 5321 section 4.5.3.1.4
+NOT_IMPLEMENTED = reply(502, "5.5.1 Error: command not implemented")
+NEED_HELO = reply(503, "5.5.1 Error: send HELO or EHLO first")
+NEED_EHLO = reply(503, "5.5.1 Error: send EHLO first")
+NESTED_MAIL = reply(503, "5.5.1 Error: nested MAIL command")
+NEED_MAIL = reply(503, "5.5.1 Error: need MAIL command")
+NEED_RCPT = reply(503, "5.5.1 Error: need RCPT command")
+ALREADY_AUTHENTICATED = reply(503, "5.5.1 Error: already authenticated")
+AUTH_IN_TRANSACTION = reply(503, "5.5.1 Error: AUTH not allowed during a mail transaction")
+UNKNOWN_MECHANISM = reply(504, "5.5.4 Error: unrecognized authentication type")
+AUTH_CANCELLED = reply(501, "5.0.0 Authentication cancelled")
+BAD_BASE64 = reply(501, "5.5.2 Error: cannot decode the response")
+BAD_CREDENTIALS = reply(535, "5.7.8 Error: authentication credentials invalid")
+BAD_SENDER = reply(501, "5.1.7 Error: bad sender address syntax")
+BAD_RECIPIENT = reply(501, "5.1.3 Error: bad recipient address syntax")
+UNKNOWN_PARAMETER = reply(555, "5.5.4 Error: MAIL FROM/RCPT TO parameter not recognized")
+TOO_MANY_RECIPIENTS = reply(452, "4.5.3 Error: too many recipients")  # RFC 5321 4.5.3.1.10
+MESSAGE_TOO_BIG = reply(552, "5.3.4 Error: message exceeds the fixed maximum message size")
+STORAGE_FULL = reply(452, "4.3.1 Error: insufficient system storage")
+STORAGE_FAILED = reply(451, "4.3.0 Error: local error in processing, try again later")
+TOO_MANY_UNKNOWN = reply(421, "4.7.0 Error: too many unrecognized commands, goodbye")
+TOO_MANY_CONNECTIONS = reply(421, "4.7.0 Error: too many connections, try again later")
+TIMEOUT = reply(421, "4.4.2 Error: timeout exceeded, goodbye")
+SHUTTING_DOWN = reply(421, "4.3.2 Service shutting down, goodbye")
+INTERNAL_ERROR = reply(421, "4.3.0 Error: internal server error, goodbye")
+
+
+def usage(syntax: str) -> Reply:
+    """501 with the command's syntax, as smtpd did: the client learns what was expected."""
+    return reply(501, f"5.5.4 Syntax: {syntax}")
+
+
+def greeting(hostname: str) -> Reply:
+    return reply(220, f"{hostname} ESMTP sheesh")
+
+
+def queued(queue_id: str) -> Reply:
+    return reply(250, f"2.0.0 Ok: queued as {queue_id}")
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Commands
+#
+# A command line is a verb, a space and an argument: "MAIL FROM:<alice@example.com> SIZE=1234".
+# Verbs are case-insensitive (RFC 5321 section 2.4). parse_command() turns a line into one of the
+# small classes below and checks its syntax, so the session only ever sees well-formed commands;
+# a malformed one becomes Invalid, carrying the reply (501 with the usage, or 555).
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Helo:
+    client_name: str
+
+
+@dataclass(frozen=True)
+class Ehlo:
+    client_name: str
+
+
+@dataclass(frozen=True)
+class Mail:
+    sender: str  # the reverse-path; "" is the null sender <> used by bounces
+    size: int | None = None  # SIZE=, what the client says the message will weigh (RFC 1870)
+    body: str = "7BIT"  # BODY=7BIT or BODY=8BITMIME (RFC 6152)
+    smtputf8: bool = False  # SMTPUTF8 (RFC 6531)
+    has_parameters: bool = False
+
+
+@dataclass(frozen=True)
+class Rcpt:
+    recipient: str  # a forward-path
+
+
+@dataclass(frozen=True)
+class Data:
+    pass
+
+
+@dataclass(frozen=True)
+class Rset:
+    pass
+
+
+@dataclass(frozen=True)
+class Noop:
+    pass
+
+
+@dataclass(frozen=True)
+class Vrfy:
+    pass
+
+
+@dataclass(frozen=True)
+class Help:
+    pass
+
+
+@dataclass(frozen=True)
+class Quit:
+    pass
+
+
+@dataclass(frozen=True)
+class Auth:
+    mechanism: str
+    initial_response: str | None  # RFC 4954 section 4: the first response may come with AUTH
+
+
+@dataclass(frozen=True)
+class NotImplemented_:
+    verb: str
+
+
+@dataclass(frozen=True)
+class Unknown:
+    verb: str
+
+
+@dataclass(frozen=True)
+class Invalid:
+    reply: Reply
+
+
+Command = (Helo | Ehlo | Mail | Rcpt | Data | Rset | Noop | Vrfy | Help | Quit | Auth
+           | NotImplemented_ | Unknown | Invalid)
+
+MAIL_USAGE = usage("MAIL FROM:<address> [SIZE=n] [BODY=7BIT|8BITMIME] [SMTPUTF8] [AUTH=x]")
+RCPT_USAGE = usage("RCPT TO:<address>")
+
+# Characters that never belong in an address. Refusing them keeps a client from writing
+# extra header lines into a stored message through MAIL FROM or RCPT TO.
+_FORBIDDEN_IN_ADDRESS = frozenset(chr(c) for c in [*range(0x21), 0x7F]) | {"<", ">"}
+
+
+def parse_command(line: str) -> Command:
+    """Turn one command line (without its CRLF) into a command."""
+    verb, _, argument = line.partition(" ")
+    argument = argument.strip(" ")
+    match verb.upper():
+        case "HELO":
+            return Helo(argument) if argument else Invalid(usage("HELO hostname"))
+        case "EHLO":
+            return Ehlo(argument) if argument else Invalid(usage("EHLO hostname"))
+        case "MAIL":
+            return parse_mail(argument)
+        case "RCPT":
+            return parse_rcpt(argument)
+        case "DATA":
+            return Invalid(usage("DATA")) if argument else Data()
+        case "RSET":
+            return Invalid(usage("RSET")) if argument else Rset()
+        case "NOOP":
+            return Noop()  # RFC 5321 section 4.1.1.9: an argument is allowed and ignored
+        case "VRFY":
+            return Vrfy() if argument else Invalid(usage("VRFY address"))
+        case "HELP":
+            return Help()
+        case "QUIT":
+            return Invalid(usage("QUIT")) if argument else Quit()
+        case "AUTH":
+            return parse_auth(argument)
+        case "EXPN" | "TURN" | "ETRN" | "STARTTLS":
+            return NotImplemented_(verb.upper())
+        case _:
+            return Unknown(verb)
+
+
+def parse_mail(argument: str) -> Mail | Invalid:
+    """MAIL FROM:<reverse-path> [parameters] (RFC 5321 section 4.1.1.2)."""
+    if argument[:5].upper() != "FROM:":
+        return Invalid(MAIL_USAGE)
+    parsed = parse_path(argument[5:])
+    if parsed is None:
+        return Invalid(MAIL_USAGE)
+    sender, parameters = parsed
+    if not is_valid_address(sender, null_allowed=True):
+        return Invalid(BAD_SENDER)
+    mail = Mail(sender, has_parameters=bool(parameters))
+    for keyword, value in parameters:
+        match keyword, value:
+            case "SIZE", str() if value.isdigit() and value.isascii():
+                mail = replace(mail, size=int(value))
+            case "BODY", str() if value.upper() in ("7BIT", "8BITMIME"):
+                mail = replace(mail, body=value.upper())
+            case "SMTPUTF8", None:
+                mail = replace(mail, smtputf8=True)
+            case "AUTH", str():
+                pass  # RFC 4954 section 5: the submitter's identity; senders commonly send AUTH=<>
+            case ("SIZE" | "BODY" | "SMTPUTF8" | "AUTH"), _:
+                return Invalid(MAIL_USAGE)
+            case _:
+                return Invalid(UNKNOWN_PARAMETER)
+    return mail
+
+
+def parse_rcpt(argument: str) -> Rcpt | Invalid:
+    """RCPT TO:<forward-path> (RFC 5321 section 4.1.1.3). sheesh knows no RCPT parameters."""
+    if argument[:3].upper() != "TO:":
+        return Invalid(RCPT_USAGE)
+    parsed = parse_path(argument[3:])
+    if parsed is None:
+        return Invalid(RCPT_USAGE)
+    recipient, parameters = parsed
+    if not is_valid_address(recipient, null_allowed=False):
+        return Invalid(BAD_RECIPIENT)
+    if parameters:
+        return Invalid(UNKNOWN_PARAMETER)
+    return Rcpt(recipient)
+
+
+def parse_path(text: str) -> tuple[str, list[tuple[str, str | None]]] | None:
+    """Split "<address> KEY=VALUE ..." into the address and its parameters, or None.
+
+    The address may come in angle brackets, as RFC 5321 requires, or bare, as many clients
+    send it. A source route ("<@relay:user@host>") is accepted and ignored (RFC 5321 appendix C).
+    """
+    text = text.lstrip(" ")  # "MAIL FROM: <a@b>" is wrong but common
+    if text.startswith("<"):
+        end = text.find(">")
+        if end < 0:
+            return None
+        address, rest = text[1:end], text[end + 1:]
+        if rest and not rest.startswith(" "):
+            return None
+    else:
+        address, _, rest = text.partition(" ")
+        if not address:
+            return None  # only "<>" is the null sender
+    if address.startswith("@"):
+        address = address.partition(":")[2]
+    parameters = []
+    for word in rest.split():
+        keyword, equals, value = word.partition("=")
+        # esmtp-keyword = (ALPHA / DIGIT) *(ALPHA / DIGIT / "-") (RFC 5321 section 4.1.2)
+        if not (keyword.isascii() and keyword.replace("-", "").isalnum() and keyword[0] != "-"):
+            return None
+        parameters.append((keyword.upper(), value if equals else None))
+    return address, parameters
+
+
+def is_valid_address(address: str, *, null_allowed: bool) -> bool:
+    """Whether an address is safe to keep: no spaces, control characters or invalid UTF-8."""
+    if not address:
+        return null_allowed
+    if any(ch in _FORBIDDEN_IN_ADDRESS for ch in address):
+        return False
+    return address.isprintable() and not any("\udc80" <= ch <= "\udcff" for ch in address)
+
+
+def parse_auth(argument: str) -> Auth | Invalid:
+    """AUTH mechanism [initial-response] (RFC 4954 section 4)."""
+    mechanism, _, initial = argument.partition(" ")
+    if not mechanism or " " in initial.strip(" "):
+        return Invalid(usage("AUTH mechanism [initial-response]"))
+    return Auth(mechanism.upper(), initial.strip(" ") or None)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. DATA: where a message ends, and dot-stuffing
+#
+# After DATA the client sends the message and ends it with a line holding a single dot: the
+# five bytes CR LF . CR LF (RFC 5321 section 4.1.1.4). So that a line of the message can begin
+# with a dot too, the client doubles that dot ("dot-stuffing") and the server removes one
+# again (section 4.5.2). Only CR LF . CR LF ends a message: a bare LF or CR around the dot does
+# not, or a second message could be smuggled inside the first (CVE-2023-51766, CVE-2024-27305).
+#
+# DataReader does this a buffer at a time with bytes.find() and bytes.replace(), which run in C,
+# rather than a line at a time in Python. Its one subtlety is the boundary between two buffers:
+# the end of one may hold the start of the terminator, so it keeps those bytes back for the next.
+# ---------------------------------------------------------------------------------------------
+
+END_OF_DATA = b"\r\n.\r\n"
+
+
+class DataReader:
+    """Reads one message body: un-stuffs dots and finds the CRLF.CRLF that ends it."""
+
+    def __init__(self) -> None:
+        # The CRLF that ended the DATA command counts as the end of a line, so that a dot on
+        # the first line of the body is un-stuffed and an empty message (".") is recognised.
+        self._held_back = b"\r\n"
+        self._skip = 2  # ...but those two bytes are not part of the message
+
+    def feed(self, data: bytes) -> tuple[bytes, bytes | None]:
+        """Return (body bytes, None) while the message goes on, and (body bytes, what follows
+        the terminator) once it has ended."""
+        buffer = self._held_back + data if self._held_back else data
+        end = buffer.find(END_OF_DATA)
+        if end >= 0:
+            body, rest = buffer[:end + 2], buffer[end + len(END_OF_DATA):]
+        else:
+            keep = _partial_terminator(buffer)
+            body, rest = buffer[:len(buffer) - keep], None
+            self._held_back = buffer[len(buffer) - keep:]
+        # Every line start in `body` follows a CRLF inside it, so one replace() un-stuffs them all.
+        body = body.replace(b"\r\n.", b"\r\n")
+        if self._skip:
+            skipped = min(self._skip, len(body))
+            body, self._skip = body[skipped:], self._skip - skipped
+        return body, rest
+
+
+def _partial_terminator(buffer: bytes) -> int:
+    """How many bytes at the end of buffer could be the first bytes of CRLF.CRLF."""
+    for length in (4, 3, 2, 1):
+        if buffer.endswith(END_OF_DATA[:length]):
+            return length
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. The session
+#
+# One SMTP conversation, as a state machine that takes the client's bytes and returns the
+# replies to send (the "sans-IO" style of h11): it never touches a socket, a file or a clock,
+# so the tests drive it directly and read like SMTP transcripts.
+#
+#   CONNECTED --HELO/EHLO--> GREETED --MAIL--> MAIL --RCPT--> RCPT --DATA--> DATA
+#       ^                       ^                                           |
+#       |                       +---------------- the final dot, RSET -------+
+#       +-- RSET keeps a session that has not said HELO where it is
+#
+# Delivery is handed in as a store with one method, begin(envelope), which returns a writer
+# with write(bytes), commit() -> queue id, and abort(). The store may raise OSError at any
+# step (a full disk, a vanished folder): the client then hears 451 or 452.
+# ---------------------------------------------------------------------------------------------
+
+
+class State(enum.Enum):
+    CONNECTED = "waiting for HELO or EHLO"
+    GREETED = "ready for MAIL"
+    MAIL = "have the sender, waiting for RCPT"
+    RCPT = "have recipients, waiting for more RCPT or DATA"
+    DATA = "reading the message"
+    AUTH = "in the middle of AUTH"
+    CLOSED = "closed"
+
+
+@dataclass
+class Envelope:
+    """One mail transaction (RFC 5321 section 3.3): who the message is from, who it is for."""
+
+    sender: str = ""  # the reverse-path; "" for the null sender <>
+    recipients: list[str] = field(default_factory=list)  # the forward-paths
+    body: str = "7BIT"
+    smtputf8: bool = False
+    # What the trace headers record (RFC 5321 section 4.4), filled in when DATA begins:
+    client_name: str = ""  # what the client said in HELO or EHLO
+    peer: str = ""  # the client's IP address
+    protocol: str = "SMTP"  # SMTP, ESMTP, ESMTPA... (RFC 3848)
+    auth_user: str | None = None
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The numbers a session enforces; the CLI's Config carries them from the command line."""
+
+    max_size: int = DEFAULT_MAX_SIZE
+    max_recipients: int = DEFAULT_MAX_RECIPIENTS
+
+
+@dataclass
+class Session:
+    """The SMTP state machine for one connection. Feed it with receive(); it returns replies."""
+
+    store: object  # anything with begin(envelope) -> writer; see the section's introduction
+    hostname: str = "localhost"
+    peer: str = ""
+    limits: Limits = field(default_factory=Limits)
+    state: State = State.CONNECTED
+    client_name: str = ""
+    extended: bool = False  # EHLO rather than HELO: ESMTP
+    auth_user: str | None = None
+    envelope: Envelope = field(default_factory=Envelope)
+    unknown_commands: int = 0
+    _unread: bytes = b""  # the start of a command line whose end has not arrived
+    _overlong: bool = False  # dropping the rest of a command line that was too long
+    _data: DataReader | None = None
+    _writer: object = None  # the store's writer for the message in DATA
+    _message_size: int = 0
+    _data_problem: Reply | None = None  # why the message in DATA will not be stored
+    _auth_mechanism: str = ""
+    _auth_username: str | None = None
+
+    def greeting(self) -> Reply:
+        return greeting(self.hostname)
+
+    @property
+    def closed(self) -> bool:
+        return self.state is State.CLOSED
+
+    @property
+    def in_data(self) -> bool:
+        return self.state is State.DATA
+
+    @property
+    def busy(self) -> bool:
+        """Whether a command line or a message has begun to arrive and not yet ended."""
+        return self.state is State.DATA or bool(self._unread) or self._overlong
+
+    def receive(self, data: bytes) -> list[Reply]:
+        """Take the bytes the client sent; return the replies they call for, in order.
+
+        A client that pipelines (RFC 2920) sends several commands, or a whole message and the
+        next transaction, in one write: they are answered one by one, in the order they came.
+        """
+        buffer, position, replies = self._unread + data, 0, []
+        while position < len(buffer) and not self.closed:
+            if self.state is State.DATA:
+                done, buffer, position = self.handle_data(buffer[position:]), b"", 0
+                if done:
+                    reply_, buffer = done
+                    replies.append(reply_)
+                continue
+            end = buffer.find(b"\n", position)
+            if end < 0:
+                break
+            replies.append(self.handle_raw_line(buffer[position:end]))
+            position = end + 1
+        self._unread = self._hold_partial_line(buffer[position:])
+        return replies
+
+    def _hold_partial_line(self, partial: bytes) -> bytes:
+        if self.closed or self.state is State.DATA:
+            return b""
+        if len(partial) >= COMMAND_LINE_LIMIT:
+            self._overlong = True  # drop it, and answer once its end arrives
+            return b""
+        return partial
+
+    def handle_raw_line(self, raw: bytes) -> Reply:
+        """One command line as bytes, without its LF (a CR before the LF is removed here)."""
+        if self._overlong or len(raw) >= COMMAND_LINE_LIMIT:
+            self._overlong = False
+            if self.state is State.AUTH:
+                self.state = State.GREETED
+            return LINE_TOO_LONG
+        # surrogateescape keeps bytes that are not UTF-8, so they can be refused, not mangled.
+        return self.handle_line(raw.removesuffix(b"\r").decode("utf-8", "surrogateescape"))
+
+    def handle_line(self, line: str) -> Reply:
+        """One command line: the heart of SMTP."""
+        if self.state is State.AUTH:
+            return self.continue_auth(line)
+        match parse_command(line):
+            case Helo(name) | Ehlo(name) as hello:
+                return self.hello(name, extended=isinstance(hello, Ehlo))
+            case Mail() as mail:
+                return self.mail(mail)
+            case Rcpt(recipient):
+                return self.rcpt(recipient)
+            case Data():
+                return self.data()
+            case Rset():
+                self.reset_transaction()
+                return OK
+            case Noop():
+                return OK
+            case Vrfy():
+                return CANNOT_VRFY  # RFC 5321 section 3.5.3: 252 when we will not say
+            case Help():
+                return HELP
+            case Quit():
+                self.state = State.CLOSED
+                return BYE
+            case Auth(mechanism, initial_response):
+                return self.auth(mechanism, initial_response)
+            case NotImplemented_():
+                return NOT_IMPLEMENTED
+            case Invalid(reply_):
+                return reply_
+            case Unknown():
+                return self.unknown()
+
+    def hello(self, client_name: str, *, extended: bool) -> Reply:
+        # RFC 5321 section 4.1.4: a second HELO or EHLO resets the transaction, as RSET does.
+        self.client_name, self.extended = client_name, extended
+        self.state = State.GREETED
+        self.envelope = Envelope()
+        if not extended:
+            return reply(250, self.hostname)
+        return reply(250, self.hostname, *self.extensions())
+
+    def extensions(self) -> list[str]:
+        """What EHLO advertises (RFC 5321 section 4.1.1.1), one keyword per line."""
+        return ["PIPELINING", f"SIZE {self.limits.max_size}", "8BITMIME", "SMTPUTF8",
+                "ENHANCEDSTATUSCODES", "AUTH PLAIN LOGIN", "HELP"]
+
+    def mail(self, mail: Mail) -> Reply:
+        if self.state is State.CONNECTED:
+            return NEED_HELO
+        if self.state in (State.MAIL, State.RCPT):
+            return NESTED_MAIL
+        if mail.has_parameters and not self.extended:
+            return UNKNOWN_PARAMETER  # parameters are ESMTP: a HELO client cannot use them
+        if mail.size is not None and mail.size > self.limits.max_size:
+            return MESSAGE_TOO_BIG  # RFC 1870 section 6.1: refuse it before it is sent
+        self.envelope = Envelope(sender=mail.sender, body=mail.body, smtputf8=mail.smtputf8)
+        self.state = State.MAIL
+        return SENDER_OK
+
+    def rcpt(self, recipient: str) -> Reply:
+        if self.state not in (State.MAIL, State.RCPT):
+            return NEED_MAIL
+        if len(self.envelope.recipients) >= self.limits.max_recipients:
+            return TOO_MANY_RECIPIENTS
+        self.envelope.recipients.append(recipient)
+        self.state = State.RCPT
+        return RECIPIENT_OK
+
+    def data(self) -> Reply:
+        if self.state is State.MAIL:
+            return NEED_RCPT
+        if self.state is not State.RCPT:
+            return NEED_MAIL if self.state is State.GREETED else NEED_HELO
+        self.envelope.client_name, self.envelope.peer = self.client_name, self.peer
+        self.envelope.protocol = ("ESMTP" if self.extended else "SMTP") + (
+            "A" if self.auth_user is not None else "")
+        self.envelope.auth_user = self.auth_user
+        try:
+            self._writer = self.store.begin(self.envelope)
+        except OSError as error:
+            return storage_problem(error)
+        self.state, self._data = State.DATA, DataReader()
+        self._message_size, self._data_problem = 0, None
+        return START_DATA
+
+    def handle_data(self, data: bytes) -> tuple[Reply, bytes] | None:
+        """Bytes of the message. Once its end arrives, return the reply and what followed."""
+        body, rest = self._data.feed(data)
+        self._message_size += len(body)
+        if self._message_size > self.limits.max_size and self._data_problem is None:
+            self._drop_message(MESSAGE_TOO_BIG)  # read on to the end, then answer once
+        if body and self._writer is not None:
+            try:
+                self._writer.write(body)
+            except OSError as error:
+                self._drop_message(storage_problem(error))
+        if rest is None:
+            return None
+        return self.finish_message(), rest
+
+    def _drop_message(self, problem: Reply) -> None:
+        self._data_problem = problem
+        self._abort_writer()
+
+    def _abort_writer(self) -> None:
+        if self._writer is not None:
+            writer, self._writer = self._writer, None
+            writer.abort()
+
+    def finish_message(self) -> Reply:
+        """The final dot arrived: store the message and say so, or say why not."""
+        writer, problem = self._writer, self._data_problem
+        self._writer = None
+        try:
+            if problem is not None:
+                return problem
+            return queued(writer.commit())  # only now is the message on disk: a 250 promises it
+        except OSError as error:
+            return storage_problem(error)
+        finally:
+            self.reset_transaction()
+
+    def reset_transaction(self) -> None:
+        """RSET, a new HELO, or the end of DATA: forget the transaction, keep the session."""
+        self._abort_writer()
+        self.envelope, self._data = Envelope(), None
+        if self.state is not State.CONNECTED:
+            self.state = State.GREETED
+
+    def unknown(self) -> Reply:
+        self.unknown_commands += 1
+        if self.unknown_commands > MAX_UNKNOWN_COMMANDS:
+            self.state = State.CLOSED
+            return TOO_MANY_UNKNOWN
+        return UNKNOWN_COMMAND
+
+    def auth(self, mechanism: str, initial_response: str | None) -> Reply:
+        """AUTH (RFC 4954). Any user name and password are accepted, since many clients insist
+        on logging in; the name is recorded with each message the session sends."""
+        if self.state is State.CONNECTED or not self.extended:
+            return NEED_EHLO
+        if self.state is not State.GREETED:
+            return AUTH_IN_TRANSACTION
+        if self.auth_user is not None:
+            return ALREADY_AUTHENTICATED
+        if mechanism not in ("PLAIN", "LOGIN"):
+            return UNKNOWN_MECHANISM
+        self._auth_mechanism, self._auth_username = mechanism, None
+        self.state = State.AUTH
+        if initial_response is None:
+            return AUTH_GO_ON if mechanism == "PLAIN" else AUTH_USERNAME
+        return self.continue_auth(initial_response)
+
+    def continue_auth(self, response: str) -> Reply:
+        """The client's answer to a 334 challenge: a line of base64, or "*" to give up."""
+        self.state = State.GREETED  # unless a further challenge is sent, below
+        if response == "*":
+            return AUTH_CANCELLED
+        try:
+            decoded = base64.b64decode(response.encode("ascii"), validate=True)
+        except (UnicodeError, binascii.Error):
+            return BAD_BASE64
+        if self._auth_mechanism == "LOGIN" and self._auth_username is None:
+            self._auth_username = decoded.decode("utf-8", "replace")
+            self.state = State.AUTH
+            return AUTH_PASSWORD
+        if self._auth_mechanism == "LOGIN":
+            return self.authenticated(self._auth_username)
+        # PLAIN (RFC 4616): authorization identity, NUL, user name, NUL, password.
+        parts = decoded.split(b"\0")
+        if len(parts) != 3:
+            return BAD_BASE64
+        return self.authenticated(parts[1].decode("utf-8", "replace"))
+
+    def authenticated(self, user: str) -> Reply:
+        self.auth_user = user
+        return AUTH_OK
+
+    def connection_lost(self) -> None:
+        """The connection ended, however it ended: a message not yet acknowledged leaves no trace."""
+        self.reset_transaction()
+        self.state = State.CLOSED
+
+
+def storage_problem(error: OSError) -> Reply:
+    """A failed write is the server's problem, and a temporary one (RFC 5321 section 4.2.2)."""
+    if error.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        return STORAGE_FULL
+    return STORAGE_FAILED
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. The store: a Maildir
+#
+# A Maildir is a folder with three folders in it: tmp, new and cur. A message is written into
+# tmp/ under a name nobody else will use, flushed to disk, and only then renamed into new/, so a
+# reader (mutt, Python's mailbox module) never sees half a message. A rename within a filesystem
+# is atomic. Names follow the usual pattern, seconds.M<microseconds>P<pid>Q<counter>.<host>, which
+# cannot collide between threads (the counter) or processes (the pid).
+#
+# On top of the message as sent go the trace headers (RFC 5321 section 4.4): Return-Path with
+# the envelope sender, Delivered-To with each envelope recipient (so Bcc recipients are kept),
+# and Received. Below them, the bytes are exactly the bytes the client sent.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """A message the store has just put in new/."""
+
+    queue_id: str
+    path: Path
+    envelope: Envelope
+    size: int  # the message as sent, without the trace headers
+
+
+class Maildir:
+    """Writes messages into a Maildir; safe to use from many threads at once."""
+
+    def __init__(self, path: str | os.PathLike, hostname: str = "localhost", *,
+                 fsync: bool = True, on_delivery=None) -> None:
+        self.path = Path(path)
+        self.hostname = hostname
+        self.fsync = fsync and hasattr(os, "fsync")
+        self.on_delivery = on_delivery  # called with each Delivery, in the delivering thread
+        self._counter = itertools.count()
+        # As the mailbox module does: "/" and ":" would break the name (":" starts Maildir flags).
+        self._name_host = socket.gethostname().replace("/", r"\057").replace(":", r"\072")
+        self._last_error = ""
+
+    def create(self) -> None:
+        """Make the folders if needed and check a message can be written; OSError if not."""
+        for sub in ("tmp", "new", "cur"):
+            (self.path / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
+        probe = self.path / "tmp" / f"{self._unique_name()}.probe"
+        probe.write_bytes(b"")
+        probe.unlink()
+
+    def _unique_name(self) -> str:
+        now = time.time()
+        return (f"{int(now)}.M{int(now % 1 * 1e6):06d}P{os.getpid()}Q{next(self._counter)}"
+                f".{self._name_host}")
+
+    def begin(self, envelope: Envelope) -> MaildirWriter:
+        name = self._unique_name()
+        tmp_path = self.path / "tmp" / name
+        try:
+            file = open(tmp_path, "xb")
+            try:
+                file.write(self.trace_headers(envelope, name))
+            except BaseException:
+                file.close()
+                tmp_path.unlink(missing_ok=True)
+                raise
+        except OSError as error:
+            self.failed(error)
+            raise
+        return MaildirWriter(self, file, tmp_path, name, envelope)
+
+    def trace_headers(self, envelope: Envelope, queue_id: str) -> bytes:
+        recipients = envelope.recipients
+        lines = [f"Return-Path: <{envelope.sender}>"]
+        lines += [f"Delivered-To: {recipient}" for recipient in recipients]
+        lines.append(f"Received: from {header_safe(envelope.client_name)} ([{envelope.peer}])")
+        if envelope.auth_user is not None:
+            lines.append(f"\t(authenticated as {header_safe(envelope.auth_user)})")
+        # One recipient is named in "for"; more are not, so Bcc recipients stay private.
+        for_clause = f"\r\n\tfor <{recipients[0]}>" if len(recipients) == 1 else ""
+        lines.append(f"\tby {self.hostname} (sheesh) with {envelope.protocol} id {queue_id}"
+                     f"{for_clause}; {email.utils.formatdate(localtime=True)}")
+        return ("\r\n".join(lines) + "\r\n").encode("utf-8")
+
+    def delivered(self, delivery: Delivery) -> None:
+        if self._last_error:
+            self._last_error = ""
+            log.warning("the Maildir %s works again", self.path)
+        if self.on_delivery is not None:
+            self.on_delivery(delivery)
+
+    def failed(self, error: OSError) -> None:
+        """Log a storage failure once, not once per message, until storing works again."""
+        described = error.strerror or str(error)
+        if described != self._last_error:
+            self._last_error = described
+            log.error("cannot store messages in %s: %s", self.path, described)
+
+    def keys(self) -> list[str]:
+        """The messages in new/ and cur/, oldest first."""
+        entries = []
+        for sub in ("new", "cur"):
+            with os.scandir(self.path / sub) as found:
+                entries += [(entry.stat().st_mtime_ns, entry.name, sub) for entry in found
+                            if not entry.name.startswith(".")]
+        return [f"{sub}/{name}" for _, name, sub in sorted(entries)]
+
+
+class MaildirWriter:
+    """One message on its way into the Maildir."""
+
+    def __init__(self, store: Maildir, file, tmp_path: Path, name: str, envelope: Envelope):
+        self.store, self.file, self.tmp_path, self.name = store, file, tmp_path, name
+        self.envelope = envelope
+        self.size = 0
+
+    def write(self, data: bytes) -> None:
+        try:
+            self.file.write(data)
+        except OSError as error:
+            self.store.failed(error)
+            raise
+        self.size += len(data)
+
+    def commit(self) -> str:
+        """Flush the message to disk and move it into new/; return its queue id."""
+        final_path = self.store.path / "new" / self.name
+        try:
+            self.file.flush()
+            if self.store.fsync:
+                os.fsync(self.file.fileno())
+            self.file.close()
+            os.replace(self.tmp_path, final_path)
+            if self.store.fsync:
+                fsync_directory(final_path.parent)  # so that the rename itself survives a crash
+        except BaseException as error:
+            self.abort()
+            if isinstance(error, OSError):
+                self.store.failed(error)
+            raise
+        self.store.delivered(Delivery(self.name, final_path, self.envelope, self.size))
+        return self.name
+
+    def abort(self) -> None:
+        """Forget the message: close and remove the file in tmp/."""
+        try:
+            self.file.close()
+        except OSError:
+            pass
+        try:
+            self.tmp_path.unlink(missing_ok=True)
+        except OSError as error:
+            self.store.failed(error)
+
+
+def fsync_directory(path: Path) -> None:
+    """Make a rename durable. POSIX only: Windows cannot open a directory, nor needs to."""
+    if os.name != "posix":
+        return
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def header_safe(text: str) -> str:
+    """Client text made fit for a header comment: printable ASCII, no parentheses."""
+    return "".join(ch if ch.isascii() and ch.isprintable() and ch not in "()\\" else "?"
+                   for ch in text) or "unknown"
+
+
+def escape_for_log(text: str) -> str:
+    """Client text made safe for a terminal: control characters and stray bytes as escapes."""
+    return "".join(ch if ch.isprintable() else
+                   f"\\x{ord(ch) & 0xFF:02x}" if "\udc80" <= ch <= "\udcff" or ord(ch) < 0x100
+                   else f"\\u{ord(ch):04x}" for ch in text)
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. The handler
+#
+# socketserver gives each connection a thread and a StreamRequestHandler, with rfile and wfile
+# over the socket. The handler moves bytes between the socket and the session and does nothing
+# else: it reads what has arrived, hands it to the session, and writes the replies back in one
+# write (one sendall per batch matters: a reply per packet waits on delayed ACKs under Nagle).
+# ---------------------------------------------------------------------------------------------
+
+
+class SMTPHandler(socketserver.StreamRequestHandler):
+    """The only code that reads from or writes to an SMTP connection."""
+
+    disable_nagle_algorithm = True  # replies are small and already batched: send them now
+
+    def handle(self) -> None:
+        server: SMTPServer = self.server
+        self.session = Session(server.store, server.config.hostname, self.client_address[0],
+                               server.config.limits())
+        refusal = server.admit(self)
+        if refusal is not None:
+            self.send_last(refusal)
+            return
+        try:
+            self.converse()
+        except TimeoutError:
+            self.send_last(TIMEOUT)
+        except OSError:
+            pass  # the client went away; the session below cleans up
+        except Exception:
+            log.exception("unexpected error in the session with %s", self.client_address[0])
+            self.send_last(INTERNAL_ERROR)  # never the exception's text: it is not theirs to read
+        finally:
+            self.session.connection_lost()
+            server.release(self)
+
+    def converse(self) -> None:
+        """The connection loop: read, let the session answer, write."""
+        session, server = self.session, self.server
+        self.send([session.greeting()])
+        self.unit_started = time.monotonic()
+        while not session.closed:
+            data = self.read()
+            if not data:
+                if server.stopping:
+                    self.send_last(SHUTTING_DOWN)
+                return
+            was_busy = session.busy
+            self.send(session.receive(data))
+            if session.busy and not was_busy:
+                self.unit_started = time.monotonic()
+            if server.stopping and not session.busy and not session.closed:
+                self.send_last(SHUTTING_DOWN)
+                return
+
+    def read(self) -> bytes:
+        """The client's next bytes, within the timeout (RFC 5321 section 4.5.3.2.7). A line or a
+        message that has begun must end within one timeout in all, so a client that trickles
+        a byte at a time cannot hold a connection forever."""
+        timeout = self.server.config.timeout
+        if self.session.busy:
+            timeout -= time.monotonic() - self.unit_started
+            if timeout <= 0:
+                raise TimeoutError
+        self.connection.settimeout(timeout)
+        return self.rfile.read1(READ_SIZE)
+
+    def send(self, replies: list[Reply]) -> None:
+        if replies:
+            self.wfile.write(b"".join(bytes(reply_) for reply_ in replies))
+
+    def send_last(self, reply_: Reply) -> None:
+        """A reply on the way out: the client may already be gone, and that is fine."""
+        try:
+            self.send([reply_])
+        except OSError:
+            pass
+
+    def hang_up(self) -> None:
+        """From another thread: end the connection's reads, so its loop sees the end of input."""
+        try:
+            socket.socket.shutdown(self.connection, socket.SHUT_RD)
+        except OSError:
+            pass
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. The server
+#
+# SMTPServer is socketserver's ThreadingTCPServer with the limits a long-running server needs:
+# a deep listen backlog, a cap on connections, and a stop that lets messages in DATA finish.
+# Server wraps it for use from Python (the CLI uses it, and so can a test suite): it runs in
+# background threads and can list, await and clear the messages that arrive.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Config:
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    maildir: str | os.PathLike = DEFAULT_MAILDIR
+    hostname: str = field(default_factory=socket.gethostname)
+    max_size: int = DEFAULT_MAX_SIZE
+    max_recipients: int = DEFAULT_MAX_RECIPIENTS
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    timeout: float = DEFAULT_TIMEOUT
+    grace: float = SHUTDOWN_GRACE
+    fsync: bool = True
+    print_messages: bool = False
+
+    def limits(self) -> Limits:
+        return Limits(max_size=self.max_size, max_recipients=self.max_recipients)
+
+
+class SMTPServer(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    block_on_close = False  # stop() waits for the sessions itself, with a deadline
+    request_queue_size = 1024  # socketserver's listen backlog of 5 drops a burst of connections
+    allow_reuse_address = os.name != "nt"  # on Windows it would let two servers share a port
+
+    def __init__(self, config: Config, store: Maildir) -> None:
+        self.config, self.store = config, store
+        self.address_family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+        self.stopping = False
+        self._handlers: set[SMTPHandler] = set()
+        self._changed = threading.Condition()
+        super().__init__((config.host, config.port), SMTPHandler)
+
+    def admit(self, handler: SMTPHandler) -> Reply | None:
+        """Register a new connection, or say why it is refused."""
+        with self._changed:
+            if self.stopping:
+                return SHUTTING_DOWN
+            if len(self._handlers) >= self.config.max_connections:
+                log.warning("refused a connection from %s: already %d connections",
+                            handler.client_address[0], len(self._handlers))
+                return TOO_MANY_CONNECTIONS
+            self._handlers.add(handler)
+            return None
+
+    def release(self, handler: SMTPHandler) -> None:
+        with self._changed:
+            self._handlers.discard(handler)
+            self._changed.notify_all()
+
+    def stop(self, grace: float = SHUTDOWN_GRACE) -> None:
+        """Stop accepting; end idle sessions; give messages in DATA `grace` seconds to finish."""
+        self.shutdown()
+        self.server_close()
+        with self._changed:
+            self.stopping = True
+            for handler in self._handlers:
+                if not handler.session.in_data:
+                    handler.hang_up()
+            self._changed.wait_for(lambda: not self._handlers, timeout=grace)
+            for handler in self._handlers:
+                handler.hang_up()  # too late: a message cut off here is not stored
+            self._changed.wait_for(lambda: not self._handlers, timeout=2.0)
+
+    def handle_error(self, request, client_address) -> None:
+        """An exception outside a session (setting up a connection): log it, keep serving."""
+        log.exception("error on a connection from %s", client_address[0])
+
+
+@dataclass(frozen=True)
+class StoredMessage:
+    """A message in the Maildir, with the envelope it arrived with."""
+
+    key: str  # its name in the Maildir, which is also the queue id in the 250 reply
+    path: Path
+    sender: str
+    recipients: list[str]
+    message: EmailMessage
+
+    @property
+    def raw(self) -> bytes:
+        return self.path.read_bytes()
+
+
+def read_stored_message(path: Path) -> StoredMessage:
+    with open(path, "rb") as file:
+        message = email.parser.BytesParser(policy=email.policy.default).parse(file)
+    sender, recipients = "", []
+    for name, value in message.raw_items():  # our trace headers, on top, end at Received
+        if name.lower() == "received":
+            break
+        # The parser keeps UTF-8 (SMTPUTF8 addresses) as surrogate escapes: undo that.
+        value = value.encode("utf-8", "surrogateescape").decode("utf-8", "replace").strip()
+        if name.lower() == "return-path":
+            sender = value.removeprefix("<").removesuffix(">")
+        elif name.lower() == "delivered-to":
+            recipients.append(value)
+    return StoredMessage(path.name, path, sender, recipients, message)
+
+
+class Server:
+    """sheesh running in background threads, for the CLI and for test suites.
+
+        with sheesh.Server(port=0, maildir=tmp_path / "mail") as smtp:
+            smtplib.SMTP(smtp.host, smtp.port).sendmail("me@example.com", ["you@example.com"],
+                                                         "Subject: hi\\r\\n\\r\\nHello")
+            assert smtp.wait_for_message().message["Subject"] == "hi"
+    """
+
+    def __init__(self, config: Config | None = None, **options) -> None:
+        self.config = replace(config or Config(), **options)
+        self.store = Maildir(self.config.maildir, self.config.hostname, fsync=self.config.fsync,
+                             on_delivery=self._delivered)
+        self._arrived: collections.deque[Path] = collections.deque()
+        self._arrival = threading.Condition()
+        self._print_lock = threading.Lock()
+        self._smtp: SMTPServer | None = None
+        self._thread: threading.Thread | None = None
+        self.address: tuple[str, int] = (self.config.host, self.config.port)
+
+    def start(self) -> Server:
+        """Create the Maildir, bind the port and start serving; OSError if either fails."""
+        self.store.create()
+        self._smtp = SMTPServer(self.config, self.store)
+        self.address = self._smtp.server_address[:2]
+        self._thread = threading.Thread(target=self._smtp.serve_forever, args=(0.05,),
+                                        name="sheesh-smtp", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, grace: float | None = None) -> None:
+        """Stop serving; messages in DATA get `grace` seconds (default: the Config's) to end."""
+        if self._smtp is not None:
+            self._smtp.stop(self.config.grace if grace is None else grace)
+            self._thread.join()
+            self._smtp = None
+
+    def __enter__(self) -> Server:
+        return self.start()
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+    @property
+    def host(self) -> str:
+        return self.address[0]
+
+    @property
+    def port(self) -> int:
+        """The port it listens on: the real one, when the Config asked for port 0."""
+        return self.address[1]
+
+    def messages(self) -> list[StoredMessage]:
+        """Every message in the Maildir, oldest first."""
+        return [read_stored_message(self.store.path / key) for key in self.store.keys()]
+
+    def wait_for_message(self, timeout: float = 5.0) -> StoredMessage:
+        """The next message this server stored that no earlier call returned, waiting up to
+        `timeout` seconds for it to arrive; TimeoutError if none does."""
+        with self._arrival:
+            if not self._arrival.wait_for(lambda: self._arrived, timeout):
+                raise TimeoutError(f"no message arrived within {timeout} seconds")
+            return read_stored_message(self._arrived.popleft())
+
+    def clear(self) -> None:
+        """Delete every message in the Maildir."""
+        with self._arrival:
+            self._arrived.clear()
+            for key in self.store.keys():
+                (self.store.path / key).unlink(missing_ok=True)
+
+    def _delivered(self, delivery: Delivery) -> None:
+        with self._arrival:
+            self._arrived.append(delivery.path)
+            self._arrival.notify_all()
+        if log.isEnabledFor(logging.INFO):
+            log.info("%s", describe_delivery(delivery))
+        if self.config.print_messages:
+            self._print(delivery)
+
+    def _print(self, delivery: Delivery) -> None:
+        """What DebuggingServer printed, with the envelope too, so Bcc recipients show."""
+        envelope = delivery.envelope
+        head = [f"---------- MESSAGE {delivery.queue_id} ----------",
+                f"X-Peer: {envelope.peer}", f"MAIL FROM: <{envelope.sender}>",
+                *(f"RCPT TO: <{recipient}>" for recipient in envelope.recipients), ""]
+        with self._print_lock, open(delivery.path, "rb") as file:
+            out = sys.stdout.buffer
+            out.write("".join(escape_for_log(line) + "\n" for line in head).encode("utf-8"))
+            while chunk := file.read(READ_SIZE):
+                out.write(chunk)
+            out.write(b"\n------------ END MESSAGE ------------\n")
+            out.flush()
+
+
+def describe_delivery(delivery: Delivery) -> str:
+    """The log line for one message: sender, recipients, subject, size, file."""
+    envelope = delivery.envelope
+    recipients = ", ".join(f"<{recipient}>" for recipient in envelope.recipients)
+    text = (f"from <{envelope.sender}> to {recipients} subject {subject_of(delivery.path)!r}"
+            f" size {delivery.size} stored {delivery.path}")
+    return escape_for_log(text)
+
+
+def subject_of(path: Path) -> str:
+    """The Subject header, decoded from RFC 2047 words; "" if there is none or it is unreadable."""
+    with open(path, "rb") as file:
+        head = file.read(HEADER_SCAN_LIMIT)
+    headers = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(head)
+    subject = headers.get("Subject")
+    if subject is None:
+        return ""
+    try:
+        return str(email.header.make_header(email.header.decode_header(subject)))
+    except (LookupError, UnicodeError, ValueError):
+        return str(subject)
+
+
+# ---------------------------------------------------------------------------------------------
+# 9. The CLI
+# ---------------------------------------------------------------------------------------------
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str):
+        """One line, then exit 2, rather than argparse's usage block."""
+        self.exit(2, f"sheesh: error: {message} (see --help)\n")
+
+
+def positive(kind):
+    def convert(text: str):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be more than 0, not {text}")
+        return value
+    convert.__name__ = kind.__name__
+    return convert
+
+
+def port_number(text: str) -> int:
+    port = int(text)
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0 to 65535, not {text}")
+    return port
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(
+        prog="sheesh", description="A one-file SMTP server that stores every message it is sent "
+        "in a Maildir.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--host", default=DEFAULT_HOST,
+                        help="address to listen on (loopback unless you mean otherwise)")
+    parser.add_argument("--port", type=port_number, default=DEFAULT_PORT,
+                        help="SMTP port; 0 picks a free one")
+    parser.add_argument("--maildir", default=DEFAULT_MAILDIR,
+                        help="Maildir to store messages in (created if missing)")
+    parser.add_argument("--hostname", default=socket.gethostname(),
+                        help="name used in the greeting and the Received header")
+    parser.add_argument("--max-size", type=positive(int), default=DEFAULT_MAX_SIZE,
+                        help="largest message accepted, in bytes (advertised as SIZE)")
+    parser.add_argument("--max-recipients", type=positive(int), default=DEFAULT_MAX_RECIPIENTS,
+                        help="most recipients in one message")
+    parser.add_argument("--max-connections", type=positive(int),
+                        default=DEFAULT_MAX_CONNECTIONS, help="most connections at once")
+    parser.add_argument("--timeout", type=positive(float), default=DEFAULT_TIMEOUT,
+                        help="seconds a client may stay silent, or take over one command")
+    parser.add_argument("--grace", type=positive(float), default=SHUTDOWN_GRACE,
+                        help="on SIGTERM or Ctrl-C, seconds that messages already in DATA get "
+                        "to finish")
+    parser.add_argument("--no-fsync", dest="fsync", action="store_false",
+                        help="do not wait for the disk before acknowledging a message (faster, "
+                        "but a crash may lose acknowledged mail)")
+    parser.add_argument("--quiet", action="store_true", help="log only warnings and errors")
+    parser.add_argument("--print", dest="print_messages", action="store_true",
+                        help="also print each message, with its envelope, to standard output")
+    parser.add_argument("--version", action="version", version=f"sheesh {__version__}")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    options = vars(build_parser().parse_args(argv))
+    quiet = options.pop("quiet")
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
+                        format="%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
+    server = Server(Config(**options))
+    try:
+        server.store.create()
+    except OSError as error:
+        return fail(f"cannot use {server.store.path} as a Maildir: {error.strerror or error}")
+    try:
+        server.start()
+    except OSError as error:
+        return fail(f"cannot listen on {server.config.host} port {server.config.port}: "
+                    f"{error.strerror or error}")
+    # Logged as a warning so that it shows even with --quiet: it says where everything is.
+    log.warning("sheesh %s listening on %s port %d, storing mail in %s", __version__,
+                server.host, server.port, server.store.path)
+    if not is_loopback(server.host):
+        log.warning("warning: %s is not a loopback address: anyone who can reach it can "
+                    "send mail here", server.host)
+    return serve_until_stopped(server)
+
+
+def fail(message: str) -> int:
+    print(f"sheesh: error: {message}", file=sys.stderr)
+    return 2
+
+
+def is_loopback(host: str) -> bool:
+    return host == "localhost" or host.startswith("127.") or host == "::1"
+
+
+def serve_until_stopped(server: Server) -> int:
+    """Wait for Ctrl-C or SIGTERM, then stop cleanly and return 0."""
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+    # SIGINT too: a shell starts background jobs with Ctrl-C ignored, and Python keeps that.
+    for name in ("SIGINT", "SIGTERM"):  # Windows has no SIGTERM to catch
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), stop)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    log.warning("stopping: messages already in DATA get %g seconds to finish",
+                server.config.grace)
+    try:
+        server.stop()
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

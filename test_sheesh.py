@@ -1,0 +1,1392 @@
+"""Tests for sheesh.py. Run them with: python -m pytest test_sheesh.py
+
+The sections follow sheesh.py. Most tests drive the pure session and compare the exact bytes
+of its replies, so they read as SMTP transcripts. The rest run a real server on a free port
+and talk to it with smtplib, or with a raw socket for what no polite client would send.
+"""
+
+import base64
+import errno
+import hashlib
+import io
+import logging
+import mailbox
+import os
+import random
+import re
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import threading
+import time
+import tracemalloc
+from email.message import EmailMessage
+from pathlib import Path
+
+import pytest
+
+import sheesh
+
+HOSTNAME = "sink.test"
+HERE = Path(__file__).resolve().parent
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers: an in-memory store, a session driver, a real server, a raw client
+# ---------------------------------------------------------------------------------------------
+
+
+class MemoryStore:
+    """A store that keeps messages in a list; it can be told to fail like a disk does."""
+
+    def __init__(self, fail_on=None, error=errno.ENOSPC):
+        self.messages = []  # (envelope, body bytes) of committed messages
+        self.open_writers = 0
+        self.fail_on, self.error = fail_on, error
+
+    def begin(self, envelope):
+        self._maybe_fail("begin")
+        self.open_writers += 1
+        return MemoryWriter(self, envelope)
+
+    def _maybe_fail(self, step):
+        if self.fail_on == step:
+            raise OSError(self.error, os.strerror(self.error))
+
+
+class MemoryWriter:
+    def __init__(self, store, envelope):
+        self.store, self.envelope, self.body = store, envelope, bytearray()
+
+    def write(self, data):
+        self.store._maybe_fail("write")
+        self.body += data
+
+    def commit(self):
+        self.store.open_writers -= 1
+        self.store._maybe_fail("commit")
+        self.store.messages.append((self.envelope, bytes(self.body)))
+        return f"Q{len(self.store.messages)}"
+
+    def abort(self):
+        self.store.open_writers -= 1
+
+
+def new_session(store=None, **limits):
+    return sheesh.Session(store if store is not None else MemoryStore(), HOSTNAME, "192.0.2.1",
+                          sheesh.Limits(**limits))
+
+
+def say(session, *lines):
+    """Send command lines (CRLF added) in one write; return the reply bytes."""
+    data = b"".join((line.encode() if isinstance(line, str) else line) + b"\r\n"
+                    for line in lines)
+    return b"".join(bytes(reply) for reply in session.receive(data))
+
+
+def greeted(store=None, **limits):
+    session = new_session(store, **limits)
+    say(session, "EHLO client.test")
+    return session
+
+
+def in_data(store=None, **limits):
+    session = greeted(store, **limits)
+    say(session, "MAIL FROM:<alice@example.com>", "RCPT TO:<bob@example.com>", "DATA")
+    return session
+
+
+def unstuff_by_lines(stuffed: bytes) -> bytes:
+    """The reference for DataReader: the body up to CRLF.CRLF, un-stuffed a line at a time."""
+    lines, out = stuffed.split(b"\r\n"), []
+    for line in lines:
+        if line == b".":
+            return b"".join(out)
+        out.append((line[1:] if line.startswith(b".") else line) + b"\r\n")
+    raise AssertionError("no terminator")
+
+
+@pytest.fixture
+def server(tmp_path):
+    with sheesh.Server(host="127.0.0.1", port=0, maildir=tmp_path / "mail",
+                       hostname=HOSTNAME, timeout=10, grace=1) as running:
+        yield running
+
+
+def make_server(tmp_path, **options):
+    options = {"host": "127.0.0.1", "port": 0, "maildir": tmp_path / "mail",
+               "hostname": HOSTNAME, "grace": 1, **options}
+    return sheesh.Server(**options)
+
+
+class RawClient:
+    """A socket that reads whole SMTP replies, for what smtplib would never send."""
+
+    def __init__(self, server, timeout=10):
+        self.sock = socket.create_connection((server.host, server.port), timeout=timeout)
+        self.buffer = b""
+        self.greeting = self.reply()
+
+    def send(self, data: bytes):
+        self.sock.sendall(data)
+
+    def reply(self) -> bytes:
+        """One complete reply (all its lines), or b"" if the server closed the connection."""
+        while True:
+            match = re.search(rb"(?:^|\r\n)\d{3} [^\r\n]*\r\n", self.buffer)
+            if match:
+                end = match.end()
+                reply, self.buffer = self.buffer[:end], self.buffer[end:]
+                return reply
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                return b""
+            self.buffer += chunk
+
+    def replies(self, count):
+        return [self.reply() for _ in range(count)]
+
+    def closed_by_server(self) -> bool:
+        try:
+            return self.sock.recv(1) == b""
+        except ConnectionResetError:
+            return True
+
+    def close(self):
+        self.sock.close()
+
+
+def can_connect(host, port):
+    try:
+        socket.create_connection((host, port), timeout=2).close()
+        return True
+    except OSError:
+        return False
+
+
+def wait_until(condition, timeout=5.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def files_in(maildir: Path, sub: str):
+    return sorted((maildir / sub).iterdir())
+
+
+def body_of_stored(raw: bytes) -> bytes:
+    """A stored message without sheesh's trace headers (Return-Path, Delivered-To, Received)."""
+    lines = raw.split(b"\r\n")
+    index = 0
+    while not lines[index].startswith(b"Received:"):
+        index += 1
+    index += 1
+    while lines[index].startswith(b"\t"):
+        index += 1
+    return b"\r\n".join(lines[index:])
+
+
+def active_sessions(server):
+    return len(server._smtp._handlers)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Replies
+# ---------------------------------------------------------------------------------------------
+
+
+def test_reply_of_one_line():
+    assert bytes(sheesh.reply(250, "2.0.0 Ok")) == b"250 2.0.0 Ok\r\n"
+
+
+def test_reply_of_several_lines_has_hyphens_on_all_but_the_last():
+    assert bytes(sheesh.reply(250, "a", "b", "c")) == b"250-a\r\n250-b\r\n250 c\r\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Commands
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("line, command", [
+    ("HELO client.test", sheesh.Helo("client.test")),
+    ("ehlo client.test", sheesh.Ehlo("client.test")),
+    ("MAIL FROM:<a@b.test>", sheesh.Mail("a@b.test")),
+    ("mail from:<a@b.test>", sheesh.Mail("a@b.test")),
+    ("MAIL FROM:a@b.test", sheesh.Mail("a@b.test")),
+    ("MAIL FROM: <a@b.test>", sheesh.Mail("a@b.test")),
+    ("MAIL FROM:<>", sheesh.Mail("")),
+    ("MAIL FROM:<@relay.test:a@b.test>", sheesh.Mail("a@b.test")),
+    ("MAIL FROM:<a@b.test> SIZE=1000 BODY=8bitmime SMTPUTF8 AUTH=<>",
+     sheesh.Mail("a@b.test", 1000, "8BITMIME", True, True)),
+    ("RCPT TO:<c@d.test>", sheesh.Rcpt("c@d.test")),
+    ("RCPT TO:postmaster", sheesh.Rcpt("postmaster")),
+    ("DATA", sheesh.Data()),
+    ("RSET", sheesh.Rset()),
+    ("NOOP", sheesh.Noop()),
+    ("NOOP anything at all", sheesh.Noop()),
+    ("VRFY bob", sheesh.Vrfy()),
+    ("HELP", sheesh.Help()),
+    ("HELP MAIL", sheesh.Help()),
+    ("QUIT", sheesh.Quit()),
+    ("AUTH PLAIN", sheesh.Auth("PLAIN", None)),
+    ("AUTH login dXNlcg==", sheesh.Auth("LOGIN", "dXNlcg==")),
+    ("EXPN list", sheesh.NotImplemented_("EXPN")),
+    ("FOO bar", sheesh.Unknown("FOO")),
+    ("", sheesh.Unknown("")),
+])
+def test_parse_command(line, command):
+    assert sheesh.parse_command(line) == command
+
+
+@pytest.mark.parametrize("line, reply", [
+    ("HELO", b"501 5.5.4 Syntax: HELO hostname\r\n"),
+    ("EHLO", b"501 5.5.4 Syntax: EHLO hostname\r\n"),
+    ("MAIL TO:<a@b.test>", bytes(sheesh.MAIL_USAGE)),
+    ("MAIL FROM:<a@b.test", bytes(sheesh.MAIL_USAGE)),
+    ("MAIL FROM:<a@b.test>SIZE=10", bytes(sheesh.MAIL_USAGE)),
+    ("MAIL FROM:<a@b.test> SIZE=ten", bytes(sheesh.MAIL_USAGE)),
+    ("MAIL FROM:<a@b.test> SIZE", bytes(sheesh.MAIL_USAGE)),
+    ("MAIL FROM:<a@b.test> BODY=BINARYMIME", bytes(sheesh.MAIL_USAGE)),
+    ("MAIL FROM:<a@b.test> SMTPUTF8=yes", bytes(sheesh.MAIL_USAGE)),
+    ("MAIL FROM:<a@b.test> X-UNKNOWN=1", b"555 5.5.4 Error: MAIL FROM/RCPT TO parameter not "
+                                         b"recognized\r\n"),
+    ("MAIL FROM:", bytes(sheesh.MAIL_USAGE)),
+    ("MAIL FROM:<a b@c.test>", b"501 5.1.7 Error: bad sender address syntax\r\n"),
+    ("RCPT FROM:<a@b.test>", b"501 5.5.4 Syntax: RCPT TO:<address>\r\n"),
+    ("RCPT TO:<>", b"501 5.1.3 Error: bad recipient address syntax\r\n"),
+    ("RCPT TO:<c@d.test> NOTIFY=NEVER", b"555 5.5.4 Error: MAIL FROM/RCPT TO parameter not "
+                                        b"recognized\r\n"),
+    ("DATA now", b"501 5.5.4 Syntax: DATA\r\n"),
+    ("RSET please", b"501 5.5.4 Syntax: RSET\r\n"),
+    ("QUIT now", b"501 5.5.4 Syntax: QUIT\r\n"),
+    ("VRFY", b"501 5.5.4 Syntax: VRFY address\r\n"),
+    ("AUTH", b"501 5.5.4 Syntax: AUTH mechanism [initial-response]\r\n"),
+])
+def test_parse_command_rejects_bad_syntax_with_the_usage(line, reply):
+    command = sheesh.parse_command(line)
+    assert isinstance(command, sheesh.Invalid)
+    assert bytes(command.reply) == reply
+
+
+@pytest.mark.parametrize("address", [
+    "a\rb@c.test", "a\nb@c.test", "a\0b@c.test", "a b@c.test", "a\tb@c.test", "a\x7f@c.test",
+    "a\udcff@c.test",  # a byte that is not UTF-8, kept by surrogateescape
+])
+def test_addresses_with_control_characters_spaces_or_bad_bytes_are_refused(address):
+    assert sheesh.parse_command(f"RCPT TO:<{address}>") == sheesh.Invalid(sheesh.BAD_RECIPIENT)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. DATA: the terminator and dot-stuffing
+# ---------------------------------------------------------------------------------------------
+
+def test_data_reader_ends_at_crlf_dot_crlf_and_returns_what_follows():
+    reader = sheesh.DataReader()
+    assert reader.feed(b"Subject: x\r\n\r\nhello\r\n.\r\nMAIL FROM:<a@b>\r\n") == (
+        b"Subject: x\r\n\r\nhello\r\n", b"MAIL FROM:<a@b>\r\n")
+
+
+def test_data_reader_unstuffs_dots_including_on_the_first_line():
+    reader = sheesh.DataReader()
+    body, rest = reader.feed(b"..first\r\nmiddle\r\n...two\r\n..\r\n.\r\n")
+    assert (body, rest) == (b".first\r\nmiddle\r\n..two\r\n.\r\n", b"")
+
+
+def test_data_reader_accepts_an_empty_message():
+    assert sheesh.DataReader().feed(b".\r\n") == (b"", b"")
+
+
+@pytest.mark.parametrize("smuggled", [b"\n.\n", b"\r.\r", b"\n.\r\n", b"\r\n.\n", b"\r.\r\n"])
+def test_data_reader_is_not_ended_by_bare_cr_or_lf_around_the_dot(smuggled):
+    message = b"Subject: x\r\n\r\nbefore" + smuggled + b"MAIL FROM:<evil@x>\r\nafter\r\n"
+    body, rest = sheesh.DataReader().feed(message + b".\r\n")
+    assert rest == b""
+    assert body == unstuff_by_lines(message + b".\r\n")  # one message, nothing cut off
+
+
+SPLIT_MESSAGES = [
+    b"..a\r\n.b\r\n\r\n..\r\n.\r\nNEXT",
+    b"x\r\n.\r\n",
+    b".\r\n",
+    b"a\r\r\n.\r\n",
+    b"\r\n\r\n.\r\n.\r\n",
+    b"line\n.\nstill\r.\rin\r\n..\r\n...\r\n.\r\nQUIT\r\n",
+]
+
+
+@pytest.mark.parametrize("stuffed", SPLIT_MESSAGES)
+def test_data_reader_gives_the_same_result_at_every_split_point(stuffed):
+    expected_body = unstuff_by_lines(stuffed)
+    expected_rest = stuffed[stuffed.index(b"\r\n.\r\n") + 5:] if not stuffed.startswith(
+        b".\r\n") else stuffed[3:]
+    for first in range(len(stuffed) + 1):
+        for second in range(first, len(stuffed) + 1):
+            reader, body, rest = sheesh.DataReader(), b"", None
+            for piece in (stuffed[:first], stuffed[first:second], stuffed[second:]):
+                if rest is not None:
+                    rest += piece
+                    continue
+                more, rest = reader.feed(piece)
+                body += more
+            assert (body, rest) == (expected_body, expected_rest), (first, second)
+
+
+def test_data_reader_one_byte_at_a_time_on_a_random_message():
+    rng = random.Random(5321)
+    alphabet = [b"\r\n", b".", b"..", b"\r", b"\n", b"a", b"\r\n.", b"\xff"]
+    for _ in range(200):
+        stuffed = b"".join(rng.choice(alphabet) for _ in range(40)) + b"\r\n.\r\n"
+        reader, body, rest = sheesh.DataReader(), b"", None
+        for index in range(len(stuffed)):
+            more, rest = reader.feed(stuffed[index:index + 1])
+            body += more
+            if rest is not None:
+                break
+        assert body == unstuff_by_lines(stuffed)
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. The session, as transcripts
+# ---------------------------------------------------------------------------------------------
+
+EHLO_REPLY = (b"250-sink.test\r\n250-PIPELINING\r\n250-SIZE 52428800\r\n250-8BITMIME\r\n"
+              b"250-SMTPUTF8\r\n250-ENHANCEDSTATUSCODES\r\n250-AUTH PLAIN LOGIN\r\n250 HELP\r\n")
+
+
+def test_session_greets_with_its_hostname():
+    assert bytes(new_session().greeting()) == b"220 sink.test ESMTP sheesh\r\n"
+
+
+def test_session_answers_ehlo_with_its_extensions():
+    assert say(new_session(), "EHLO client.test") == EHLO_REPLY
+
+
+def test_session_advertises_the_configured_size_limit():
+    assert b"250-SIZE 1000\r\n" in say(new_session(max_size=1000), "EHLO client.test")
+
+
+def test_session_answers_helo_with_one_line():
+    assert say(new_session(), "HELO client.test") == b"250 sink.test\r\n"
+
+
+def test_session_verbs_are_case_insensitive():
+    session = new_session()
+    assert say(session, "ehlo x", "mail from:<a@b.test>", "rcpt to:<c@d.test>", "rset",
+               "noop", "quit") == (EHLO_REPLY + b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n"
+                                   b"250 2.0.0 Ok\r\n250 2.0.0 Ok\r\n221 2.0.0 Bye\r\n")
+
+
+def test_session_delivers_a_message():
+    store = MemoryStore()
+    session = greeted(store)
+    assert say(session, "MAIL FROM:<alice@example.com>", "RCPT TO:<bob@example.com>",
+               "RCPT TO:<carol@example.com>", "DATA") == (
+        b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.1.5 Ok\r\n"
+        b"354 End data with <CR><LF>.<CR><LF>\r\n")
+    assert say(session, "Subject: hi", "", "Hello", ".") == b"250 2.0.0 Ok: queued as Q1\r\n"
+    [(envelope, body)] = store.messages
+    assert envelope.sender == "alice@example.com"
+    assert envelope.recipients == ["bob@example.com", "carol@example.com"]
+    assert (envelope.client_name, envelope.peer, envelope.protocol) == (
+        "client.test", "192.0.2.1", "ESMTP")
+    assert body == b"Subject: hi\r\n\r\nHello\r\n"
+    assert session.state is sheesh.State.GREETED
+
+
+def test_session_after_helo_records_plain_smtp():
+    store = MemoryStore()
+    session = new_session(store)
+    say(session, "HELO old.test", "MAIL FROM:<a@b.test>", "RCPT TO:<c@d.test>", "DATA", "x", ".")
+    assert store.messages[0][0].protocol == "SMTP"
+
+
+def test_session_accepts_the_null_sender():
+    session = greeted()
+    assert say(session, "MAIL FROM:<>") == b"250 2.1.0 Ok\r\n"
+    assert session.envelope.sender == ""
+
+
+def test_session_accepts_postmaster_without_a_domain():
+    session = greeted()
+    assert say(session, "MAIL FROM:<a@b.test>", "RCPT TO:<Postmaster>") == (
+        b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n")
+
+
+@pytest.mark.parametrize("line", ["MAIL FROM:<a@b.test>", "RCPT TO:<a@b.test>", "DATA"])
+def test_session_rejects_transaction_commands_before_helo(line):
+    assert say(new_session(), line).startswith(b"503 5.5.1 ")
+
+
+def test_session_rejects_rcpt_before_mail():
+    assert say(greeted(), "RCPT TO:<c@d.test>") == b"503 5.5.1 Error: need MAIL command\r\n"
+
+
+def test_session_rejects_data_before_rcpt():
+    session = greeted()
+    assert say(session, "DATA") == b"503 5.5.1 Error: need MAIL command\r\n"
+    say(session, "MAIL FROM:<a@b.test>")
+    assert say(session, "DATA") == b"503 5.5.1 Error: need RCPT command\r\n"
+
+
+def test_session_rejects_nested_mail():
+    session = greeted()
+    assert say(session, "MAIL FROM:<a@b.test>", "MAIL FROM:<x@y.test>") == (
+        b"250 2.1.0 Ok\r\n503 5.5.1 Error: nested MAIL command\r\n")
+
+
+def test_session_rset_forgets_the_transaction():
+    session = greeted()
+    assert say(session, "MAIL FROM:<a@b.test>", "RCPT TO:<c@d.test>", "RSET", "DATA") == (
+        b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.0.0 Ok\r\n503 5.5.1 Error: need MAIL command\r\n")
+
+
+def test_session_rset_before_helo_still_needs_helo():
+    session = new_session()
+    assert say(session, "RSET", "MAIL FROM:<a@b.test>") == (
+        b"250 2.0.0 Ok\r\n503 5.5.1 Error: send HELO or EHLO first\r\n")
+
+
+def test_session_second_ehlo_resets_the_transaction():
+    session = greeted()
+    say(session, "MAIL FROM:<a@b.test>", "RCPT TO:<c@d.test>")
+    assert say(session, "EHLO again.test") == EHLO_REPLY
+    assert say(session, "DATA") == b"503 5.5.1 Error: need MAIL command\r\n"
+
+
+def test_session_refuses_a_declared_size_over_the_limit_at_mail_time():
+    session = greeted(max_size=1000)
+    assert say(session, "MAIL FROM:<a@b.test> SIZE=1001") == (
+        b"552 5.3.4 Error: message exceeds the fixed maximum message size\r\n")
+    assert say(session, "MAIL FROM:<a@b.test> SIZE=1000") == b"250 2.1.0 Ok\r\n"
+
+
+def test_session_refuses_a_forty_digit_size():
+    assert say(greeted(), "MAIL FROM:<a@b.test> SIZE=" + "9" * 40).startswith(b"552 5.3.4 ")
+
+
+def test_session_accepts_8bitmime_smtputf8_and_auth_parameters():
+    session = greeted()
+    assert say(session, "MAIL FROM:<ä@b.test> BODY=8BITMIME SMTPUTF8 AUTH=<>") == (
+        b"250 2.1.0 Ok\r\n")
+    assert (session.envelope.sender, session.envelope.body, session.envelope.smtputf8) == (
+        "ä@b.test", "8BITMIME", True)
+
+
+def test_session_refuses_esmtp_parameters_after_plain_helo():
+    session = new_session()
+    say(session, "HELO client.test")
+    assert say(session, "MAIL FROM:<a@b.test> SIZE=10").startswith(b"555 5.5.4 ")
+
+
+def test_session_limits_the_number_of_recipients():
+    session = greeted(max_recipients=2)
+    assert say(session, "MAIL FROM:<a@b.test>", "RCPT TO:<1@x.test>", "RCPT TO:<2@x.test>",
+               "RCPT TO:<3@x.test>") == (b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.1.5 Ok\r\n"
+                                         b"452 4.5.3 Error: too many recipients\r\n")
+    assert session.envelope.recipients == ["1@x.test", "2@x.test"]
+
+
+def test_session_vrfy_help_noop():
+    session = new_session()
+    assert say(session, "VRFY bob", "HELP", "NOOP ignored") == (
+        b"252 2.5.0 Cannot verify the user, but will accept mail for it\r\n"
+        b"214-2.0.0 Commands: HELO EHLO MAIL RCPT DATA RSET NOOP VRFY HELP QUIT AUTH\r\n"
+        b"214 2.0.0 See RFC 5321 for what each one does\r\n"
+        b"250 2.0.0 Ok\r\n")
+
+
+def test_session_quit_says_bye_and_closes():
+    session = greeted()
+    assert say(session, "QUIT") == b"221 2.0.0 Bye\r\n"
+    assert session.closed
+
+
+def test_session_ignores_what_follows_quit():
+    session = greeted()
+    assert say(session, "QUIT", "NOOP") == b"221 2.0.0 Bye\r\n"
+
+
+def test_session_answers_unknown_verbs_and_closes_after_twenty():
+    session = greeted()
+    replies = say(session, *["FOO"] * 20)
+    assert replies == b"500 5.5.2 Error: command not recognized\r\n" * 20
+    assert say(session, "FOO") == b"421 4.7.0 Error: too many unrecognized commands, goodbye\r\n"
+    assert session.closed
+
+
+def test_session_answers_expn_as_not_implemented():
+    assert say(greeted(), "EXPN staff") == b"502 5.5.1 Error: command not implemented\r\n"
+
+
+def test_session_accepts_bare_lf_command_lines():
+    session = new_session()
+    assert b"".join(bytes(r) for r in session.receive(b"HELO x\nNOOP\n")) == (
+        b"250 sink.test\r\n250 2.0.0 Ok\r\n")
+
+
+def test_session_answers_a_pipelined_batch_in_order():
+    store = MemoryStore()
+    session = new_session(store)
+    replies = say(session, "EHLO client.test", "MAIL FROM:<a@b.test>", "RCPT TO:<c@d.test>",
+                  "RCPT TO:<e@f.test>", "DATA", "Subject: one", "", "first", ".",
+                  "MAIL FROM:<g@h.test>", "RCPT TO:<i@j.test>", "DATA", "second", ".", "QUIT")
+    assert replies == (EHLO_REPLY + b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.1.5 Ok\r\n"
+                       b"354 End data with <CR><LF>.<CR><LF>\r\n"
+                       b"250 2.0.0 Ok: queued as Q1\r\n"
+                       b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 End data with <CR><LF>.<CR><LF>\r\n"
+                       b"250 2.0.0 Ok: queued as Q2\r\n221 2.0.0 Bye\r\n")
+    assert [body for _, body in store.messages] == [b"Subject: one\r\n\r\nfirst\r\n",
+                                                    b"second\r\n"]
+
+
+def test_session_answers_a_command_split_across_reads():
+    session = greeted()
+    assert session.receive(b"MAIL FR") == []
+    assert session.busy
+    assert b"".join(map(bytes, session.receive(b"OM:<a@b.test>\r\n"))) == b"250 2.1.0 Ok\r\n"
+    assert not session.busy
+
+
+def test_session_rejects_an_overlong_command_line_and_goes_on():
+    session = greeted()
+    line = "NOOP " + "x" * sheesh.COMMAND_LINE_LIMIT
+    assert say(session, line, "NOOP") == b"500 5.5.2 Error: line too long\r\n250 2.0.0 Ok\r\n"
+
+
+def test_session_drops_an_overlong_line_as_it_arrives_and_answers_once():
+    session = greeted()
+    for _ in range(1024):  # a 1 MiB line, 1 KiB at a time
+        assert session.receive(b"x" * 1024) == []
+        assert len(session._unread) < sheesh.COMMAND_LINE_LIMIT
+    assert say(session, "", "NOOP") == b"500 5.5.2 Error: line too long\r\n250 2.0.0 Ok\r\n"
+
+
+def test_session_command_line_limit_is_exact():
+    session = greeted()
+    fits = "NOOP " + "x" * (sheesh.COMMAND_LINE_LIMIT - 7)  # with its CRLF: LIMIT bytes
+    assert say(session, fits) == b"250 2.0.0 Ok\r\n"
+    assert say(session, fits + "x") == b"500 5.5.2 Error: line too long\r\n"
+
+
+def test_session_survives_bytes_that_are_not_utf8():
+    session = greeted()
+    assert say(session, b"\xff\xfe\x00 garbage", b"MAIL FROM:<\xe9@b.test>") == (
+        b"500 5.5.2 Error: command not recognized\r\n"
+        b"501 5.1.7 Error: bad sender address syntax\r\n")
+
+
+def test_session_stores_message_bytes_exactly_including_8bit_and_long_lines():
+    store = MemoryStore()
+    session = in_data(store)
+    body = (b"Subject: \xff\xfe raw\r\n\r\n" + b"x" * 100_000 + b"\r\n\xe9t\xe9\r\n"
+            b"bare\nlf and bare\rcr\r\n")
+    assert say(session, body + b".") == b"250 2.0.0 Ok: queued as Q1\r\n"
+    assert store.messages[0][1] == body
+
+
+@pytest.mark.parametrize("smuggled", [b"\n.\n", b"\r.\r", b"\n.\r\n", b"\r\n.\n"])
+def test_session_does_not_end_data_at_smuggled_terminators(smuggled):
+    store = MemoryStore()
+    session = in_data(store)
+    message = (b"Subject: one\r\n\r\nbody" + smuggled + b"MAIL FROM:<evil@x.test>\r\n"
+               b"RCPT TO:<victim@x.test>\r\nDATA\r\nSubject: two\r\n")
+    replies = session.receive(message + b".\r\n")
+    assert [bytes(r) for r in replies] == [b"250 2.0.0 Ok: queued as Q1\r\n"]
+    assert store.messages[0][1] == unstuff_by_lines(message + b".\r\n")
+
+
+def test_session_discards_an_oversized_message_and_answers_once_at_the_end():
+    store = MemoryStore()
+    session = in_data(store, max_size=1000)
+    assert session.receive(b"x" * 600 + b"\r\n") == []
+    assert session.receive(b"y" * 600 + b"\r\n") == []
+    assert store.open_writers == 0  # dropped as soon as it was too big
+    assert say(session, ".") == (
+        b"552 5.3.4 Error: message exceeds the fixed maximum message size\r\n")
+    assert store.messages == []
+    assert say(session, "MAIL FROM:<a@b.test>") == b"250 2.1.0 Ok\r\n"
+
+
+def test_session_message_of_exactly_the_limit_is_accepted():
+    store = MemoryStore()
+    session = in_data(store, max_size=10)
+    assert say(session, b"12345678", b".") == b"250 2.0.0 Ok: queued as Q1\r\n"
+
+
+@pytest.mark.parametrize("step, error, expected", [
+    ("begin", errno.EACCES, b"451 4.3.0 Error: local error in processing, try again later\r\n"),
+    ("write", errno.ENOSPC, b"452 4.3.1 Error: insufficient system storage\r\n"),
+    ("commit", errno.EIO, b"451 4.3.0 Error: local error in processing, try again later\r\n"),
+])
+def test_session_answers_storage_failures_with_a_temporary_error(step, error, expected):
+    store = MemoryStore(fail_on=step, error=error)
+    session = greeted(store)
+    replies = say(session, "MAIL FROM:<a@b.test>", "RCPT TO:<c@d.test>", "DATA")
+    if step != "begin":
+        replies = say(session, "Subject: x", "", "body", ".")
+    assert replies.endswith(expected)
+    assert store.messages == [] and store.open_writers == 0
+    assert say(session, "NOOP") == b"250 2.0.0 Ok\r\n"
+
+
+def test_session_connection_lost_in_data_aborts_the_message():
+    store = MemoryStore()
+    session = in_data(store)
+    session.receive(b"Subject: half a message\r\n")
+    session.connection_lost()
+    assert store.messages == [] and store.open_writers == 0
+
+
+def test_session_auth_plain_with_initial_response_records_the_user():
+    store = MemoryStore()
+    session = greeted(store)
+    token = base64.b64encode(b"\0alice\0secret").decode()
+    assert say(session, f"AUTH PLAIN {token}") == b"235 2.7.0 Authentication successful\r\n"
+    say(session, "MAIL FROM:<a@b.test>", "RCPT TO:<c@d.test>", "DATA", "x", ".")
+    envelope = store.messages[0][0]
+    assert (envelope.auth_user, envelope.protocol) == ("alice", "ESMTPA")
+
+
+def test_session_auth_plain_after_an_empty_challenge():
+    session = greeted()
+    token = base64.b64encode(b"\0bob\0pw").decode()
+    assert say(session, "AUTH PLAIN", token) == (
+        b"334 \r\n235 2.7.0 Authentication successful\r\n")
+    assert session.auth_user == "bob"
+
+
+def test_session_auth_login_asks_for_user_name_and_password():
+    session = greeted()
+    user, password = (base64.b64encode(v).decode() for v in (b"carol", b"pw"))
+    assert say(session, "AUTH LOGIN", user, password) == (
+        b"334 VXNlcm5hbWU6\r\n334 UGFzc3dvcmQ6\r\n235 2.7.0 Authentication successful\r\n")
+    assert session.auth_user == "carol"
+
+
+def test_session_auth_login_with_the_user_name_up_front():
+    session = greeted()
+    user, password = (base64.b64encode(v).decode() for v in (b"dave", b"pw"))
+    assert say(session, f"AUTH LOGIN {user}", password) == (
+        b"334 UGFzc3dvcmQ6\r\n235 2.7.0 Authentication successful\r\n")
+
+
+@pytest.mark.parametrize("lines, reply", [
+    (["AUTH LOGIN", "*"], b"334 VXNlcm5hbWU6\r\n501 5.0.0 Authentication cancelled\r\n"),
+    (["AUTH PLAIN", "not base64!"], b"334 \r\n501 5.5.2 Error: cannot decode the response\r\n"),
+    (["AUTH PLAIN " + base64.b64encode(b"no nuls").decode()],
+     b"501 5.5.2 Error: cannot decode the response\r\n"),
+    (["AUTH GSSAPI"], b"504 5.5.4 Error: unrecognized authentication type\r\n"),
+])
+def test_session_auth_failures(lines, reply):
+    session = greeted()
+    assert say(session, *lines) == reply
+    assert session.auth_user is None
+    assert say(session, "NOOP") == b"250 2.0.0 Ok\r\n"  # back to commands
+
+
+def test_session_auth_needs_ehlo_and_no_transaction_and_only_once():
+    session = new_session()
+    token = base64.b64encode(b"\0u\0p").decode()
+    assert say(session, f"AUTH PLAIN {token}") == b"503 5.5.1 Error: send EHLO first\r\n"
+    say(session, "EHLO x", "MAIL FROM:<a@b.test>")
+    assert say(session, f"AUTH PLAIN {token}") == (
+        b"503 5.5.1 Error: AUTH not allowed during a mail transaction\r\n")
+    say(session, "RSET")
+    assert say(session, f"AUTH PLAIN {token}", f"AUTH PLAIN {token}") == (
+        b"235 2.7.0 Authentication successful\r\n503 5.5.1 Error: already authenticated\r\n")
+
+
+def test_session_memory_stays_flat_over_ten_thousand_noops_and_rsets():
+    session = greeted()
+    say(session, *["NOOP", "RSET"] * 100)  # warm up
+    tracemalloc.start()
+    try:
+        before = tracemalloc.take_snapshot()
+        for _ in range(100):
+            say(session, *["NOOP", "RSET"] * 100)
+        after = tracemalloc.take_snapshot()
+    finally:
+        tracemalloc.stop()
+    grown = sum(stat.size_diff for stat in after.compare_to(before, "filename"))
+    assert grown < 64 * 1024
+
+
+def test_session_memory_bounded_with_a_hundred_long_recipients():
+    session = greeted()
+    say(session, "MAIL FROM:<a@b.test>")
+    long_address = "r" * 1000 + "@x.test"
+    assert say(session, *[f"RCPT TO:<{long_address}>"] * 101).endswith(
+        b"452 4.5.3 Error: too many recipients\r\n")
+    assert len(session.envelope.recipients) == 100
+
+
+WELL_FORMED_REPLY = re.compile(rb"(\d{3}-[^\r\n]*\r\n)*\d{3} [^\r\n]*\r\n\Z")
+
+
+def test_session_fuzz_never_raises_and_only_sends_well_formed_replies():
+    """Random bytes, commands and splits, with a fixed seed so any failure replays."""
+    rng = random.Random(20241129)
+    pieces = [b"EHLO x\r\n", b"HELO y\r\n", b"MAIL FROM:<a@b.test>\r\n", b"MAIL FROM:<>\r\n",
+              b"RCPT TO:<c@d.test>\r\n", b"DATA\r\n", b".\r\n", b"..\r\n", b"\r\n.\r\n",
+              b"RSET\r\n", b"NOOP\r\n", b"AUTH PLAIN\r\n", b"AUTH LOGIN\r\n", b"*\r\n",
+              b"dXNlcg==\r\n", b"QUIT\r\n", b"\n.\n", b"\r", b"\n", b".", b"\x00", b"\xff",
+              b"MAIL FROM:<a@b.test> SIZE=99999999999\r\n", b"x" * 5000, b"BDAT 10\r\n"]
+    deadline = time.monotonic() + 3
+    runs = 0
+    while time.monotonic() < deadline:
+        store = MemoryStore()
+        session = new_session(store, max_size=2000)
+        stream = b"".join(rng.choice(pieces) if rng.random() < 0.8 else rng.randbytes(20)
+                          for _ in range(60))
+        position, acknowledged = 0, 0
+        while position < len(stream) and not session.closed:
+            size = rng.choice([1, 2, 7, 64, 1000])
+            for reply in session.receive(stream[position:position + size]):
+                assert WELL_FORMED_REPLY.match(bytes(reply)), bytes(reply)
+                acknowledged += bytes(reply).startswith(b"250 2.0.0 Ok: queued")
+            position += size
+        session.connection_lost()
+        assert len(store.messages) == acknowledged
+        assert store.open_writers == 0
+        runs += 1
+    assert runs > 100
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. The store
+# ---------------------------------------------------------------------------------------------
+
+
+def test_maildir_create_makes_tmp_new_cur(tmp_path):
+    sheesh.Maildir(tmp_path / "mail").create()
+    assert sorted(p.name for p in (tmp_path / "mail").iterdir()) == ["cur", "new", "tmp"]
+
+
+def test_maildir_create_refuses_a_file(tmp_path):
+    (tmp_path / "mail").write_text("not a folder")
+    with pytest.raises(OSError):
+        sheesh.Maildir(tmp_path / "mail").create()
+
+
+def test_maildir_writes_trace_headers_then_the_exact_bytes(tmp_path):
+    store = sheesh.Maildir(tmp_path / "mail", "sink.test")
+    store.create()
+    envelope = sheesh.Envelope("alice@example.com", ["bob@example.com"], client_name="c.test",
+                               peer="192.0.2.1", protocol="ESMTP")
+    writer = store.begin(envelope)
+    assert files_in(tmp_path / "mail", "new") == []
+    writer.write(b"Subject: hi\r\n\r\nbody\r\n")
+    queue_id = writer.commit()
+    [path] = files_in(tmp_path / "mail", "new")
+    assert path.name == queue_id
+    assert files_in(tmp_path / "mail", "tmp") == []
+    raw = path.read_bytes()
+    assert re.fullmatch(
+        rb"Return-Path: <alice@example.com>\r\nDelivered-To: bob@example.com\r\n"
+        rb"Received: from c.test \(\[192.0.2.1\]\)\r\n\tby sink.test \(sheesh\) with ESMTP id "
+        + re.escape(queue_id.encode()) + rb"\r\n\tfor <bob@example.com>; [^\r\n]+\r\n"
+        rb"Subject: hi\r\n\r\nbody\r\n", raw)
+
+
+def test_maildir_received_names_no_recipient_when_there_are_several(tmp_path):
+    store = sheesh.Maildir(tmp_path / "mail", "sink.test")
+    store.create()
+    writer = store.begin(sheesh.Envelope("a@b.test", ["to@x.test", "bcc@x.test"], peer="::1"))
+    writer.write(b"x\r\n")
+    raw = (store.path / "new" / writer.commit()).read_bytes()
+    assert b"Delivered-To: to@x.test\r\nDelivered-To: bcc@x.test\r\n" in raw
+    assert b"for <" not in raw
+
+
+def test_maildir_client_text_cannot_break_out_of_the_received_header(tmp_path):
+    store = sheesh.Maildir(tmp_path / "mail", "sink.test")
+    store.create()
+    envelope = sheesh.Envelope("a@b.test", ["c@d.test"], client_name="evil\r\nX-Injected: 1",
+                               auth_user="u)\r\nX-Also: 1")
+    writer = store.begin(envelope)
+    writer.write(b"x\r\n")
+    raw = (store.path / "new" / writer.commit()).read_bytes()
+    assert b"\r\nX-Injected" not in raw and b"\r\nX-Also" not in raw
+    assert b"from evil??X-Injected: 1 ([])" in raw
+
+
+def test_maildir_abort_leaves_nothing(tmp_path):
+    store = sheesh.Maildir(tmp_path / "mail")
+    store.create()
+    writer = store.begin(sheesh.Envelope("a@b.test", ["c@d.test"]))
+    writer.write(b"partial")
+    writer.abort()
+    assert files_in(store.path, "tmp") == [] and files_in(store.path, "new") == []
+
+
+def test_maildir_names_never_collide_across_threads(tmp_path):
+    store = sheesh.Maildir(tmp_path / "mail")
+    store.create()
+    names = []
+
+    def deliver_many():
+        for _ in range(200):
+            writer = store.begin(sheesh.Envelope("a@b.test", ["c@d.test"]))
+            writer.write(b"x\r\n")
+            names.append(writer.commit())
+
+    threads = [threading.Thread(target=deliver_many) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(set(names)) == 1600
+    assert len(files_in(store.path, "new")) == 1600
+
+
+def test_maildir_is_readable_by_the_mailbox_module(server):
+    with smtplib.SMTP(server.host, server.port) as client:
+        client.sendmail("a@b.test", ["c@d.test"], b"Subject: for mailbox\r\n\r\nhi\r\n")
+    [message] = mailbox.Maildir(server.store.path, create=False)
+    assert message["Subject"] == "for mailbox"
+    assert message["Return-Path"] == "<a@b.test>"
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. Over a real socket
+# ---------------------------------------------------------------------------------------------
+
+
+def test_smtplib_sendmail_stores_the_exact_bytes(server):
+    message = (b"From: a@b.test\r\nTo: c@d.test\r\nSubject: exact\r\n\r\n"
+               b".leading dot\r\n..two\r\n\xe9 8-bit\r\n" + b"L" * 5000 + b"\r\n")
+    with smtplib.SMTP(server.host, server.port) as client:
+        code, banner = client.ehlo()
+        assert code == 250 and b"PIPELINING" in banner
+        assert client.sendmail("a@b.test", ["c@d.test", "hidden@d.test"], message,
+                               mail_options=["BODY=8BITMIME"]) == {}
+    stored = server.wait_for_message()
+    assert body_of_stored(stored.raw) == message
+    assert (stored.sender, stored.recipients) == ("a@b.test", ["c@d.test", "hidden@d.test"])
+
+
+def test_smtplib_send_message_with_smtputf8_addresses(server):
+    message = EmailMessage()
+    message["From"], message["To"], message["Subject"] = "jösé@bü.test", "ñoño@ü.test", "ünï"
+    message.set_content("héllo\n")
+    with smtplib.SMTP(server.host, server.port) as client:
+        client.send_message(message)  # smtplib sends SMTPUTF8 when the addresses need it
+    stored = server.wait_for_message()
+    assert (stored.sender, stored.recipients) == ("jösé@bü.test", ["ñoño@ü.test"])
+    assert stored.message["Subject"] == "ünï"
+    assert stored.message.get_content() == "héllo\n"
+
+
+def test_smtplib_login_is_accepted_and_recorded(server):
+    with smtplib.SMTP(server.host, server.port) as client:
+        client.login("app-user", "any password")
+        client.sendmail("a@b.test", ["c@d.test"], b"Subject: authed\r\n\r\nx\r\n")
+    stored = server.wait_for_message()
+    assert "(authenticated as app-user)" in str(stored.message["Received"])
+    assert " with ESMTPA id " in str(stored.message["Received"])
+
+
+def test_raw_pipelined_transactions_are_answered_in_order(server):
+    client = RawClient(server)
+    client.send(b"EHLO raw.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\n"
+                b"RCPT TO:<e@f.test>\r\nDATA\r\n")
+    assert client.replies(5) == [EHLO_REPLY, b"250 2.1.0 Ok\r\n", b"250 2.1.5 Ok\r\n",
+                                 b"250 2.1.5 Ok\r\n", b"354 End data with <CR><LF>.<CR><LF>\r\n"]
+    client.send(b"Subject: one\r\n\r\nfirst\r\n.\r\nMAIL FROM:<g@h.test>\r\nRCPT TO:<i@j.test>\r\n"
+                b"DATA\r\nSubject: two\r\n\r\nsecond\r\n.\r\nQUIT\r\n")
+    replies = client.replies(6)
+    assert replies[0].startswith(b"250 2.0.0 Ok: queued as ")
+    assert replies[1:4] == [b"250 2.1.0 Ok\r\n", b"250 2.1.5 Ok\r\n",
+                            b"354 End data with <CR><LF>.<CR><LF>\r\n"]
+    assert replies[4].startswith(b"250 2.0.0 Ok: queued as ")
+    assert replies[5] == b"221 2.0.0 Bye\r\n"
+    assert client.closed_by_server()
+    subjects = [m.message["Subject"] for m in server.messages()]
+    assert subjects == ["one", "two"]
+
+
+@pytest.mark.parametrize("smuggled", [b"\n.\n", b"\r.\r", b"\n.\r\n", b"\r\n.\n"])
+def test_raw_smuggling_attempt_stores_one_message_with_the_exact_bytes(server, smuggled):
+    client = RawClient(server)
+    client.send(b"EHLO x\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\n")
+    client.replies(4)
+    message = (b"Subject: real\r\n\r\nbody" + smuggled + b"MAIL FROM:<evil@x.test>\r\n"
+               b"RCPT TO:<victim@x.test>\r\nDATA\r\nSubject: smuggled\r\n\r\nevil\r\n")
+    client.send(message + b".\r\nQUIT\r\n")
+    assert client.reply().startswith(b"250 2.0.0 Ok: queued as ")
+    assert client.reply() == b"221 2.0.0 Bye\r\n"
+    [stored] = server.messages()
+    assert body_of_stored(stored.raw) == unstuff_by_lines(message + b".\r\n")
+
+
+def test_raw_long_data_line_is_stored(server):
+    client = RawClient(server)
+    client.send(b"EHLO x\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\n")
+    client.replies(4)
+    message = b"Subject: long\r\n\r\n" + b"z" * 200_000 + b"\r\n"
+    client.send(message + b".\r\n")
+    assert client.reply().startswith(b"250 ")
+    assert body_of_stored(server.wait_for_message().raw) == message
+
+
+def test_raw_long_command_line_gets_500_and_the_session_goes_on(server):
+    client = RawClient(server)
+    client.send(b"EHLO " + b"h" * 1_000_000 + b"\r\nNOOP\r\n")
+    assert client.replies(2) == [b"500 5.5.2 Error: line too long\r\n", b"250 2.0.0 Ok\r\n"]
+
+
+def test_raw_oversized_message_gets_552_once_and_the_session_goes_on(tmp_path):
+    with make_server(tmp_path, max_size=10_000) as server:
+        client = RawClient(server)
+        client.send(b"EHLO x\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\n")
+        client.replies(4)
+        client.send(b"Subject: big\r\n\r\n" + b"b" * 50_000 + b"\r\n.\r\n")
+        assert client.reply() == (
+            b"552 5.3.4 Error: message exceeds the fixed maximum message size\r\n")
+        client.send(b"MAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\nsmall\r\n.\r\n")
+        assert client.replies(4)[3].startswith(b"250 2.0.0 Ok: queued")
+        assert [m.raw.endswith(b"\r\nsmall\r\n") for m in server.messages()] == [True]
+        assert files_in(server.store.path, "tmp") == []
+
+
+def test_raw_disconnect_mid_data_leaves_nothing(server):
+    client = RawClient(server)
+    client.send(b"EHLO x\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\n")
+    client.replies(4)
+    client.send(b"Subject: never finished\r\n\r\nhalf")
+    wait_until(lambda: os.listdir(server.store.path / "tmp"), what="the tmp file")
+    client.close()
+    wait_until(lambda: active_sessions(server) == 0, what="the session to end")
+    assert files_in(server.store.path, "tmp") == [] and files_in(server.store.path, "new") == []
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. The server, and using it from a test suite
+# ---------------------------------------------------------------------------------------------
+
+
+def test_server_api_lists_waits_and_clears(tmp_path):
+    started = time.monotonic()
+    with make_server(tmp_path) as server:
+        with smtplib.SMTP(server.host, server.port) as client:
+            client.sendmail("a@b.test", ["c@d.test"], "Subject: one\r\n\r\n1\r\n")
+            client.sendmail("a@b.test", ["e@f.test"], "Subject: two\r\n\r\n2\r\n")
+        assert server.wait_for_message().message["Subject"] == "one"
+        assert server.wait_for_message().message["Subject"] == "two"
+        with pytest.raises(TimeoutError):
+            server.wait_for_message(timeout=0.05)
+        assert [m.recipients for m in server.messages()] == [["c@d.test"], ["e@f.test"]]
+        server.clear()
+        assert server.messages() == []
+    assert time.monotonic() - started < 2
+    assert not can_connect(server.host, server.port)
+
+
+def test_server_wait_for_message_returns_a_message_sent_later(server):
+    def send_soon():
+        time.sleep(0.1)  # the point of the test: the message arrives after the wait began
+        with smtplib.SMTP(server.host, server.port) as client:
+            client.sendmail("a@b.test", ["c@d.test"], "Subject: later\r\n\r\nx\r\n")
+    threading.Thread(target=send_soon).start()
+    assert server.wait_for_message(timeout=5).message["Subject"] == "later"
+
+
+def test_server_reply_queue_id_is_the_maildir_key(server):
+    with smtplib.SMTP(server.host, server.port) as client:
+        client.ehlo()
+        client.mail("a@b.test")
+        client.rcpt("c@d.test")
+        code, text = client.data(b"x\r\n")
+    assert code == 250
+    key = text.decode().rsplit(" ", 1)[1]
+    assert (server.store.path / "new" / key).exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Hardening: timeouts, limits, faults and load
+# ---------------------------------------------------------------------------------------------
+
+
+def test_idle_client_is_told_421_and_disconnected(tmp_path):
+    with make_server(tmp_path, timeout=0.3) as server:
+        client = RawClient(server)
+        started = time.monotonic()
+        assert client.reply() == b"421 4.4.2 Error: timeout exceeded, goodbye\r\n"
+        assert client.closed_by_server()
+        assert 0.25 < time.monotonic() - started < 3
+
+
+def test_trickling_client_cannot_hold_a_command_line_past_the_timeout(tmp_path):
+    with make_server(tmp_path, timeout=0.5) as server:
+        client = RawClient(server)
+        started, answer = time.monotonic(), b""
+        client.sock.settimeout(0.05)
+        while time.monotonic() - started < 3 and not answer:
+            client.send(b"x")  # never completes the line, but is never silent for long
+            try:
+                answer = client.reply()
+            except socket.timeout:
+                pass
+        assert answer == b"421 4.4.2 Error: timeout exceeded, goodbye\r\n"
+        assert time.monotonic() - started < 2
+
+
+def test_trickling_client_cannot_hold_data_past_the_timeout(tmp_path):
+    with make_server(tmp_path, timeout=0.5) as server:
+        client = RawClient(server)
+        client.send(b"EHLO x\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\n")
+        client.replies(4)
+        started, answer = time.monotonic(), b""
+        client.sock.settimeout(0.05)
+        while time.monotonic() - started < 3 and not answer:
+            client.send(b"line\r\n")
+            try:
+                answer = client.reply()
+            except socket.timeout:
+                pass
+        assert answer == b"421 4.4.2 Error: timeout exceeded, goodbye\r\n"
+        wait_until(lambda: active_sessions(server) == 0)
+        assert files_in(server.store.path, "tmp") == [] and files_in(server.store.path, "new") == []
+
+
+def test_connection_over_the_cap_gets_421_and_the_others_carry_on(tmp_path):
+    with make_server(tmp_path, max_connections=2) as server:
+        first, second = RawClient(server), RawClient(server)
+        assert first.greeting.startswith(b"220") and second.greeting.startswith(b"220")
+        third = RawClient(server)
+        assert third.greeting == b"421 4.7.0 Error: too many connections, try again later\r\n"
+        assert third.closed_by_server()
+        first.send(b"NOOP\r\n")
+        second.send(b"NOOP\r\n")
+        assert first.reply() == second.reply() == b"250 2.0.0 Ok\r\n"
+        first.send(b"QUIT\r\n")
+        first.reply()
+        wait_until(lambda: active_sessions(server) == 1)
+        assert RawClient(server).greeting.startswith(b"220 ")
+
+
+def test_two_hundred_clients_connecting_at_once_are_all_greeted(tmp_path):
+    with make_server(tmp_path) as server:
+        sockets = []
+        for _ in range(200):  # connect all before reading any greeting
+            sock = socket.socket()
+            sock.setblocking(False)
+            sock.connect_ex((server.host, server.port))
+            sockets.append(sock)
+        greetings = 0
+        for sock in sockets:
+            sock.setblocking(True)
+            sock.settimeout(10)
+            greetings += sock.recv(100).startswith(b"220 ")
+            sock.close()
+        assert greetings == 200
+
+
+def test_thousand_idle_connections_do_not_stop_a_new_client(tmp_path):
+    with make_server(tmp_path, max_connections=1100) as server:
+        idle = []
+        try:
+            for _ in range(1000):
+                idle.append(socket.create_connection((server.host, server.port), timeout=10))
+            wait_until(lambda: active_sessions(server) == 1000, timeout=20)
+            started = time.monotonic()
+            with smtplib.SMTP(server.host, server.port, timeout=5) as client:
+                client.sendmail("a@b.test", ["c@d.test"], "Subject: fresh\r\n\r\nx\r\n")
+            assert time.monotonic() - started < 1
+        finally:
+            for sock in idle:
+                sock.close()
+        assert server.wait_for_message().message["Subject"] == "fresh"
+
+
+def test_load_two_hundred_clients_five_messages_each_nothing_lost(tmp_path):
+    with make_server(tmp_path, fsync=False) as server:
+        sent, errors = {}, []
+
+        def client(number):
+            try:
+                with smtplib.SMTP(server.host, server.port, timeout=30) as smtp:
+                    for index in range(5):
+                        body = (f"Subject: {number}-{index}\r\n\r\n".encode()
+                                + random.Random(number * 10 + index).randbytes(2000).hex().encode()
+                                + b"\r\n.dot line\r\n")
+                        smtp.sendmail("load@b.test", [f"rcpt{number}@d.test"], body)
+                        sent[f"{number}-{index}"] = hashlib.sha256(body).hexdigest()
+            except Exception as error:  # collected and reported below
+                errors.append(repr(error))
+
+        threads = [threading.Thread(target=client, args=(n,)) for n in range(200)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert errors == []
+        stored = {}
+        for path in files_in(server.store.path, "new"):
+            raw = path.read_bytes()
+            subject = re.search(rb"\r\nSubject: (\S+)\r\n", raw).group(1).decode()
+            stored[subject] = hashlib.sha256(body_of_stored(raw)).hexdigest()
+        assert len(files_in(server.store.path, "new")) == 1000
+        assert stored == sent
+        assert files_in(server.store.path, "tmp") == []
+
+
+@pytest.mark.parametrize("garbage", [
+    b"\x00\x01\x02\xff\xfe" * 100 + b"\r\n",
+    bytes(range(256)) * 4 + b"\r\n",
+    b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 64,  # a TLS ClientHello
+    b"\xe9\xe8 8-bit command\r\n",
+])
+def test_garbage_then_a_normal_message_is_still_accepted(server, garbage):
+    client = RawClient(server)
+    client.send(garbage)
+    client.send(b"\r\nRSET\r\n")
+    deadline = time.monotonic() + 5
+    while client.reply() != b"250 2.0.0 Ok\r\n":  # skip the 500s for the garbage
+        assert time.monotonic() < deadline
+    client.close()
+    with smtplib.SMTP(server.host, server.port) as smtp:
+        smtp.sendmail("a@b.test", ["c@d.test"], b"Subject: after garbage\r\n\r\nx\r\n")
+    assert server.wait_for_message().message["Subject"] == "after garbage"
+
+
+def test_command_in_one_byte_writes_is_answered(server):
+    client = RawClient(server)
+    for byte in b"EHLO slow.test\r\nNOOP\r\n":
+        client.send(bytes([byte]))
+    assert client.replies(2) == [EHLO_REPLY, b"250 2.0.0 Ok\r\n"]
+
+
+def test_abandoned_auth_and_half_closed_socket_leave_the_server_serving(server):
+    client = RawClient(server)
+    client.send(b"EHLO x\r\nAUTH LOGIN\r\n")
+    assert client.replies(2)[1] == b"334 VXNlcm5hbWU6\r\n"
+    client.sock.shutdown(socket.SHUT_WR)  # half-close: the server sees the end of input
+    assert client.closed_by_server()
+    half = RawClient(server)
+    half.send(b"NOOP\r\n")
+    half.sock.shutdown(socket.SHUT_WR)
+    assert half.reply() == b"250 2.0.0 Ok\r\n"
+    wait_until(lambda: active_sessions(server) == 0)
+    with smtplib.SMTP(server.host, server.port) as smtp:
+        smtp.sendmail("a@b.test", ["c@d.test"], b"Subject: still here\r\n\r\nx\r\n")
+    assert server.wait_for_message().message["Subject"] == "still here"
+
+
+def test_client_vanishing_after_data_before_the_reply_leaks_nothing(server):
+    client = RawClient(server)
+    client.send(b"EHLO x\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\n")
+    client.replies(4)
+    client.send(b"Subject: complete\r\n\r\nx\r\n.\r\n")
+    client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    client.close()  # a reset, without reading the 250
+    wait_until(lambda: active_sessions(server) == 0)
+    assert files_in(server.store.path, "tmp") == []
+    assert len(files_in(server.store.path, "new")) <= 1  # complete: it may have been stored
+
+
+def test_unexpected_exception_is_logged_and_the_client_gets_a_generic_421(
+        server, monkeypatch, caplog):
+    original = sheesh.Session.handle_line
+
+    def explode_on_boom(self, line):
+        if line == "BOOM":
+            raise RuntimeError("secret internal detail")
+        return original(self, line)
+
+    monkeypatch.setattr(sheesh.Session, "handle_line", explode_on_boom)
+    other = RawClient(server)
+    victim = RawClient(server)
+    with caplog.at_level(logging.ERROR, logger="sheesh"):
+        victim.send(b"BOOM\r\n")
+        assert victim.reply() == b"421 4.3.0 Error: internal server error, goodbye\r\n"
+        assert victim.closed_by_server()
+    assert "secret internal detail" in caplog.text and "Traceback" in caplog.text
+    other.send(b"NOOP\r\n")
+    assert other.reply() == b"250 2.0.0 Ok\r\n"
+
+
+def test_maildir_removed_while_running_gives_4xx_and_one_log_line(server, caplog):
+    import shutil
+    shutil.rmtree(server.store.path)
+    with caplog.at_level(logging.ERROR, logger="sheesh"):
+        for _ in range(3):
+            with smtplib.SMTP(server.host, server.port) as client:
+                with pytest.raises(smtplib.SMTPDataError) as failure:
+                    client.sendmail("a@b.test", ["c@d.test"], b"x\r\n")
+                assert failure.value.smtp_code == 451
+    assert len([r for r in caplog.records if "cannot store" in r.getMessage()]) == 1
+
+
+@pytest.fixture
+def tiny_filesystem(tmp_path):
+    """A 256 KiB tmpfs, to fill up for real. Needs root on Linux (CI runs as root)."""
+    mount_point = tmp_path / "tiny"
+    mount_point.mkdir()
+    if not sys.platform.startswith("linux") or os.geteuid() != 0:
+        pytest.skip("mounting a tiny tmpfs needs root on Linux")
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs",
+                             str(mount_point)], capture_output=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.decode().strip()}")
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def test_full_disk_mid_data_gets_452_removes_the_partial_file_and_keeps_serving(
+        tmp_path, tiny_filesystem):
+    with make_server(tmp_path, maildir=tiny_filesystem / "mail") as server:
+        with smtplib.SMTP(server.host, server.port) as client:
+            with pytest.raises(smtplib.SMTPDataError) as failure:
+                client.sendmail("a@b.test", ["c@d.test"], b"x" * 1_000_000 + b"\r\n")
+            assert failure.value.smtp_code == 452
+            assert files_in(server.store.path, "tmp") == []
+            assert files_in(server.store.path, "new") == []
+            client.sendmail("a@b.test", ["c@d.test"], b"Subject: fits\r\n\r\nsmall\r\n")
+        assert server.wait_for_message().message["Subject"] == "fits"
+
+
+# ---------------------------------------------------------------------------------------------
+# 9. The CLI, as a real process
+# ---------------------------------------------------------------------------------------------
+
+
+def run_cli(*args, timeout=10):
+    return subprocess.run([sys.executable, str(HERE / "sheesh.py"), *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+class Process:
+    """sheesh.py running as a program, with its log lines read as they come."""
+
+    def __init__(self, tmp_path, *args):
+        self.maildir = tmp_path / "mail"
+        self.proc = subprocess.Popen(
+            [sys.executable, str(HERE / "sheesh.py"), "--port", "0", "--maildir",
+             str(self.maildir), "--hostname", HOSTNAME, *args],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.first_line = self.proc.stderr.readline()
+        match = re.search(r"listening on (\S+) port (\d+)", self.first_line)
+        if not match:
+            self.proc.kill()
+            raise AssertionError(f"no startup line: {self.first_line!r}")
+        self.host, self.port = match.group(1), int(match.group(2))
+
+    def stop(self, sig=signal.SIGINT):
+        self.proc.send_signal(sig)
+        stdout, stderr = self.proc.communicate(timeout=15)
+        return self.proc.returncode, stdout, stderr
+
+
+def test_cli_help_shows_every_option_with_its_default():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for option, default in [("--host", "127.0.0.1"), ("--port", "1025"), ("--maildir", "mail"),
+                            ("--max-size", "52428800"), ("--max-recipients", "100"),
+                            ("--max-connections", "256"), ("--timeout", "300.0")]:
+        assert re.search(rf"{option}\b[^\n]*\n?[^-]*\(default: {re.escape(default)}\)",
+                         result.stdout), option
+    for option in ("--hostname", "--quiet", "--print"):
+        assert option in result.stdout
+
+
+@pytest.mark.parametrize("args", [["--port", "70000"], ["--max-size", "0"], ["--bogus"],
+                                  ["--timeout", "soon"]])
+def test_cli_bad_option_is_one_line_and_exit_2(args):
+    result = run_cli(*args)
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert result.stderr.startswith("sheesh: error: ")
+
+
+def test_cli_unusable_maildir_is_one_line_and_exit_2(tmp_path):
+    (tmp_path / "file").write_text("x")
+    result = run_cli("--port", "0", "--maildir", str(tmp_path / "file"))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"sheesh: error: cannot use {tmp_path / 'file'} as a Maildir: Not a directory"]
+
+
+def test_cli_port_in_use_is_one_line_and_exit_2(tmp_path, server):
+    result = run_cli("--port", str(server.port), "--maildir", str(tmp_path / "other"))
+    assert result.returncode == 2
+    assert "cannot listen on 127.0.0.1 port" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_cli_serves_logs_one_line_per_message_and_exits_0_on_ctrl_c(tmp_path):
+    sheesh_process = Process(tmp_path)
+    assert f"storing mail in {sheesh_process.maildir}" in sheesh_process.first_line
+    message = b"Subject: =?utf-8?q?caf=C3=A9?= \x1b[31mred\r\n\r\nx\r\n"
+    with smtplib.SMTP(sheesh_process.host, sheesh_process.port) as client:
+        client.sendmail("a@b.test", ["c@d.test", "e@f.test"], message)
+    line = sheesh_process.proc.stderr.readline()
+    assert "from <a@b.test> to <c@d.test>, <e@f.test> subject 'café \\x1b[31mred'" in line
+    assert re.search(rf"size {len(message)} stored \S+/new/\S+$", line)
+    assert "\x1b" not in line  # terminal control sequences are escaped
+    code, _, stderr = sheesh_process.stop(signal.SIGINT)
+    assert code == 0 and "Traceback" not in stderr
+    assert len(files_in(sheesh_process.maildir, "new")) == 1
+
+
+def test_cli_print_shows_the_envelope_and_the_message(tmp_path):
+    sheesh_process = Process(tmp_path, "--print", "--quiet")
+    with smtplib.SMTP(sheesh_process.host, sheesh_process.port) as client:
+        client.sendmail("a@b.test", ["to@d.test", "bcc@d.test"], b"Subject: printed\r\n\r\nbody\r\n")
+    code, stdout, stderr = sheesh_process.stop(signal.SIGTERM)
+    assert code == 0
+    assert "MAIL FROM: <a@b.test>\nRCPT TO: <to@d.test>\nRCPT TO: <bcc@d.test>\n" in stdout
+    assert "Subject: printed\n\nbody\n" in stdout  # (text mode turned CRLF into LF)
+    assert "subject" not in stderr  # --quiet: no per-message log line
+
+
+def test_cli_warns_when_listening_beyond_loopback(tmp_path):
+    sheesh_process = Process(tmp_path, "--host", "0.0.0.0")
+    warning = sheesh_process.proc.stderr.readline()
+    assert "not a loopback address" in warning
+    sheesh_process.stop()
+
+
+def test_sigterm_lets_a_message_in_data_finish_then_exits_0(tmp_path):
+    sheesh_process = Process(tmp_path, "--grace", "5")
+    client = socket.create_connection((sheesh_process.host, sheesh_process.port), timeout=10)
+    reader = client.makefile("rb")
+    reader.readline()
+    client.sendall(b"HELO x\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\n")
+    for _ in range(4):
+        reader.readline()
+    client.sendall(b"Subject: in flight\r\n\r\nfirst half\r\n")
+    sheesh_process.proc.send_signal(signal.SIGTERM)
+    assert "stopping" in sheesh_process.proc.stderr.readline()
+    wait_until(lambda: not can_connect(sheesh_process.host, sheesh_process.port),
+               what="the listener to close")
+    client.sendall(b"second half\r\n.\r\n")
+    assert reader.readline().startswith(b"250 2.0.0 Ok: queued as ")
+    assert reader.readline() == b"421 4.3.2 Service shutting down, goodbye\r\n"
+    assert sheesh_process.proc.wait(timeout=10) == 0
+    assert "Traceback" not in sheesh_process.proc.stderr.read()
+    [path] = files_in(sheesh_process.maildir, "new")
+    assert path.read_bytes().endswith(b"first half\r\nsecond half\r\n")
+
+
+def test_sigterm_drops_a_message_that_does_not_finish_within_the_grace(tmp_path):
+    sheesh_process = Process(tmp_path, "--grace", "0.3")
+    client = socket.create_connection((sheesh_process.host, sheesh_process.port), timeout=10)
+    reader = client.makefile("rb")
+    reader.readline()
+    client.sendall(b"HELO x\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\n")
+    for _ in range(4):
+        reader.readline()
+    client.sendall(b"Subject: never finished\r\n\r\n")
+    wait_until(lambda: os.listdir(sheesh_process.maildir / "tmp"), what="the tmp file")
+    sheesh_process.proc.send_signal(signal.SIGTERM)
+    assert sheesh_process.proc.wait(timeout=10) == 0
+    assert "Traceback" not in sheesh_process.proc.stderr.read()
+    assert files_in(sheesh_process.maildir, "new") == []
+    assert files_in(sheesh_process.maildir, "tmp") == []
