@@ -350,6 +350,26 @@ def test_data_reader_one_byte_at_a_time_on_a_random_message():
         assert body == unstuff_by_lines(stuffed)
 
 
+@pytest.mark.parametrize("tricky", [b"\r\n..dot\r\n", b"\r\n.\r\n", b"\r\n\r\n..\r\n"])
+def test_session_framing_is_exact_when_reads_split_at_the_read_size(tricky):
+    """The handler reads READ_SIZE bytes at a time: put dots and the terminator across that
+    boundary at every offset, and the stored bytes must match a line-by-line reading."""
+    for offset in range(-len(tricky), 2):
+        store = MemoryStore()
+        session = in_data(store)
+        filler = b"f" * (sheesh.READ_SIZE + offset - 2) + b"\r\n"
+        stuffed = filler + tricky + b"tail\r\n.\r\nNOOP\r\n"
+        replies = b""
+        for start in range(0, len(stuffed), sheesh.READ_SIZE):
+            replies += b"".join(map(bytes, session.receive(stuffed[start:start + sheesh.READ_SIZE])))
+        expected = unstuff_by_lines(stuffed)
+        if tricky == b"\r\n.\r\n":  # the terminator itself: the rest are commands
+            assert replies.startswith(b"250 2.0.0 Ok: queued as Q1\r\n500 5.5.2 ")
+        else:
+            assert replies == b"250 2.0.0 Ok: queued as Q1\r\n250 2.0.0 Ok\r\n"
+        assert store.messages[0][1] == expected, offset
+
+
 # ---------------------------------------------------------------------------------------------
 # 5. The session, as transcripts
 # ---------------------------------------------------------------------------------------------
@@ -996,6 +1016,16 @@ def test_server_wait_for_message_returns_a_message_sent_later(server):
     assert server.wait_for_message(timeout=5).message["Subject"] == "later"
 
 
+def test_server_remembers_only_the_latest_arrivals(tmp_path, monkeypatch):
+    monkeypatch.setattr(sheesh, "ARRIVALS_KEPT", 3)
+    with make_server(tmp_path) as server:
+        with smtplib.SMTP(server.host, server.port) as client:
+            for number in range(5):
+                client.sendmail("a@b.test", ["c@d.test"], f"Subject: {number}\r\n\r\nx\r\n")
+        assert [server.wait_for_message().message["Subject"] for _ in range(3)] == ["2", "3", "4"]
+        assert len(server.messages()) == 5  # the Maildir keeps them all
+
+
 def test_server_reply_queue_id_is_the_maildir_key(server):
     with smtplib.SMTP(server.host, server.port) as client:
         client.ehlo()
@@ -1297,7 +1327,7 @@ def test_cli_help_shows_every_option_with_its_default():
 
 
 @pytest.mark.parametrize("args", [["--port", "70000"], ["--max-size", "0"], ["--bogus"],
-                                  ["--timeout", "soon"]])
+                                  ["--timeout", "soon"], ["--cpu", "fast"]])
 def test_cli_bad_option_is_one_line_and_exit_2(args):
     result = run_cli(*args)
     assert result.returncode == 2
@@ -1344,6 +1374,38 @@ def test_cli_print_shows_the_envelope_and_the_message(tmp_path):
     assert "MAIL FROM: <a@b.test>\nRCPT TO: <to@d.test>\nRCPT TO: <bcc@d.test>\n" in stdout
     assert "Subject: printed\n\nbody\n" in stdout  # (text mode turned CRLF into LF)
     assert "subject" not in stderr  # --quiet: no per-message log line
+
+
+def cpus_of(pid):
+    return re.search(r"Cpus_allowed_list:\s*(\S+)", Path(f"/proc/{pid}/status").read_text()).group(1)
+
+
+needs_linux_and_two_cpus = pytest.mark.skipif(
+    not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2
+    or not Path("/proc/self/status").exists(), reason="CPU pinning needs Linux and 2+ CPUs")
+
+
+@needs_linux_and_two_cpus
+def test_cli_runs_on_one_cpu_by_default(tmp_path):
+    with_gil = getattr(sys, "_is_gil_enabled", lambda: True)()
+    sheesh_process = Process(tmp_path)
+    try:
+        cpu = max(os.sched_getaffinity(0))
+        if with_gil:
+            assert f"running on CPU {cpu}" in sheesh_process.first_line
+            assert cpus_of(sheesh_process.proc.pid) == str(cpu)
+    finally:
+        sheesh_process.stop()
+
+
+@needs_linux_and_two_cpus
+def test_cli_cpu_all_leaves_every_cpu(tmp_path):
+    sheesh_process = Process(tmp_path, "--cpu", "all")
+    try:
+        assert "running on CPU" not in sheesh_process.first_line
+        assert cpus_of(sheesh_process.proc.pid) == cpus_of(os.getpid())
+    finally:
+        sheesh_process.stop()
 
 
 def test_cli_warns_when_listening_beyond_loopback(tmp_path):
