@@ -11,7 +11,8 @@ file and uses only the standard library of Python 3.11 or later, on Linux, macOS
 
 It speaks SMTP as RFC 5321 describes it, with the extensions that clients look for:
 SIZE (RFC 1870), 8BITMIME (RFC 6152), PIPELINING (RFC 2920), SMTPUTF8 (RFC 6531),
-ENHANCEDSTATUSCODES (RFC 2034, codes from RFC 3463) and AUTH (RFC 4954).
+ENHANCEDSTATUSCODES (RFC 2034, codes from RFC 3463), AUTH (RFC 4954) and STARTTLS (RFC 3207),
+and implicit TLS on a second port (RFC 8314).
 
 The file reads top to bottom, the way one message travels through it:
 
@@ -39,19 +40,30 @@ import email.utils
 import enum
 import errno
 import functools
+import hashlib
+import hmac
 import itertools
 import logging
 import os
 import re
+import secrets
+import shutil
 import signal
 import socket
 import socketserver
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field, replace
 from email.message import EmailMessage
 from pathlib import Path
+
+try:
+    import ssl
+except ImportError:  # Python built without OpenSSL: everything but TLS still works
+    ssl = None
 
 __version__ = "0.1.0"
 
@@ -86,6 +98,11 @@ DEFAULT_MAX_CONNECTIONS = 256
 # of 256 characters may take 1,024 octets of UTF-8 (RFC 6531). 4 KiB holds all of those at once,
 # and an AUTH PLAIN initial response with long credentials, and is still a trivial cost per client.
 COMMAND_LINE_LIMIT = 4096
+
+# RFC 4954 section 4 leaves it to the server how to slow down password guessing: each failed
+# AUTH waits this long before its 535, and the third failure in a session ends it.
+AUTH_FAILURE_DELAY = 1.0
+MAX_AUTH_FAILURES = 3
 
 # aiosmtpd closes a session after 20 unrecognised commands: a client that sends more is not
 # speaking SMTP (it may be an HTTP client, or an attack that smuggles HTTP through SMTP).
@@ -153,6 +170,7 @@ AUTH_OK = reply(235, "2.7.0 Authentication successful")
 AUTH_USERNAME = reply(334, "VXNlcm5hbWU6")  # base64 of "Username:" (the LOGIN mechanism)
 AUTH_PASSWORD = reply(334, "UGFzc3dvcmQ6")  # base64 of "Password:"
 AUTH_GO_ON = reply(334, "")  # PLAIN without an initial response: an empty challenge
+READY_FOR_TLS = reply(220, "2.0.0 Ready to start TLS")
 
 UNKNOWN_COMMAND = reply(500, "5.5.2 Error: command not recognized")
 LINE_TOO_LONG = reply(500, "5.5.2 Error: line too long")  # RFC 5321 section 4.5.3.1.4
@@ -163,6 +181,11 @@ NESTED_MAIL = reply(503, "5.5.1 Error: nested MAIL command")
 NEED_MAIL = reply(503, "5.5.1 Error: need MAIL command")
 NEED_RCPT = reply(503, "5.5.1 Error: need RCPT command")
 ALREADY_AUTHENTICATED = reply(503, "5.5.1 Error: already authenticated")
+TLS_ALREADY_ACTIVE = reply(503, "5.5.1 Error: TLS already active")
+NEED_TLS = reply(530, "5.7.0 Must issue a STARTTLS command first")  # RFC 3207 section 4
+NEED_AUTH = reply(530, "5.7.0 Authentication required")  # RFC 4954 section 6
+NEED_TLS_FOR_AUTH = reply(538, "5.7.11 Encryption required for requested authentication "
+                          "mechanism")
 AUTH_IN_TRANSACTION = reply(503, "5.5.1 Error: AUTH not allowed during a mail transaction")
 UNKNOWN_MECHANISM = reply(504, "5.5.4 Error: unrecognized authentication type")
 AUTH_CANCELLED = reply(501, "5.0.0 Authentication cancelled")
@@ -176,6 +199,8 @@ MESSAGE_TOO_BIG = reply(552, "5.3.4 Error: message exceeds the fixed maximum mes
 STORAGE_FULL = reply(452, "4.3.1 Error: insufficient system storage")
 STORAGE_FAILED = reply(451, "4.3.0 Error: local error in processing, try again later")
 TOO_MANY_UNKNOWN = reply(421, "4.7.0 Error: too many unrecognized commands, goodbye")
+TOO_MANY_AUTH_FAILURES = reply(421, "4.7.0 Error: too many failed authentications, goodbye")
+TLS_ON_PLAIN_PORT = reply(421, "4.7.0 Error: this port speaks plain SMTP first, use STARTTLS")
 TOO_MANY_CONNECTIONS = reply(421, "4.7.0 Error: too many connections, try again later")
 TIMEOUT = reply(421, "4.4.2 Error: timeout exceeded, goodbye")
 SHUTTING_DOWN = reply(421, "4.3.2 Service shutting down, goodbye")
@@ -266,6 +291,11 @@ class Auth:
 
 
 @dataclass(frozen=True)
+class StartTls:
+    pass
+
+
+@dataclass(frozen=True)
 class NotImplemented_:
     verb: str
 
@@ -281,7 +311,7 @@ class Invalid:
 
 
 Command = (Helo | Ehlo | Mail | Rcpt | Data | Rset | Noop | Vrfy | Help | Quit | Auth
-           | NotImplemented_ | Unknown | Invalid)
+           | StartTls | NotImplemented_ | Unknown | Invalid)
 
 MAIL_USAGE = usage("MAIL FROM:<address> [SIZE=n] [BODY=7BIT|8BITMIME] [SMTPUTF8] [AUTH=x]")
 RCPT_USAGE = usage("RCPT TO:<address>")
@@ -314,7 +344,9 @@ def parse_command(line: str) -> Command:
             return Invalid(usage("QUIT")) if argument else Quit()
         case "AUTH":
             return parse_auth(argument)
-        case "EXPN" | "TURN" | "ETRN" | "STARTTLS":
+        case "STARTTLS":
+            return Invalid(usage("STARTTLS")) if argument else StartTls()
+        case "EXPN" | "TURN" | "ETRN":
             return NotImplemented_(verb.upper())
         case _:
             return Unknown(verb)
@@ -504,16 +536,21 @@ class Envelope:
     # What the trace headers record (RFC 5321 section 4.4), filled in when DATA begins:
     client_name: str = ""  # what the client said in HELO or EHLO
     peer: str = ""  # the client's IP address
-    protocol: str = "SMTP"  # SMTP, ESMTP, ESMTPA... (RFC 3848)
+    protocol: str = "SMTP"  # SMTP, ESMTP, ESMTPS, ESMTPA, ESMTPSA (RFC 3848)
     auth_user: str | None = None
+    tls: str | None = None  # the TLS version and cipher, when the session used TLS
 
 
 @dataclass(frozen=True)
-class Limits:
-    """The numbers a session enforces; the CLI's Config carries them from the command line."""
+class Policy:
+    """What a session allows and requires; the CLI's Config carries it from the command line."""
 
     max_size: int = DEFAULT_MAX_SIZE
     max_recipients: int = DEFAULT_MAX_RECIPIENTS
+    tls_available: bool = False  # offer STARTTLS (RFC 3207)
+    tls_required: bool = False  # no AUTH or MAIL before STARTTLS
+    auth_required: bool = False  # no MAIL before AUTH
+    users: dict[str, str] | None = None  # user name -> password; None accepts any credentials
 
 
 @dataclass(slots=True)  # slots: a smaller session, for servers holding many connections
@@ -523,13 +560,17 @@ class Session:
     store: object  # anything with begin(envelope) -> writer; see the section's introduction
     hostname: str = "localhost"
     peer: str = ""
-    limits: Limits = field(default_factory=Limits)
+    policy: Policy = field(default_factory=Policy)
     state: State = State.CONNECTED
     client_name: str = ""
     extended: bool = False  # EHLO rather than HELO: ESMTP
     auth_user: str | None = None
+    tls: str | None = None  # the TLS version and cipher, once STARTTLS has succeeded
+    tls_requested: bool = False  # STARTTLS was accepted: the handler must now run the handshake
     envelope: Envelope = field(default_factory=Envelope)
     unknown_commands: int = 0
+    auth_failures: int = 0
+    closing_note: str = ""  # why the session closed itself, for the log
     _unread: bytes = b""  # the start of a command line whose end has not arrived
     _overlong: bool = False  # dropping the rest of a command line that was too long
     _data: DataReader | None = None
@@ -538,6 +579,7 @@ class Session:
     _data_problem: Reply | None = None  # why the message in DATA will not be stored
     _auth_mechanism: str = ""
     _auth_username: str | None = None
+    _auth_challenge: bytes = b""
 
     def greeting(self) -> Reply:
         return greeting(self.hostname)
@@ -561,8 +603,10 @@ class Session:
         A client that pipelines (RFC 2920) sends several commands, or a whole message and the
         next transaction, in one write: they are answered one by one, in the order they came.
         """
+        if self.state is State.CONNECTED and not self._unread and data.startswith(b"\x16\x03"):
+            return [self.close(TLS_ON_PLAIN_PORT, "the client spoke TLS to the plain port")]
         buffer, position, replies = self._unread + data, 0, []
-        while position < len(buffer) and not self.closed:
+        while position < len(buffer) and not self.closed and not self.tls_requested:
             if self.state is State.DATA:
                 done, buffer, position = self.handle_data(buffer[position:]), b"", 0
                 if done:
@@ -578,7 +622,10 @@ class Session:
         return replies
 
     def _hold_partial_line(self, partial: bytes) -> bytes:
-        if self.closed or self.state is State.DATA:
+        # After STARTTLS, what the client sent before the handshake is dropped, never read as
+        # commands: a man in the middle could have put it there (RFC 3207 section 4.2, and
+        # CVE-2011-0411, "STARTTLS command injection").
+        if self.closed or self.state is State.DATA or self.tls_requested:
             return b""
         if len(partial) >= COMMAND_LINE_LIMIT:
             self._overlong = True  # drop it, and answer once its end arrives
@@ -622,6 +669,8 @@ class Session:
                 return BYE
             case Auth(mechanism, initial_response):
                 return self.auth(mechanism, initial_response)
+            case StartTls():
+                return self.starttls()
             case NotImplemented_():
                 return NOT_IMPLEMENTED
             case Invalid(reply_):
@@ -640,17 +689,31 @@ class Session:
 
     def extensions(self) -> list[str]:
         """What EHLO advertises (RFC 5321 section 4.1.1.1), one keyword per line."""
-        return ["PIPELINING", f"SIZE {self.limits.max_size}", "8BITMIME", "SMTPUTF8",
-                "ENHANCEDSTATUSCODES", "AUTH PLAIN LOGIN", "HELP"]
+        extensions = ["PIPELINING", f"SIZE {self.policy.max_size}", "8BITMIME", "SMTPUTF8",
+                      "ENHANCEDSTATUSCODES"]
+        if self.policy.tls_available and self.tls is None:
+            extensions.append("STARTTLS")
+        if self.tls is not None or not self.policy.tls_required:  # no passwords in the clear
+            extensions.append("AUTH " + " ".join(self.mechanisms()))
+        return extensions + ["HELP"]
+
+    def mechanisms(self) -> list[str]:
+        # CRAM-MD5 proves the client knows a password without sending it, so it needs one to
+        # compare with: only with --users.
+        return ["PLAIN", "LOGIN"] + (["CRAM-MD5"] if self.policy.users is not None else [])
 
     def mail(self, mail: Mail) -> Reply:
         if self.state is State.CONNECTED:
             return NEED_HELO
         if self.state in (State.MAIL, State.RCPT):
             return NESTED_MAIL
+        if self.policy.tls_required and self.tls is None:
+            return NEED_TLS
+        if self.policy.auth_required and self.auth_user is None:
+            return NEED_AUTH
         if mail.has_parameters and not self.extended:
             return UNKNOWN_PARAMETER  # parameters are ESMTP: a HELO client cannot use them
-        if mail.size is not None and mail.size > self.limits.max_size:
+        if mail.size is not None and mail.size > self.policy.max_size:
             return MESSAGE_TOO_BIG  # RFC 1870 section 6.1: refuse it before it is sent
         self.envelope = Envelope(sender=mail.sender, body=mail.body, smtputf8=mail.smtputf8)
         self.state = State.MAIL
@@ -659,7 +722,7 @@ class Session:
     def rcpt(self, recipient: str) -> Reply:
         if self.state not in (State.MAIL, State.RCPT):
             return NEED_MAIL
-        if len(self.envelope.recipients) >= self.limits.max_recipients:
+        if len(self.envelope.recipients) >= self.policy.max_recipients:
             return TOO_MANY_RECIPIENTS
         self.envelope.recipients.append(recipient)
         self.state = State.RCPT
@@ -670,10 +733,11 @@ class Session:
             return NEED_RCPT
         if self.state is not State.RCPT:
             return NEED_MAIL if self.state is State.GREETED else NEED_HELO
-        self.envelope.client_name, self.envelope.peer = self.client_name, self.peer
-        self.envelope.protocol = ("ESMTP" if self.extended else "SMTP") + (
-            "A" if self.auth_user is not None else "")
-        self.envelope.auth_user = self.auth_user
+        envelope = self.envelope
+        envelope.client_name, envelope.peer, envelope.tls = self.client_name, self.peer, self.tls
+        envelope.auth_user = self.auth_user
+        envelope.protocol = "SMTP" if not self.extended else "ESMTP" + (
+            "S" if self.tls is not None else "") + ("A" if self.auth_user is not None else "")
         try:
             self._writer = self.store.begin(self.envelope)
         except OSError as error:
@@ -686,7 +750,7 @@ class Session:
         """Bytes of the message. Once its end arrives, return the reply and what followed."""
         body, rest = self._data.feed(data)
         self._message_size += len(body)
-        if self._message_size > self.limits.max_size and self._data_problem is None:
+        if self._message_size > self.policy.max_size and self._data_problem is None:
             self._drop_message(MESSAGE_TOO_BIG)  # read on to the end, then answer once
         if body and self._writer is not None:
             try:
@@ -729,23 +793,50 @@ class Session:
     def unknown(self) -> Reply:
         self.unknown_commands += 1
         if self.unknown_commands > MAX_UNKNOWN_COMMANDS:
-            self.state = State.CLOSED
-            return TOO_MANY_UNKNOWN
+            return self.close(TOO_MANY_UNKNOWN, "too many unrecognized commands")
         return UNKNOWN_COMMAND
 
+    def close(self, last_reply: Reply, note: str) -> Reply:
+        """End the session from our side, with a last reply and a note for the log."""
+        self.state, self.closing_note = State.CLOSED, note
+        return last_reply
+
+    def starttls(self) -> Reply:
+        """STARTTLS (RFC 3207): the handler runs the handshake once this reply is sent."""
+        if not self.policy.tls_available:
+            return NOT_IMPLEMENTED
+        if self.tls is not None:
+            return TLS_ALREADY_ACTIVE
+        if self.state is State.CONNECTED:
+            return NEED_EHLO
+        self.tls_requested = True
+        return READY_FOR_TLS
+
+    def tls_started(self, description: str) -> None:
+        """The handshake succeeded. RFC 3207 section 4.2: forget all that the client said
+        before it, since it could have been forged; it must say EHLO again."""
+        self.reset_transaction()
+        self.state, self.tls, self.tls_requested = State.CONNECTED, description, False
+        self.client_name, self.extended, self.auth_user = "", False, None
+
     def auth(self, mechanism: str, initial_response: str | None) -> Reply:
-        """AUTH (RFC 4954). Any user name and password are accepted, since many clients insist
-        on logging in; the name is recorded with each message the session sends."""
+        """AUTH (RFC 4954). Without a users file any user name and password are accepted, since
+        many clients insist on logging in; the name is recorded with each message sent."""
         if self.state is State.CONNECTED or not self.extended:
             return NEED_EHLO
         if self.state is not State.GREETED:
             return AUTH_IN_TRANSACTION
         if self.auth_user is not None:
             return ALREADY_AUTHENTICATED
-        if mechanism not in ("PLAIN", "LOGIN"):
+        if self.policy.tls_required and self.tls is None:
+            return NEED_TLS_FOR_AUTH
+        if mechanism not in self.mechanisms():
             return UNKNOWN_MECHANISM
         self._auth_mechanism, self._auth_username = mechanism, None
         self.state = State.AUTH
+        if mechanism == "CRAM-MD5":  # RFC 2195: the server speaks first, with a fresh challenge
+            self._auth_challenge = f"<{secrets.token_hex(12)}@{self.hostname}>".encode()
+            return reply(334, base64.b64encode(self._auth_challenge).decode())
         if initial_response is None:
             return AUTH_GO_ON if mechanism == "PLAIN" else AUTH_USERNAME
         return self.continue_auth(initial_response)
@@ -759,21 +850,46 @@ class Session:
             decoded = base64.b64decode(response.encode("ascii"), validate=True)
         except (UnicodeError, binascii.Error):
             return BAD_BASE64
-        if self._auth_mechanism == "LOGIN" and self._auth_username is None:
-            self._auth_username = decoded.decode("utf-8", "replace")
-            self.state = State.AUTH
-            return AUTH_PASSWORD
-        if self._auth_mechanism == "LOGIN":
-            return self.authenticated(self._auth_username)
-        # PLAIN (RFC 4616): authorization identity, NUL, user name, NUL, password.
-        parts = decoded.split(b"\0")
-        if len(parts) != 3:
-            return BAD_BASE64
-        return self.authenticated(parts[1].decode("utf-8", "replace"))
+        match self._auth_mechanism:
+            case "LOGIN" if self._auth_username is None:
+                self._auth_username = decoded.decode("utf-8", "replace")
+                self.state = State.AUTH
+                return AUTH_PASSWORD
+            case "LOGIN":
+                return self.check_password(self._auth_username, decoded)
+            case "PLAIN":  # RFC 4616: authorization identity, NUL, user name, NUL, password
+                parts = decoded.split(b"\0")
+                if len(parts) != 3:
+                    return BAD_BASE64
+                return self.check_password(parts[1].decode("utf-8", "replace"), parts[2])
+            case _:  # CRAM-MD5: "user hex(HMAC-MD5(password, challenge))"
+                user, _, digest = decoded.decode("utf-8", "replace").rpartition(" ")
+                return self.check_cram_md5(user, digest.lower().encode())
+
+    def check_password(self, user: str, password: bytes) -> Reply:
+        if self.policy.users is None:
+            return self.authenticated(user)
+        known = self.policy.users.get(user)
+        # compare_digest takes as long whatever the bytes, and an unknown user is compared too,
+        # so the time an answer takes tells nothing about a password or a user name.
+        same = hmac.compare_digest(password, (known or "\0 unknown").encode())
+        return self.authenticated(user) if same and known is not None else self.auth_failed()
+
+    def check_cram_md5(self, user: str, digest: bytes) -> Reply:
+        known = self.policy.users.get(user)
+        expected = hmac.new((known or "\0 unknown").encode(), self._auth_challenge, "md5")
+        same = hmac.compare_digest(digest, expected.hexdigest().encode())
+        return self.authenticated(user) if same and known is not None else self.auth_failed()
 
     def authenticated(self, user: str) -> Reply:
         self.auth_user = user
         return AUTH_OK
+
+    def auth_failed(self) -> Reply:
+        self.auth_failures += 1
+        if self.auth_failures >= MAX_AUTH_FAILURES:
+            return self.close(TOO_MANY_AUTH_FAILURES, "too many failed authentications")
+        return BAD_CREDENTIALS
 
     def connection_lost(self) -> None:
         """The connection ended, however it ended: a message not yet acknowledged leaves no trace."""
@@ -870,6 +986,8 @@ class Maildir:
         lines = [f"Return-Path: <{envelope.sender}>"]
         lines += [f"Delivered-To: {recipient}" for recipient in recipients]
         lines.append(f"Received: from {header_safe(envelope.client_name)} ([{envelope.peer}])")
+        if envelope.tls is not None:
+            lines.append(f"\t(using {envelope.tls})")
         if envelope.auth_user is not None:
             lines.append(f"\t(authenticated as {header_safe(envelope.auth_user)})")
         # One recipient is named in "for"; more are not, so Bcc recipients stay private.
@@ -1003,6 +1121,11 @@ class SMTPHandler(socketserver.StreamRequestHandler):
     """The only code that reads from or writes to an SMTP connection."""
 
     disable_nagle_algorithm = True  # replies are small and already batched: send them now
+
+    def setup(self) -> None:
+        if not hasattr(self, "plain_socket"):
+            self.plain_socket = self.request
+        super().setup()
     # read1() reads straight into the bytes it returns and never uses rfile's buffer, so a
     # 1-byte buffer instead of 8 KiB saves memory on every idle connection (3.6 KB each).
     rbufsize = 1
@@ -1010,7 +1133,7 @@ class SMTPHandler(socketserver.StreamRequestHandler):
     def handle(self) -> None:
         server: SMTPServer = self.server
         self.session = Session(server.store, server.config.hostname, self.client_address[0],
-                               server.config.limits())
+                               server.policy)
         refusal = server.admit(self)
         if refusal is not None:
             self.send_last(refusal)
@@ -1025,12 +1148,22 @@ class SMTPHandler(socketserver.StreamRequestHandler):
             log.exception("unexpected error in the session with %s", self.client_address[0])
             self.send_last(INTERNAL_ERROR)  # never the exception's text: it is not theirs to read
         finally:
+            if self.session.closing_note:
+                log.info("closed the session with %s: %s", self.client_address[0],
+                         self.session.closing_note)
             self.session.connection_lost()
             server.release(self)
+
+    def finish(self) -> None:
+        super().finish()
+        if self.request is not self.plain_socket:
+            self.request.close()  # the TLS socket; socketserver closes only the one it made
 
     def converse(self) -> None:
         """The connection loop: read, let the session answer, write."""
         session, server = self.session, self.server
+        if server.implicit_tls and not self.start_tls():
+            return
         self.send([session.greeting()])
         self.unit_started = time.monotonic()
         while not session.closed:
@@ -1039,10 +1172,15 @@ class SMTPHandler(socketserver.StreamRequestHandler):
                 if server.stopping:
                     self.send_last(SHUTTING_DOWN)
                 return
-            was_busy = session.busy
-            self.send(session.receive(data))
+            was_busy, failures = session.busy, session.auth_failures
+            replies = session.receive(data)
+            if session.auth_failures > failures:
+                time.sleep(AUTH_FAILURE_DELAY)  # slows down guessing; only this client waits
+            self.send(replies)
             if session.busy and not was_busy:
                 self.unit_started = time.monotonic()
+            if session.tls_requested and not self.start_tls():
+                return
             if server.stopping and not session.busy and not session.closed:
                 self.send_last(SHUTTING_DOWN)
                 return
@@ -1059,6 +1197,22 @@ class SMTPHandler(socketserver.StreamRequestHandler):
         if timeout != self.connection.gettimeout():  # most reads wait as long as the last one
             self.connection.settimeout(timeout)
         return self.rfile.read1(READ_SIZE)
+
+    def start_tls(self) -> bool:
+        """Run the TLS handshake on this connection, after STARTTLS or at once on the SMTPS
+        port. Whatever the client sent before it stays unread in the plain socket's buffers,
+        which are dropped with it. False if the handshake failed (then the connection ends)."""
+        self.connection.settimeout(self.server.config.timeout)
+        try:
+            tls = self.server.tls_context.wrap_socket(self.connection, server_side=True)
+        except OSError as error:  # ssl.SSLError and timeouts are OSErrors too
+            log.info("TLS handshake with %s failed: %s", self.client_address[0],
+                     escape_for_log(str(error)))
+            return False
+        self.request = tls
+        self.setup()  # rfile and wfile over TLS now
+        self.session.tls_started(f"{tls.version()} with cipher {tls.cipher()[0]}")
+        return True
 
     def send(self, replies: list[Reply]) -> None:
         if replies:
@@ -1102,9 +1256,22 @@ class Config:
     grace: float = SHUTDOWN_GRACE
     fsync: bool = True
     print_messages: bool = False
+    tls_cert: str | None = None  # PEM files for STARTTLS and the SMTPS port
+    tls_key: str | None = None
+    tls_self_signed: bool = False  # make a throwaway certificate at start-up instead
+    smtps_port: int | None = None  # a second listener that speaks TLS from the start (RFC 8314)
+    tls_required: bool = False
+    auth_required: bool = False
+    users: dict[str, str] | None = None  # user name -> password; None accepts any credentials
 
-    def limits(self) -> Limits:
-        return Limits(max_size=self.max_size, max_recipients=self.max_recipients)
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert or self.tls_self_signed)
+
+    def policy(self) -> Policy:
+        return Policy(max_size=self.max_size, max_recipients=self.max_recipients,
+                      tls_available=self.tls, tls_required=self.tls_required,
+                      auth_required=self.auth_required, users=self.users)
 
 
 class SMTPServer(socketserver.ThreadingTCPServer):
@@ -1113,13 +1280,16 @@ class SMTPServer(socketserver.ThreadingTCPServer):
     request_queue_size = 1024  # socketserver's listen backlog of 5 drops a burst of connections
     allow_reuse_address = os.name != "nt"  # on Windows it would let two servers share a port
 
-    def __init__(self, config: Config, store: Maildir) -> None:
-        self.config, self.store = config, store
+    def __init__(self, config: Config, store: Maildir, tls_context=None,
+                 port: int | None = None) -> None:
+        """An SMTP listener; with a port other than the Config's, the SMTPS one (TLS at once)."""
+        self.config, self.store, self.policy = config, store, config.policy()
+        self.tls_context, self.implicit_tls = tls_context, port is not None
         self.address_family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
         self.stopping = False
         self._handlers: set[SMTPHandler] = set()
         self._changed = threading.Condition()
-        super().__init__((config.host, config.port), SMTPHandler)
+        super().__init__((config.host, config.port if port is None else port), SMTPHandler)
 
     def admit(self, handler: SMTPHandler) -> Reply | None:
         """Register a new connection, or say why it is refused."""
@@ -1138,8 +1308,10 @@ class SMTPServer(socketserver.ThreadingTCPServer):
             self._handlers.discard(handler)
             self._changed.notify_all()
 
-    def stop(self, grace: float = SHUTDOWN_GRACE) -> None:
-        """Stop accepting; end idle sessions; give messages in DATA `grace` seconds to finish."""
+    def stop_accepting(self) -> None:
+        """Close the listening socket, and end the sessions that are not in DATA."""
+        if self.stopping:
+            return
         self.shutdown()
         self.server_close()
         with self._changed:
@@ -1147,14 +1319,55 @@ class SMTPServer(socketserver.ThreadingTCPServer):
             for handler in self._handlers:
                 if not handler.session.in_data:
                     handler.hang_up()
-            self._changed.wait_for(lambda: not self._handlers, timeout=grace)
+
+    def finish_sessions(self, deadline: float) -> None:
+        """Let messages in DATA finish until the deadline; then cut them off, unstored."""
+        with self._changed:
+            self._changed.wait_for(lambda: not self._handlers, deadline - time.monotonic())
             for handler in self._handlers:
-                handler.hang_up()  # too late: a message cut off here is not stored
+                handler.hang_up()
             self._changed.wait_for(lambda: not self._handlers, timeout=2.0)
 
     def handle_error(self, request, client_address) -> None:
         """An exception outside a session (setting up a connection): log it, keep serving."""
         log.exception("error on a connection from %s", client_address[0])
+
+
+def make_tls_context(config: Config):
+    """The server's TLS settings: Python's defaults for a server (TLS 1.2 or later), with
+    the configured certificate or a throwaway self-signed one."""
+    if ssl is None:
+        raise OSError("this Python has no ssl module, so TLS cannot be used")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    if config.tls_cert:
+        context.load_cert_chain(config.tls_cert, config.tls_key)
+        return context
+    with tempfile.TemporaryDirectory(prefix="sheesh-tls-") as directory:
+        cert, key = make_self_signed_certificate(config.hostname, Path(directory))
+        context.load_cert_chain(cert, key)  # the key lives on only in memory
+        fingerprint = hashlib.sha256(ssl.PEM_cert_to_DER_cert(cert.read_text())).hexdigest()
+    log.warning("using a self-signed certificate for %s, SHA-256 fingerprint %s",
+                config.hostname, fingerprint)
+    return context
+
+
+def make_self_signed_certificate(hostname: str, directory: Path) -> tuple[Path, Path]:
+    """A certificate valid 30 days for hostname and loopback, made with the openssl command
+    (the ssl module can use certificates but not make them)."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        raise OSError("--tls-self-signed needs the openssl command, which was not found")
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    names = f"DNS:{hostname},DNS:localhost,IP:127.0.0.1,IP:::1"
+    result = subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+         "-nodes", "-days", "30", "-subj", f"/CN={hostname}", "-addext",
+         f"subjectAltName={names}", "-keyout", str(key), "-out", str(cert)],
+        capture_output=True, text=True)
+    if result.returncode != 0:
+        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        raise OSError(f"openssl could not make a certificate: {last}")
+    return cert, key
 
 
 @dataclass(frozen=True)
@@ -1205,31 +1418,47 @@ class Server:
         self._arrived: collections.deque[str] = collections.deque(maxlen=ARRIVALS_KEPT)
         self._arrival = threading.Condition()
         self._print_lock = threading.Lock()
-        self._smtp: SMTPServer | None = None
-        self._thread: threading.Thread | None = None
+        self._listeners: list[SMTPServer] = []
+        self._threads: list[threading.Thread] = []
         self.address: tuple[str, int] = (self.config.host, self.config.port)
+        self.smtps_address: tuple[str, int] | None = None
+        self.tls_context = None
 
     def start(self) -> Server:
-        """Create the Maildir, bind the port and start serving; OSError if either fails."""
+        """Create the Maildir, set up TLS, bind the ports and start serving. OSError (or
+        ValueError, for a bad certificate) if any of it fails, with nothing left running."""
+        if self.config.tls:
+            self.tls_context = make_tls_context(self.config)
         self.store.create()
         try:
-            self._smtp = SMTPServer(self.config, self.store)
+            self._listeners.append(SMTPServer(self.config, self.store, self.tls_context))
+            if self.config.smtps_port is not None:
+                self._listeners.append(SMTPServer(self.config, self.store, self.tls_context,
+                                                  port=self.config.smtps_port))
         except OSError:
-            self.store.close()
+            self.stop()
             raise
-        self.address = self._smtp.server_address[:2]
-        self._thread = threading.Thread(target=self._smtp.serve_forever, args=(0.05,),
-                                        name="sheesh-smtp", daemon=True)
-        self._thread.start()
+        self.address = self._listeners[0].server_address[:2]
+        if self.config.smtps_port is not None:
+            self.smtps_address = self._listeners[1].server_address[:2]
+        for listener in self._listeners:
+            thread = threading.Thread(target=listener.serve_forever, args=(0.05,),
+                                      name=f"sheesh-{listener.server_address[1]}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
         return self
 
     def stop(self, grace: float | None = None) -> None:
         """Stop serving; messages in DATA get `grace` seconds (default: the Config's) to end."""
-        if self._smtp is not None:
-            self._smtp.stop(self.config.grace if grace is None else grace)
-            self._thread.join()
-            self._smtp = None
-            self.store.close()
+        for listener in self._listeners:
+            listener.stop_accepting()
+        deadline = time.monotonic() + (self.config.grace if grace is None else grace)
+        for listener in self._listeners:
+            listener.finish_sessions(deadline)
+        for thread in self._threads:
+            thread.join()
+        self._listeners, self._threads = [], []
+        self.store.close()
 
     def __enter__(self) -> Server:
         return self.start()
@@ -1245,6 +1474,15 @@ class Server:
     def port(self) -> int:
         """The port it listens on: the real one, when the Config asked for port 0."""
         return self.address[1]
+
+    @property
+    def smtps_port(self) -> int | None:
+        return None if self.smtps_address is None else self.smtps_address[1]
+
+    @property
+    def active_connections(self) -> int:
+        """How many clients are connected right now, on every port."""
+        return sum(len(listener._handlers) for listener in self._listeners)
 
     def messages(self) -> list[StoredMessage]:
         """Every message in the Maildir, oldest first."""
@@ -1402,11 +1640,62 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--print", dest="print_messages", action="store_true",
                         help="also print each message, with its envelope, to standard output")
     parser.add_argument("--version", action="version", version=f"sheesh {__version__}")
+    secure = parser.add_argument_group("TLS and authentication")
+    secure.add_argument("--tls-cert", metavar="FILE", help="certificate (PEM) for STARTTLS and "
+                        "--smtps-port")
+    secure.add_argument("--tls-key", metavar="FILE", help="its private key (PEM)")
+    secure.add_argument("--tls-self-signed", action="store_true",
+                        help="make a throwaway self-signed certificate at start-up (needs the "
+                        "openssl command)")
+    secure.add_argument("--smtps-port", type=port_number, metavar="PORT",
+                        help="also listen here for TLS from the first byte (port 465 style)")
+    secure.add_argument("--tls-required", action="store_true",
+                        help="refuse AUTH and MAIL until the client has started TLS")
+    secure.add_argument("--auth-required", action="store_true",
+                        help="refuse MAIL until the client has authenticated")
+    secure.add_argument("--users", metavar="FILE", type=read_users,
+                        help="check AUTH against lines of user:password (default: any "
+                        "user name and password are accepted)")
     return parser
 
 
+def read_users(path: str) -> dict[str, str]:
+    """A users file: one user:password per line; blank lines and lines starting with # skipped."""
+    users = {}
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeError) as error:
+        raise argparse.ArgumentTypeError(f"cannot read {path}: {error}")
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        user, colon, password = line.partition(":")
+        if not colon or not user:
+            raise argparse.ArgumentTypeError(f"{path} line {number} is not user:password")
+        users[user] = password
+    return users
+
+
+def check_tls_options(options: dict) -> str | None:
+    """What is wrong with the TLS options together, if anything."""
+    if bool(options["tls_cert"]) != bool(options["tls_key"]):
+        return "--tls-cert and --tls-key go together"
+    if options["tls_cert"] and options["tls_self_signed"]:
+        return "choose --tls-cert or --tls-self-signed, not both"
+    if options["tls_cert"] or options["tls_self_signed"]:
+        return None
+    for option, given in (("--smtps-port", options["smtps_port"] is not None),
+                          ("--tls-required", options["tls_required"])):
+        if given:
+            return f"{option} needs --tls-cert and --tls-key, or --tls-self-signed"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    options = vars(build_parser().parse_args(argv))
+    parser = build_parser()
+    options = vars(parser.parse_args(argv))
+    if problem := check_tls_options(options):
+        parser.error(problem)
     quiet, cpu_choice_ = options.pop("quiet"), options.pop("cpu")
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
                         format="%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
@@ -1421,17 +1710,28 @@ def main(argv: list[str] | None = None) -> int:
         return fail(f"cannot use {server.store.path} as a Maildir: {error.strerror or error}")
     try:
         server.start()
-    except OSError as error:
-        return fail(f"cannot listen on {server.config.host} port {server.config.port}: "
-                    f"{error.strerror or error}")
+    except (OSError, ValueError) as error:
+        return fail(start_failure(server, error))
     # Logged as a warning so that it shows even with --quiet: it says where everything is.
-    log.warning("sheesh %s listening on %s port %d, storing mail in %s%s", __version__,
-                server.host, server.port, server.store.path,
+    smtps = "" if server.smtps_port is None else f" (SMTPS on port {server.smtps_port})"
+    log.warning("sheesh %s listening on %s port %d%s, storing mail in %s%s", __version__,
+                server.host, server.port, smtps, server.store.path,
                 "" if cpu is None else f", running on CPU {cpu}")
     if not is_loopback(server.host):
         log.warning("warning: %s is not a loopback address: anyone who can reach it can "
                     "send mail here", server.host)
     return serve_until_stopped(server)
+
+
+def start_failure(server: Server, error: OSError | ValueError) -> str:
+    """Say which part of starting up failed: the TLS certificate or a port."""
+    config = server.config
+    if config.tls and server.tls_context is None:
+        files = f" with {config.tls_cert} and {config.tls_key}" if config.tls_cert else ""
+        reason = getattr(error, "reason", None) or getattr(error, "strerror", None) or error
+        return f"cannot set up TLS{files}: {reason}"
+    ports = str(config.port) + ("" if config.smtps_port is None else f" or {config.smtps_port}")
+    return f"cannot listen on {config.host} port {ports}: {error.strerror or error}"
 
 
 def fail(message: str) -> int:

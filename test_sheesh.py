@@ -74,9 +74,9 @@ class MemoryWriter:
         self.store.open_writers -= 1
 
 
-def new_session(store=None, **limits):
+def new_session(store=None, **policy):
     return sheesh.Session(store if store is not None else MemoryStore(), HOSTNAME, "192.0.2.1",
-                          sheesh.Limits(**limits))
+                          sheesh.Policy(**policy))
 
 
 def say(session, *lines):
@@ -86,14 +86,14 @@ def say(session, *lines):
     return b"".join(bytes(reply) for reply in session.receive(data))
 
 
-def greeted(store=None, **limits):
-    session = new_session(store, **limits)
+def greeted(store=None, **policy):
+    session = new_session(store, **policy)
     say(session, "EHLO client.test")
     return session
 
 
-def in_data(store=None, **limits):
-    session = greeted(store, **limits)
+def in_data(store=None, **policy):
+    session = greeted(store, **policy)
     say(session, "MAIL FROM:<alice@example.com>", "RCPT TO:<bob@example.com>", "DATA")
     return session
 
@@ -124,10 +124,14 @@ def make_server(tmp_path, **options):
 class RawClient:
     """A socket that reads whole SMTP replies, for what smtplib would never send."""
 
-    def __init__(self, server, timeout=10):
-        self.sock = socket.create_connection((server.host, server.port), timeout=timeout)
+    def __init__(self, server=None, timeout=10, sock=None):
+        """Connect to a server and read its greeting, or take over a connected socket."""
         self.buffer = b""
-        self.greeting = self.reply()
+        if sock is not None:
+            self.sock, self.greeting = sock, None
+        else:
+            self.sock = socket.create_connection((server.host, server.port), timeout=timeout)
+            self.greeting = self.reply()
 
     def send(self, data: bytes):
         self.sock.sendall(data)
@@ -191,7 +195,7 @@ def body_of_stored(raw: bytes) -> bytes:
 
 
 def active_sessions(server):
-    return len(server._smtp._handlers)
+    return server.active_connections
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,6 +240,7 @@ def test_reply_of_several_lines_has_hyphens_on_all_but_the_last():
     ("AUTH PLAIN", sheesh.Auth("PLAIN", None)),
     ("AUTH login dXNlcg==", sheesh.Auth("LOGIN", "dXNlcg==")),
     ("EXPN list", sheesh.NotImplemented_("EXPN")),
+    ("starttls", sheesh.StartTls()),
     ("FOO bar", sheesh.Unknown("FOO")),
     ("", sheesh.Unknown("")),
 ])
@@ -266,6 +271,7 @@ def test_parse_command(line, command):
     ("QUIT now", b"501 5.5.4 Syntax: QUIT\r\n"),
     ("VRFY", b"501 5.5.4 Syntax: VRFY address\r\n"),
     ("AUTH", b"501 5.5.4 Syntax: AUTH mechanism [initial-response]\r\n"),
+    ("STARTTLS now", b"501 5.5.4 Syntax: STARTTLS\r\n"),
 ])
 def test_parse_command_rejects_bad_syntax_with_the_usage(line, reply):
     command = sheesh.parse_command(line)
@@ -1170,7 +1176,6 @@ def test_load_two_hundred_clients_five_messages_each_nothing_lost(tmp_path):
     b"\x00\x01\x02\xff\xfe" * 100 + b"\r\n",
     bytes(range(256)) * 4 + b"\r\n",
     b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
-    b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 64,  # a TLS ClientHello
     b"\xe9\xe8 8-bit command\r\n",
 ])
 def test_garbage_then_a_normal_message_is_still_accepted(server, garbage):
@@ -1452,3 +1457,364 @@ def test_sigterm_drops_a_message_that_does_not_finish_within_the_grace(tmp_path)
     assert "Traceback" not in sheesh_process.proc.stderr.read()
     assert files_in(sheesh_process.maildir, "new") == []
     assert files_in(sheesh_process.maildir, "tmp") == []
+
+
+# ---------------------------------------------------------------------------------------------
+# TLS (RFC 3207, RFC 8314) and checked credentials (RFC 4954)
+# ---------------------------------------------------------------------------------------------
+
+USERS = {"alice": "correct horse", "bob": "pa:ss:word"}
+
+
+def plain_token(user, password):
+    return base64.b64encode(f"\0{user}\0{password}".encode()).decode()
+
+
+def test_session_offers_starttls_when_tls_is_configured():
+    session = new_session(tls_available=True)
+    assert b"250-STARTTLS\r\n" in say(session, "EHLO client.test")
+
+
+@pytest.mark.parametrize("policy, before, reply", [
+    ({}, ["EHLO x"], b"502 5.5.1 Error: command not implemented\r\n"),
+    ({"tls_available": True}, [], b"503 5.5.1 Error: send EHLO first\r\n"),
+])
+def test_session_starttls_refusals(policy, before, reply):
+    session = new_session(**policy)
+    say(session, *before)
+    assert say(session, "STARTTLS") == reply
+    assert not session.tls_requested
+
+
+def test_session_drops_commands_pipelined_after_starttls():
+    """RFC 3207 section 4.2 and CVE-2011-0411: what came before the handshake is not read."""
+    session = greeted(tls_available=True)
+    replies = session.receive(b"STARTTLS\r\nMAIL FROM:<injected@x.test>\r\nRCPT TO:<a@b.test>\r\n")
+    assert [bytes(r) for r in replies] == [b"220 2.0.0 Ready to start TLS\r\n"]
+    assert session.tls_requested and not session.busy
+    session.tls_started("TLSv1.3 with cipher TLS_AES_256_GCM_SHA384")
+    assert say(session, "EHLO x", "RCPT TO:<a@b.test>").endswith(
+        b"503 5.5.1 Error: need MAIL command\r\n")  # the injected MAIL was never run
+
+
+def test_session_after_tls_must_ehlo_again_and_no_longer_offers_starttls():
+    session = greeted(tls_available=True)
+    token = plain_token("early", "pw")
+    say(session, f"AUTH PLAIN {token}", "STARTTLS")
+    session.tls_started("TLSv1.3 with cipher TLS_AES_256_GCM_SHA384")
+    assert session.auth_user is None  # forgotten with everything else said before TLS
+    assert say(session, "MAIL FROM:<a@b.test>") == b"503 5.5.1 Error: send HELO or EHLO first\r\n"
+    ehlo = say(session, "EHLO client.test")
+    assert b"STARTTLS" not in ehlo and b"250-AUTH PLAIN LOGIN\r\n" in ehlo
+    assert say(session, "STARTTLS") == b"503 5.5.1 Error: TLS already active\r\n"
+
+
+def test_session_records_esmtps_and_the_cipher():
+    store = MemoryStore()
+    session = new_session(store, tls_available=True)
+    session.tls_started("TLSv1.3 with cipher TLS_AES_128_GCM_SHA256")
+    say(session, "EHLO x", f"AUTH PLAIN {plain_token('u', 'p')}", "MAIL FROM:<a@b.test>",
+        "RCPT TO:<c@d.test>", "DATA", "x", ".")
+    envelope = store.messages[0][0]
+    assert (envelope.protocol, envelope.tls) == (
+        "ESMTPSA", "TLSv1.3 with cipher TLS_AES_128_GCM_SHA256")
+
+
+def test_session_tls_required_refuses_auth_and_mail_until_tls():
+    session = greeted(tls_available=True, tls_required=True)
+    assert b"AUTH" not in say(session, "EHLO x")  # no passwords offered in the clear
+    assert say(session, f"AUTH PLAIN {plain_token('u', 'p')}") == (
+        b"538 5.7.11 Encryption required for requested authentication mechanism\r\n")
+    assert say(session, "MAIL FROM:<a@b.test>") == (
+        b"530 5.7.0 Must issue a STARTTLS command first\r\n")
+    session.tls_started("TLSv1.3 with cipher X")
+    assert say(session, "EHLO x", "MAIL FROM:<a@b.test>").endswith(b"250 2.1.0 Ok\r\n")
+
+
+def test_session_auth_required_refuses_mail_until_auth():
+    session = greeted(auth_required=True)
+    assert say(session, "MAIL FROM:<a@b.test>") == b"530 5.7.0 Authentication required\r\n"
+    say(session, f"AUTH PLAIN {plain_token('anyone', 'anything')}")
+    assert say(session, "MAIL FROM:<a@b.test>") == b"250 2.1.0 Ok\r\n"
+
+
+def test_session_closes_when_the_first_bytes_are_a_tls_handshake():
+    session = new_session()
+    replies = session.receive(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\0" * 40)
+    assert [bytes(r) for r in replies] == [
+        b"421 4.7.0 Error: this port speaks plain SMTP first, use STARTTLS\r\n"]
+    assert session.closed and "TLS" in session.closing_note
+
+
+def test_session_with_users_checks_plain_and_login_passwords():
+    session = greeted(users=USERS)
+    assert b"250-AUTH PLAIN LOGIN CRAM-MD5\r\n" in say(session, "EHLO x")
+    assert say(session, f"AUTH PLAIN {plain_token('alice', 'wrong')}") == (
+        b"535 5.7.8 Error: authentication credentials invalid\r\n")
+    user, password = (base64.b64encode(v.encode()).decode() for v in ("bob", "pa:ss:word"))
+    assert say(session, "AUTH LOGIN", user, password).endswith(
+        b"235 2.7.0 Authentication successful\r\n")
+    assert session.auth_user == "bob"
+
+
+def test_session_with_users_refuses_unknown_users():
+    session = greeted(users=USERS)
+    assert say(session, f"AUTH PLAIN {plain_token('mallory', 'correct horse')}").startswith(
+        b"535 5.7.8 ")
+    assert session.auth_user is None
+
+
+def test_session_third_failed_auth_closes_the_session():
+    session = greeted(users=USERS)
+    wrong = f"AUTH PLAIN {plain_token('alice', 'guess')}"
+    assert say(session, wrong, wrong) == (
+        b"535 5.7.8 Error: authentication credentials invalid\r\n" * 2)
+    assert say(session, wrong) == (
+        b"421 4.7.0 Error: too many failed authentications, goodbye\r\n")
+    assert session.closed
+
+
+def test_session_cram_md5_with_users():
+    import hmac
+    session = greeted(users=USERS)
+    challenge_reply = say(session, "AUTH CRAM-MD5")
+    assert challenge_reply.startswith(b"334 ")
+    challenge = base64.b64decode(challenge_reply[4:].strip())
+    assert re.fullmatch(rb"<[0-9a-f]{24}@sink\.test>", challenge)
+    digest = hmac.new(b"correct horse", challenge, "md5").hexdigest()
+    assert say(session, base64.b64encode(f"alice {digest}".encode()).decode()) == (
+        b"235 2.7.0 Authentication successful\r\n")
+
+
+def test_session_cram_md5_needs_users():
+    assert say(greeted(), "AUTH CRAM-MD5") == (
+        b"504 5.5.4 Error: unrecognized authentication type\r\n")
+
+
+def test_session_compares_passwords_in_constant_time(monkeypatch):
+    compared = []
+    real = sheesh.hmac.compare_digest
+
+    def recording(a, b):
+        compared.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(sheesh.hmac, "compare_digest", recording)
+    session = greeted(users=USERS)
+    say(session, f"AUTH PLAIN {plain_token('alice', 'nope')}")
+    say(session, f"AUTH PLAIN {plain_token('nobody', 'nope')}")  # unknown users are compared too
+    assert len(compared) == 2 and all(a == b"nope" for a, _ in compared)
+
+
+@pytest.fixture(scope="session")
+def certificates(tmp_path_factory):
+    """A test CA and a server certificate for 127.0.0.1 and sink.test, made with openssl."""
+    import shutil
+    import types
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("the openssl command is not installed: the TLS tests need it to make "
+                    "test certificates (.ci/run installs it)")
+    folder = tmp_path_factory.mktemp("tls")
+
+    def run(*args):
+        subprocess.run([openssl, *args], check=True, capture_output=True, cwd=folder)
+
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    run("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+        "-subj", "/CN=sheesh test CA", "-addext", "basicConstraints=critical,CA:TRUE",
+        "-addext", "keyUsage=critical,keyCertSign")
+    run("req", *ec, "-keyout", "server.key", "-out", "server.csr", "-subj", f"/CN={HOSTNAME}")
+    (folder / "ext.cnf").write_text(
+        f"subjectAltName=DNS:{HOSTNAME},DNS:localhost,IP:127.0.0.1\n"
+        "extendedKeyUsage=serverAuth\n")
+    run("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+        "-CAcreateserial", "-out", "server.pem", "-days", "2", "-extfile", "ext.cnf")
+    return types.SimpleNamespace(ca=folder / "ca.pem", cert=folder / "server.pem",
+                                 key=folder / "server.key")
+
+
+def client_context(certificates):
+    import ssl
+    return ssl.create_default_context(cafile=str(certificates.ca))
+
+
+@pytest.fixture
+def tls_server(tmp_path, certificates):
+    with make_server(tmp_path, tls_cert=str(certificates.cert), tls_key=str(certificates.key),
+                     smtps_port=0, timeout=5) as server:
+        yield server
+
+
+def test_starttls_with_a_verified_certificate_then_send(tls_server, certificates):
+    with smtplib.SMTP(tls_server.host, tls_server.port) as client:
+        client.ehlo()
+        assert client.has_extn("starttls")
+        client.starttls(context=client_context(certificates))
+        client.ehlo()
+        assert not client.has_extn("starttls")
+        client.login("tls-user", "pw")
+        client.sendmail("a@b.test", ["c@d.test"], b"Subject: over tls\r\n\r\nsecret\r\n")
+    received = str(tls_server.wait_for_message().message["Received"])
+    assert " with ESMTPSA id " in received
+    assert re.search(r"\(using TLSv1\.[23] with cipher \S+\)", received)
+
+
+def test_smtps_port_speaks_tls_from_the_first_byte(tls_server, certificates):
+    with smtplib.SMTP_SSL(tls_server.host, tls_server.smtps_port,
+                          context=client_context(certificates)) as client:
+        code, banner = client.ehlo()
+        assert code == 250 and b"STARTTLS" not in banner
+        client.sendmail("a@b.test", ["c@d.test"], b"Subject: smtps\r\n\r\nx\r\n")
+    assert " with ESMTPS id " in str(tls_server.wait_for_message().message["Received"])
+
+
+def test_raw_pipelined_injection_after_starttls_is_not_executed(tls_server, certificates):
+    import ssl
+    client = RawClient(tls_server)
+    client.send(b"EHLO x\r\n")
+    client.reply()
+    client.send(b"STARTTLS\r\nMAIL FROM:<injected@evil.test>\r\n")
+    assert client.reply() == b"220 2.0.0 Ready to start TLS\r\n"
+    try:
+        tls = client_context(certificates).wrap_socket(client.sock,
+                                                        server_hostname="127.0.0.1")
+    except (ssl.SSLError, OSError):
+        return  # the injected bytes broke the handshake: also nothing executed
+    over_tls = RawClient(sock=tls)
+    over_tls.send(b"EHLO x\r\nRCPT TO:<c@d.test>\r\n")
+    assert over_tls.replies(2)[1] == b"503 5.5.1 Error: need MAIL command\r\n"  # MAIL never ran
+    over_tls.close()
+
+
+def test_plain_text_to_the_smtps_port_is_logged_and_closed(tls_server, caplog):
+    with caplog.at_level(logging.INFO, logger="sheesh"):
+        sock = socket.create_connection((tls_server.host, tls_server.smtps_port), timeout=5)
+        sock.sendall(b"EHLO plain.test\r\n")
+        try:
+            assert b"220" not in sock.recv(100)  # at most a TLS alert, never an SMTP greeting
+        except ConnectionResetError:
+            pass
+        wait_until(lambda: "TLS handshake with 127.0.0.1 failed" in caplog.text)
+        sock.close()
+    with smtplib.SMTP(tls_server.host, tls_server.port) as client:
+        assert client.noop()[0] == 250
+
+
+def test_tls_to_the_plain_port_is_logged_and_closed(tls_server, certificates, caplog):
+    import ssl
+    with caplog.at_level(logging.INFO, logger="sheesh"):
+        sock = socket.create_connection((tls_server.host, tls_server.port), timeout=5)
+        sock.recv(100)  # the plain greeting, which a TLS client would not wait for
+        with pytest.raises((ssl.SSLError, OSError)):
+            client_context(certificates).wrap_socket(sock, server_hostname="127.0.0.1")
+        wait_until(lambda: "spoke TLS to the plain port" in caplog.text)
+    with smtplib.SMTP(tls_server.host, tls_server.port) as client:
+        assert client.noop()[0] == 250
+
+
+def test_abandoned_tls_handshake_times_out_without_affecting_others(tmp_path, certificates,
+                                                                    caplog):
+    with make_server(tmp_path, tls_cert=str(certificates.cert), tls_key=str(certificates.key),
+                     smtps_port=0, timeout=0.5) as server:
+        with caplog.at_level(logging.INFO, logger="sheesh"):
+            stalled = socket.create_connection((server.host, server.smtps_port), timeout=5)
+            stalled.sendall(b"\x16\x03\x01\x00\xc8\x01")  # the start of a ClientHello, no more
+            with smtplib.SMTP_SSL(server.host, server.smtps_port,
+                                  context=client_context(certificates)) as client:
+                assert client.noop()[0] == 250
+            assert stalled.recv(100) == b""  # closed after the timeout
+            wait_until(lambda: "TLS handshake with 127.0.0.1 failed" in caplog.text)
+            stalled.close()
+
+
+def test_users_are_checked_over_smtp_with_a_delay_after_a_failure(tmp_path, monkeypatch):
+    monkeypatch.setattr(sheesh, "AUTH_FAILURE_DELAY", 0.2)
+    with make_server(tmp_path, users=USERS, auth_required=True) as server:
+        with smtplib.SMTP(server.host, server.port) as client:
+            with pytest.raises(smtplib.SMTPSenderRefused) as refused:
+                client.sendmail("a@b.test", ["c@d.test"], b"x\r\n")
+            assert refused.value.smtp_code == 530
+            started = time.monotonic()
+            client.esmtp_features["auth"] = "PLAIN"  # else smtplib tries each mechanism in turn
+            with pytest.raises(smtplib.SMTPAuthenticationError) as failure:
+                client.login("alice", "wrong")
+            assert failure.value.smtp_code == 535
+            assert time.monotonic() - started >= 0.2
+        for mechanism in ("CRAM-MD5", "PLAIN", "LOGIN"):
+            with smtplib.SMTP(server.host, server.port) as client:
+                client.ehlo()
+                client.esmtp_features["auth"] = mechanism  # make smtplib use this one
+                client.login("alice", "correct horse")
+                client.sendmail("a@b.test", ["c@d.test"], f"Subject: {mechanism}\r\n\r\nx\r\n")
+            assert "(authenticated as alice)" in str(server.wait_for_message().message["Received"])
+
+
+def test_cli_tls_self_signed_works_and_logs_the_fingerprint(tmp_path):
+    import hashlib
+    import shutil
+    import ssl
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is not installed (.ci/run installs it)")
+    maildir = tmp_path / "mail"
+    proc = subprocess.Popen([sys.executable, str(HERE / "sheesh.py"), "--port", "0",
+                             "--smtps-port", "0", "--tls-self-signed", "--maildir", str(maildir),
+                             "--hostname", HOSTNAME, "--cpu", "all"],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        fingerprint = re.search(r"SHA-256 fingerprint ([0-9a-f]{64})", proc.stderr.readline())
+        started = proc.stderr.readline()
+        port = int(re.search(r" port (\d+)", started).group(1))
+        smtps_port = int(re.search(r"SMTPS on port (\d+)", started).group(1))
+        pem = ssl.get_server_certificate(("127.0.0.1", smtps_port))
+        assert hashlib.sha256(ssl.PEM_cert_to_DER_cert(pem)).hexdigest() == fingerprint.group(1)
+        with smtplib.SMTP("127.0.0.1", port) as client:
+            client.starttls(context=ssl._create_unverified_context())
+            client.sendmail("a@b.test", ["c@d.test"], b"Subject: self-signed\r\n\r\nx\r\n")
+        assert len(files_in(maildir, "new")) == 1
+        assert not any(p.suffix == ".pem" or "key" in p.name for p in tmp_path.rglob("*"))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+
+
+def test_cli_tls_self_signed_without_openssl_is_one_line_and_exit_2(tmp_path):
+    result = subprocess.run([sys.executable, str(HERE / "sheesh.py"), "--port", "0",
+                             "--tls-self-signed", "--maildir", str(tmp_path / "mail")],
+                            capture_output=True, text=True, timeout=10, env={"PATH": ""})
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "sheesh: error: cannot set up TLS: --tls-self-signed needs the openssl command, "
+        "which was not found"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--tls-cert", "x.pem"], "--tls-cert and --tls-key go together"),
+    (["--tls-required"], "--tls-required needs --tls-cert and --tls-key, or --tls-self-signed"),
+    (["--smtps-port", "0"], "--smtps-port needs --tls-cert and --tls-key, or --tls-self-signed"),
+])
+def test_cli_tls_option_mistakes_are_one_line_and_exit_2(args, message):
+    result = run_cli(*args)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"sheesh: error: {message} (see --help)"]
+
+
+def test_cli_missing_certificate_is_one_line_and_exit_2(tmp_path):
+    result = run_cli("--port", "0", "--maildir", str(tmp_path / "mail"),
+                     "--tls-cert", str(tmp_path / "none.pem"), "--tls-key", str(tmp_path / "k"))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"sheesh: error: cannot set up TLS with {tmp_path / 'none.pem'} and {tmp_path / 'k'}: "
+        "No such file or directory"]
+
+
+def test_cli_users_file(tmp_path):
+    good = tmp_path / "users"
+    good.write_text("# comment\n\nalice:correct horse\nbob:pa:ss:word\n")
+    assert sheesh.read_users(str(good)) == USERS
+    bad = tmp_path / "bad"
+    bad.write_text("alice:x\nno colon here\n")
+    result = run_cli("--users", str(bad))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"sheesh: error: argument --users: {bad} line 2 is not user:password (see --help)"]
