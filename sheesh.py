@@ -1408,7 +1408,7 @@ class Server:
         with sheesh.Server(port=0, maildir=tmp_path / "mail") as smtp:
             smtplib.SMTP(smtp.host, smtp.port).sendmail("me@example.com", ["you@example.com"],
                                                          "Subject: hi\\r\\n\\r\\nHello")
-            assert smtp.wait_for_message().message["Subject"] == "hi"
+            print(smtp.wait_for_message().message["Subject"])  # hi
     """
 
     def __init__(self, config: Config | None = None, **options) -> None:
