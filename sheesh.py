@@ -24,7 +24,8 @@ The file reads top to bottom, the way one message travels through it:
     6. The store     a Maildir: written in tmp/, renamed into new/
     7. The handler   the only code that reads from or writes to a connection
     8. The server    threads, the connection limit, a clean stop, and the in-process API
-    9. The CLI       main()
+    9. The web inbox a page and a JSON API over the same Maildir, with http.server
+   10. The CLI       main()
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ import errno
 import functools
 import hashlib
 import hmac
+import http.server
+import json
 import itertools
 import logging
 import os
@@ -56,6 +59,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 from dataclasses import dataclass, field, replace
 from email.message import EmailMessage
 from pathlib import Path
@@ -1263,6 +1267,7 @@ class Config:
     tls_required: bool = False
     auth_required: bool = False
     users: dict[str, str] | None = None  # user name -> password; None accepts any credentials
+    http_port: int | None = None  # the web inbox and API; None: off (the CLI's default is 8025)
 
     @property
     def tls(self) -> bool:
@@ -1389,6 +1394,11 @@ def read_stored_message(path: str | Path) -> StoredMessage:
     path = Path(path)
     with open(path, "rb") as file:
         message = email.parser.BytesParser(policy=email.policy.default).parse(file)
+    return StoredMessage(path.name, path, *envelope_of(message), message)
+
+
+def envelope_of(message: EmailMessage) -> tuple[str, list[str]]:
+    """The envelope sender and recipients, from the trace headers sheesh put on top."""
     sender, recipients = "", []
     for name, value in message.raw_items():  # our trace headers, on top, end at Received
         if name.lower() == "received":
@@ -1399,7 +1409,7 @@ def read_stored_message(path: str | Path) -> StoredMessage:
             sender = value.removeprefix("<").removesuffix(">")
         elif name.lower() == "delivered-to":
             recipients.append(value)
-    return StoredMessage(path.name, path, sender, recipients, message)
+    return sender, recipients
 
 
 class Server:
@@ -1423,6 +1433,8 @@ class Server:
         self.address: tuple[str, int] = (self.config.host, self.config.port)
         self.smtps_address: tuple[str, int] | None = None
         self.tls_context = None
+        self.index: MessageIndex | None = None
+        self.web: WebServer | None = None
 
     def start(self) -> Server:
         """Create the Maildir, set up TLS, bind the ports and start serving. OSError (or
@@ -1435,18 +1447,37 @@ class Server:
             if self.config.smtps_port is not None:
                 self._listeners.append(SMTPServer(self.config, self.store, self.tls_context,
                                                   port=self.config.smtps_port))
+            if self.config.http_port is not None:
+                self.index = MessageIndex(self.store)
+                self.web = WebServer(self.config.host, self.config.http_port,
+                                     WebApp(self.index, allowed_hosts=self.allowed_hosts()))
         except OSError:
             self.stop()
             raise
         self.address = self._listeners[0].server_address[:2]
         if self.config.smtps_port is not None:
             self.smtps_address = self._listeners[1].server_address[:2]
-        for listener in self._listeners:
+        for listener in self._listeners + ([self.web] if self.web else []):
             thread = threading.Thread(target=listener.serve_forever, args=(0.05,),
                                       name=f"sheesh-{listener.server_address[1]}", daemon=True)
             thread.start()
             self._threads.append(thread)
         return self
+
+    def allowed_hosts(self) -> frozenset[str] | None:
+        """The Host headers the web inbox answers: its own names, when it listens on loopback.
+        Anything else is a page of another site that renamed itself (DNS rebinding)."""
+        if not is_loopback(self.config.host):
+            return None
+        return frozenset({"localhost", "127.0.0.1", "[::1]", self.config.host,
+                          self.config.hostname.lower()})
+
+    @property
+    def web_url(self) -> str | None:
+        if self.web is None:
+            return None
+        host, port = self.web.server_address[:2]
+        return f"http://{f'[{host}]' if ':' in host else host}:{port}/"
 
     def stop(self, grace: float | None = None) -> None:
         """Stop serving; messages in DATA get `grace` seconds (default: the Config's) to end."""
@@ -1455,9 +1486,13 @@ class Server:
         deadline = time.monotonic() + (self.config.grace if grace is None else grace)
         for listener in self._listeners:
             listener.finish_sessions(deadline)
+        if self.web is not None:
+            self.index.close()  # ends the event streams and waits
+            self.web.shutdown()
+            self.web.server_close()
         for thread in self._threads:
             thread.join()
-        self._listeners, self._threads = [], []
+        self._listeners, self._threads, self.web = [], [], None
         self.store.close()
 
     def __enter__(self) -> Server:
@@ -1504,6 +1539,8 @@ class Server:
                 (self.store.path / key).unlink(missing_ok=True)
 
     def _delivered(self, delivery: Delivery) -> None:
+        if self.index is not None:
+            self.index.delivered(delivery)
         with self._arrival:
             self._arrived.append(delivery.path)
             self._arrival.notify_all()
@@ -1551,7 +1588,726 @@ def subject_of(path: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# 9. The CLI
+# 9. The web inbox and JSON API
+#
+# A page to read the mail in a browser, and a JSON API for tests, served by http.server from
+# the same Maildir, at http://127.0.0.1:8025 (the port Mailpit and MailHog use). The same split
+# as SMTP: MessageIndex keeps in memory the few headers the inbox lists, so that a page of a
+# Maildir of 10,000 messages reads no file; WebApp turns a request into a Response and never
+# touches a socket; WebHandler only moves bytes.
+#
+# Captured mail is hostile content. Every value from a message is put in the page as text (the
+# page builds it with textContent, never innerHTML); an HTML part is shown in an <iframe sandbox>
+# without scripts, under a Content-Security-Policy that blocks scripts and remote content until
+# the reader asks for images; an id in a URL is only ever looked up, never made into a path.
+# ---------------------------------------------------------------------------------------------
+
+SUMMARY_READ_LIMIT = 256 * 1024  # the inbox summarises a message from at most its first 256 KiB
+SEARCH_TEXT_LIMIT = 4096  # body search looks at this much of each message's text
+PAGE_LIMIT_MAX = 500  # the most messages one API call lists
+WAIT_TIMEOUT_MAX = 300.0  # the longest /api/messages/wait may hold a request
+EVENT_KEEPALIVE = 15.0  # seconds between keep-alive comments on an idle event stream
+EVENTS_KEPT = 1000  # events remembered for event streams that fell behind
+REQUEST_BODY_LIMIT = 64 * 1024
+
+
+@dataclass
+class Summary:
+    """What the inbox lists about one message."""
+
+    id: str  # the Maildir key: the file name without its flags
+    filename: str  # "new/<key>" or "cur/<key>:2,S"
+    time: float
+    size: int
+    sender: str
+    recipients: list[str]
+    from_: str
+    to: str
+    subject: str
+    attachments: int
+    search_text: str  # lower case: from, to, envelope, subject and the start of the body
+
+    @property
+    def seen(self) -> bool:
+        flags = self.filename.rpartition(MAILDIR_INFO)[2] if MAILDIR_INFO in self.filename else ""
+        return "S" in flags
+
+    def public(self) -> dict:
+        return {"id": self.id, "time": self.time, "size": self.size, "sender": self.sender,
+                "recipients": self.recipients, "from": self.from_, "to": self.to,
+                "subject": self.subject, "attachments": self.attachments, "seen": self.seen}
+
+
+# Maildir puts flags after ":2," in a file name; Windows cannot have ":" in a name, so the
+# mailbox module uses "!" there instead.
+MAILDIR_INFO = "!" if os.name == "nt" else ":"
+
+
+def maildir_key(filename: str) -> str:
+    return filename.split(MAILDIR_INFO, 1)[0]
+
+
+def parse_message(data: bytes) -> EmailMessage:
+    return email.parser.BytesParser(policy=email.policy.default).parsebytes(data)
+
+
+def header_text(message: EmailMessage, name: str) -> str:
+    """A header as readable text, decoded from RFC 2047; never an exception, whatever it holds."""
+    try:
+        value = message.get(name)
+    except (ValueError, LookupError, IndexError, TypeError, AttributeError):
+        value = message.get_all(name, failobj=[""])[0] if name in message else ""
+    return "" if value is None else str(value).encode("utf-8", "replace").decode("utf-8")
+
+
+def message_parts(message: EmailMessage) -> tuple[str, str, list[EmailMessage]]:
+    """The text part, the HTML part and the attachments of a message."""
+    text = html = None
+    attachments = []
+    for part in message.walk():
+        if part.is_multipart():
+            continue
+        kind = part.get_content_type()
+        is_body = part.get_content_disposition() != "attachment" and part.get_filename() is None
+        if is_body and kind == "text/plain" and text is None:
+            text = part_text(part)
+        elif is_body and kind == "text/html" and html is None:
+            html = part_text(part)
+        else:
+            attachments.append(part)
+    return text or "", html or "", attachments
+
+
+def part_text(part: EmailMessage) -> str:
+    """A text part decoded; an unknown or wrong charset gives replacement characters."""
+    payload = part.get_payload(decode=True) or b""
+    charset = part.get_content_charset() or "utf-8"
+    try:
+        text = payload.decode(charset, "replace")
+    except LookupError:
+        text = payload.decode("utf-8", "replace")
+    return text.replace("\r\n", "\n")  # lines as Python writes them; /raw has the bytes
+
+
+def summarize(key: str, filename: str, data: bytes, size: int, mtime: float) -> Summary:
+    message = parse_message(data)
+    sender, recipients = envelope_of(message)
+    try:
+        text, html, attachments = message_parts(message)
+    except Exception:  # a broken MIME structure: list the message, just without its parts
+        text, html, attachments = "", "", []
+    from_, to, subject = (header_text(message, name) for name in ("From", "To", "Subject"))
+    search = " ".join([from_, to, sender, *recipients, subject, (text or html)[:SEARCH_TEXT_LIMIT]])
+    return Summary(key, filename, delivery_time(key, mtime), size, sender, recipients, from_, to,
+                   subject, len(attachments), search.lower())
+
+
+def delivery_time(key: str, fallback: float) -> float:
+    """When a message arrived, from its Maildir name ("seconds.M<microseconds>P..."), or the
+    file's time for names that other programs made."""
+    match = re.match(r"(\d+)\.M(\d{1,6})P", key)
+    return int(match.group(1)) + int(match.group(2)) / 1e6 if match else fallback
+
+
+class MessageIndex:
+    """The inbox's view of the Maildir, in memory, and the events the page listens to."""
+
+    def __init__(self, store: Maildir) -> None:
+        self.store = store
+        self._summaries: dict[str, Summary] = {}
+        self._changed = threading.Condition()
+        self._events: collections.deque[tuple[int, str, dict]] = collections.deque(
+            maxlen=EVENTS_KEPT)
+        self._event_number = 0
+        self.closed = False
+
+    def refresh(self) -> None:
+        """Bring the index up to date with the folder: other programs (mutt) change it too.
+        A scan of the names is cheap; only messages not seen before are read."""
+        found = {}
+        for sub in ("new", "cur"):
+            with os.scandir(self.store.path / sub) as entries:
+                for entry in entries:
+                    if not entry.name.startswith("."):
+                        found[maildir_key(entry.name)] = f"{sub}/{entry.name}"
+        with self._changed:
+            for key in self._summaries.keys() - found.keys():
+                del self._summaries[key]
+            known = {key: s.filename for key, s in self._summaries.items()}
+        for key, filename in found.items():
+            if known.get(key) != filename:
+                self._add(key, filename)
+
+    def _add(self, key: str, filename: str) -> None:
+        path = self.store.path / filename
+        try:
+            with open(path, "rb") as file:
+                data = file.read(SUMMARY_READ_LIMIT)
+                stat = os.fstat(file.fileno())
+        except OSError:
+            return  # gone or moved since the scan: the next refresh sees where
+        summary = summarize(key, filename, data, stat.st_size, stat.st_mtime)
+        with self._changed:
+            self._summaries[key] = summary
+
+    def delivered(self, delivery: Delivery) -> None:
+        """Called by the store, in the SMTP session's thread, for each message it accepts: so
+        only announced here; it is read when someone asks for the list (refresh)."""
+        with self._changed:
+            self._publish("new", {"id": delivery.queue_id})
+            self._changed.notify_all()
+
+    def _publish(self, event: str, data: dict) -> None:
+        self._event_number += 1
+        self._events.append((self._event_number, event, data))
+
+    def search(self, query: str, limit: int, offset: int) -> tuple[int, int, list[Summary]]:
+        """(how many match, how many are unread, the page asked for), newest first."""
+        words = query.lower().split()
+        with self._changed:
+            everything = list(self._summaries.values())
+        matching = [s for s in everything if all(word in s.search_text for word in words)]
+        matching.sort(key=lambda s: (s.time, s.id), reverse=True)
+        unread = sum(not s.seen for s in everything)
+        return len(matching), unread, matching[offset:offset + limit]
+
+    def get(self, key: str) -> Summary | None:
+        """The summary of one message; a key not known yet may have just arrived: look."""
+        with self._changed:
+            summary = self._summaries.get(key)
+        if summary is None and len(key) < 256:
+            self.refresh()
+            with self._changed:
+                summary = self._summaries.get(key)
+        return summary
+
+    def read(self, key: str) -> bytes | None:
+        summary = self.get(key)
+        if summary is None:
+            return None
+        try:
+            return (self.store.path / summary.filename).read_bytes()
+        except OSError:
+            return None
+
+    def mark_seen(self, key: str) -> bool:
+        """Move a message to cur/ with the Seen flag, as mutt does when it is read."""
+        summary = self.get(key)
+        if summary is None:
+            return False
+        if not summary.seen:
+            flags = summary.filename.partition(f"{MAILDIR_INFO}2,")[2]
+            filename = f"cur/{key}{MAILDIR_INFO}2,{''.join(sorted(set(flags + 'S')))}"
+            try:
+                os.replace(self.store.path / summary.filename, self.store.path / filename)
+            except OSError:
+                return False
+            with self._changed:
+                summary.filename = filename
+                self._publish("seen", {"id": key})
+                self._changed.notify_all()
+        return True
+
+    def delete_all(self) -> int:
+        with self._changed:
+            keys = list(self._summaries)
+        return self.delete(keys)
+
+    def delete(self, keys: list[str]) -> int:
+        deleted = 0
+        for key in keys:
+            summary = self.get(key)
+            if summary is None:
+                continue
+            try:
+                (self.store.path / summary.filename).unlink()
+            except FileNotFoundError:
+                pass
+            with self._changed:
+                self._summaries.pop(key, None)
+                self._publish("deleted", {"id": key})
+                self._changed.notify_all()
+            deleted += 1
+        return deleted
+
+    def wait_for(self, query: str, after: float, timeout: float) -> Summary | None:
+        """The newest message matching query that arrived after `after` (a Unix time),
+        waiting up to `timeout` seconds for one to arrive."""
+        deadline = time.monotonic() + timeout
+        while True:
+            last_event = self.last_event
+            self.refresh()
+            found = self.search(query, 1, 0)[2]
+            if found and found[0].time > after:
+                return found[0]
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self.closed:
+                return None
+            self.events_after(last_event, remaining)
+
+    def events_after(self, number: int, timeout: float) -> list[tuple[int, str, dict]]:
+        """Events after the given number, waiting up to `timeout` for the first one."""
+        with self._changed:
+            self._changed.wait_for(lambda: self.closed or self._event_number > number, timeout)
+            return [event for event in self._events if event[0] > number]
+
+    @property
+    def last_event(self) -> int:
+        return self._event_number
+
+    def close(self) -> None:
+        with self._changed:
+            self.closed = True
+            self._changed.notify_all()
+
+
+@dataclass
+class Response:
+    status: int
+    body: bytes = b""
+    content_type: str = "application/json"
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class EventStream:
+    """A response that goes on: Server-Sent Events, written by WebHandler as they happen."""
+
+    after: int
+
+
+def json_response(data, status: int = 200) -> Response:
+    # "<", ">" and "&" escaped, so that no browser could ever take the JSON for HTML.
+    text = json.dumps(data, ensure_ascii=False)
+    text = text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+    return Response(status, text.encode("utf-8"))
+
+
+def json_error(status: int, message: str) -> Response:
+    return json_response({"error": message}, status)
+
+
+# The HTML part of a message is shown under this policy: no scripts, no plugins, nothing
+# fetched from elsewhere (a tracking pixel would tell the sender the mail was read), and only
+# framed by sheesh's own page.
+HTML_PART_POLICY = ("default-src 'none'; style-src 'unsafe-inline' data:; img-src data:{remote}; "
+                    "font-src data:; frame-ancestors 'self'; sandbox allow-popups "
+                    "allow-popups-to-escape-sandbox")
+
+
+class WebApp:
+    """The web inbox's routes: a request in, a Response out."""
+
+    def __init__(self, index: MessageIndex, server: Server | None = None,
+                 allowed_hosts: frozenset[str] | None = None) -> None:
+        self.index, self.server = index, server
+        self.allowed_hosts = allowed_hosts  # None: any Host header (listening beyond loopback)
+
+    def respond(self, method: str, target: str, headers=None,
+                body: bytes = b"") -> Response | EventStream:
+        headers = headers or {}
+        if (refusal := self.refuse_foreign(method, headers)) is not None:
+            return refusal
+        url = urllib.parse.urlsplit(target)
+        query = dict(urllib.parse.parse_qsl(url.query))
+        parts = [urllib.parse.unquote(p) for p in url.path.strip("/").split("/") if p]
+        try:
+            return self.route(method, parts, query, body)
+        except BadRequest as problem:
+            return json_error(400, str(problem))
+
+    def refuse_foreign(self, method: str, headers) -> Response | None:
+        """Requests another web site makes the browser send are refused: a Host that is not
+        ours (DNS rebinding), or a change of state asked for by a page of another origin."""
+        host = (headers.get("Host") or "").rpartition(":")[0] or headers.get("Host") or ""
+        if self.allowed_hosts is not None and host.lower() not in self.allowed_hosts:
+            return json_error(403, "unknown Host")
+        if method not in ("GET", "HEAD") and (headers.get("Sec-Fetch-Site") == "cross-site" or (
+                headers.get("Origin") and urllib.parse.urlsplit(
+                    headers["Origin"]).netloc != headers.get("Host"))):
+            return json_error(403, "cross-origin requests cannot change the mail")
+        return None
+
+    def route(self, method: str, parts: list[str], query: dict, body: bytes):
+        match method, parts:
+            case "GET", []:
+                return self.page()
+            case "GET", ["api", "health"]:
+                self.index.refresh()
+                return json_response({"status": "ok", "version": __version__,
+                                      "messages": self.index.search("", 0, 0)[0]})
+            case "GET", ["api", "messages"]:
+                return self.list_messages(query)
+            case "DELETE", ["api", "messages"]:
+                self.index.refresh()
+                return json_response({"deleted": self.index.delete_all()})
+            case "GET", ["api", "messages", "latest"]:
+                self.index.refresh()
+                newest = self.index.search(query.get("query", ""), 1, 0)[2]
+                return self.message(newest[0].id) if newest else json_error(404, "no messages")
+            case "GET", ["api", "messages", "wait"]:
+                return self.wait(query)
+            case "GET", ["api", "messages", key]:
+                return self.message(key)
+            case "DELETE", ["api", "messages", key]:
+                return (json_response({"deleted": 1}) if self.index.delete([key])
+                        else json_error(404, "no such message"))
+            case "PUT", ["api", "messages", key, "seen"]:
+                return (json_response({"seen": True}) if self.index.mark_seen(key)
+                        else json_error(404, "no such message"))
+            case "GET", ["api", "messages", key, "raw"]:
+                return self.raw(key)
+            case "GET", ["api", "messages", key, "html"]:
+                return self.html_part(key, remote=query.get("remote") == "1")
+            case "GET", ["api", "messages", key, "attachments", number]:
+                return self.attachment(key, number)
+            case "GET", ["api", "events"]:
+                return EventStream(self.index.last_event)
+            case _, ["api", *_]:
+                return json_error(404 if method in ("GET", "DELETE", "PUT") else 405,
+                                  f"no such endpoint: {method} /{'/'.join(parts)}")
+            case _:
+                return Response(404, b"Not found", "text/plain; charset=utf-8")
+
+    def list_messages(self, query: dict) -> Response:
+        text = query.get("query", "")
+        limit, offset = number(query, "limit", 50), number(query, "offset", 0)
+        if len(text) > 1000:
+            raise BadRequest("query is longer than 1000 characters")
+        self.index.refresh()
+        total, unread, page = self.index.search(text, min(limit, PAGE_LIMIT_MAX), offset)
+        return json_response({"total": total, "unread": unread, "offset": offset,
+                              "messages": [summary.public() for summary in page]})
+
+    def wait(self, query: dict) -> Response:
+        timeout = min(float(number(query, "timeout", 10)), WAIT_TIMEOUT_MAX)
+        after = float(number(query, "after", 0))
+        found = self.index.wait_for(query.get("query", ""), after, timeout)
+        if found is None:
+            return json_error(408, f"no message matching the query arrived in {timeout:g} s")
+        return self.message(found.id)
+
+    def message(self, key: str) -> Response:
+        data, summary = self.index.read(key), self.index.get(key)
+        if data is None or summary is None:
+            return json_error(404, "no such message")
+        message = parse_message(data)
+        try:
+            text, html, attachments = message_parts(message)
+        except Exception:  # a broken MIME structure: show what can be shown
+            text, html, attachments = data.decode("utf-8", "replace"), "", []
+        url = f"/api/messages/{urllib.parse.quote(key)}"
+        return json_response({
+            **summary.public(),
+            "headers": [[name, str(value).encode("utf-8", "replace").decode("utf-8")]
+                        for name, value in message.raw_items()],
+            "text": text, "html": html, "raw_url": f"{url}/raw",
+            "html_url": f"{url}/html" if html else None,
+            "attachments": [{"index": n, "filename": attachment_name(part, n),
+                             "content_type": part.get_content_type(),
+                             "size": len(part.get_payload(decode=True) or b""),
+                             "url": f"{url}/attachments/{n}"}
+                            for n, part in enumerate(attachments)]})
+
+    def raw(self, key: str) -> Response:
+        data = self.index.read(key)
+        if data is None:
+            return json_error(404, "no such message")
+        return Response(200, data, "text/plain; charset=utf-8")
+
+    def html_part(self, key: str, *, remote: bool) -> Response:
+        data = self.index.read(key)
+        if data is None:
+            return json_error(404, "no such message")
+        html = message_parts(parse_message(data))[1]
+        policy = HTML_PART_POLICY.format(remote=" https: http:" if remote else "")
+        return Response(200, html.encode("utf-8"), "text/html; charset=utf-8",
+                        {"Content-Security-Policy": policy})
+
+    def attachment(self, key: str, number_text: str) -> Response:
+        data = self.index.read(key)
+        if data is None:
+            return json_error(404, "no such message")
+        attachments = message_parts(parse_message(data))[2]
+        if not number_text.isdigit() or int(number_text) >= len(attachments):
+            return json_error(404, "no such attachment")
+        part = attachments[int(number_text)]
+        name = attachment_name(part, int(number_text))
+        ascii_name = name.encode("ascii", "replace").decode().replace('"', "'").replace("\\", "_")
+        disposition = (f"attachment; filename=\"{ascii_name}\"; "
+                       f"filename*=UTF-8''{urllib.parse.quote(name)}")  # RFC 6266
+        return Response(200, part.get_payload(decode=True) or b"", part.get_content_type(),
+                        {"Content-Disposition": disposition})
+
+    def page(self) -> Response:
+        nonce = secrets.token_urlsafe(16)
+        policy = (f"default-src 'self'; script-src 'nonce-{nonce}'; style-src 'unsafe-inline'; "
+                  "img-src 'self' data:; frame-src 'self'; frame-ancestors 'none'")
+        return Response(200, INBOX_PAGE.replace("{nonce}", nonce).encode("utf-8"),
+                        "text/html; charset=utf-8", {"Content-Security-Policy": policy})
+
+
+class BadRequest(ValueError):
+    pass
+
+
+def number(query: dict, name: str, default: int) -> int:
+    text = query.get(name)
+    if text is None:
+        return default
+    if not text.isdigit() or len(text) > 15:
+        raise BadRequest(f"{name} must be a whole number, not {text[:20]!r}")
+    return int(text)
+
+
+def attachment_name(part: EmailMessage, number_: int) -> str:
+    try:
+        name = part.get_filename()
+    except (ValueError, LookupError, TypeError):
+        name = None
+    # Only the last path component, and no control characters: it becomes a download's name.
+    name = re.sub(r"[\x00-\x1f\x7f]", "", (name or "").replace("\\", "/").rpartition("/")[2])
+    return name or f"attachment-{number_ + 1}"
+
+
+class WebHandler(http.server.BaseHTTPRequestHandler):
+    """The only code that reads or writes a web connection."""
+
+    server_version = f"sheesh/{__version__}"
+    protocol_version = "HTTP/1.1"
+    timeout = 60  # an idle keep-alive connection is closed after a minute
+
+    def do_GET(self) -> None:
+        self.answer("GET")
+
+    def do_HEAD(self) -> None:
+        self.answer("HEAD")
+
+    def do_DELETE(self) -> None:
+        self.answer("DELETE")
+
+    def do_PUT(self) -> None:
+        self.answer("PUT")
+
+    def do_POST(self) -> None:
+        self.answer("POST")
+
+    def answer(self, method: str) -> None:
+        length = self.headers.get("Content-Length", "0")
+        if not length.isdigit() or int(length) > REQUEST_BODY_LIMIT:
+            self.send(json_error(413, "request body too large"))
+            self.close_connection = True
+            return
+        body = self.rfile.read(int(length))
+        try:
+            response = self.server.app.respond("GET" if method == "HEAD" else method, self.path,
+                                               self.headers, body)
+        except Exception:
+            log.exception("error answering %s", escape_for_log(self.path))
+            response = json_error(500, "internal error")
+        if isinstance(response, EventStream):
+            self.stream_events(response.after)
+        else:
+            self.send(response, with_body=method != "HEAD")
+
+    def send(self, response: Response, *, with_body: bool = True) -> None:
+        self.send_response(response.status)
+        headers = {"Content-Type": response.content_type,
+                   "Content-Length": str(len(response.body)),
+                   "Cache-Control": "no-store", "X-Content-Type-Options": "nosniff",
+                   "Referrer-Policy": "no-referrer", **response.headers}
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.end_headers()
+        if with_body:
+            self.wfile.write(response.body)
+
+    def stream_events(self, after: int) -> None:
+        """Server-Sent Events: one "event:" and "data:" pair per change, until either side
+        stops; a comment now and then keeps proxies from closing an idle stream."""
+        self.send_response(200)
+        for name, value in (("Content-Type", "text/event-stream"), ("Cache-Control", "no-store"),
+                            ("X-Content-Type-Options", "nosniff")):
+            self.send_header(name, value)
+        self.end_headers()
+        self.close_connection = True
+        index = self.server.app.index
+        while not index.closed:
+            events = index.events_after(after, EVENT_KEEPALIVE)
+            chunk = "".join(f"event: {event}\ndata: {json.dumps(data)}\n\n"
+                            for _, event, data in events) or ": keep-alive\n\n"
+            if events:
+                after = events[-1][0]
+            self.wfile.write(chunk.encode("utf-8"))
+
+    def log_message(self, format: str, *args) -> None:
+        log.debug("web: %s %s", self.address_string(), escape_for_log(format % args))
+
+
+class WebServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False
+
+    def __init__(self, host: str, port: int, app: WebApp) -> None:
+        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.app = app
+        super().__init__((host, port), WebHandler)
+
+    def handle_error(self, request, client_address) -> None:
+        if not isinstance(sys.exc_info()[1], OSError):  # a browser closing a tab is no error
+            log.exception("error on a web connection from %s", client_address[0])
+
+
+INBOX_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>sheesh</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>
+body{margin:0;font:14px/1.4 system-ui,sans-serif;color:#222;display:flex;height:100vh}
+#list{width:42%;min-width:320px;border-right:1px solid #ccc;display:flex;flex-direction:column}
+#bar{display:flex;gap:6px;padding:8px;border-bottom:1px solid #ccc}
+#bar input{flex:1;padding:4px}
+#rows{overflow:auto;flex:1}
+.row{padding:6px 10px;border-bottom:1px solid #eee;cursor:pointer}
+.row:hover,.row.open{background:#eef4ff}
+.row.unread .subject{font-weight:bold}
+.meta{color:#666;font-size:12px;display:flex;justify-content:space-between;gap:8px}
+.subject{white-space:nowrap;overflow:hidden;text-overflow:ellipsis}
+#pager{padding:6px 10px;border-top:1px solid #ccc;display:flex;justify-content:space-between}
+#view{flex:1;overflow:auto;padding:12px 16px}
+table.envelope td{padding:1px 8px 1px 0;vertical-align:top}
+table.envelope td:first-child{color:#666;white-space:nowrap}
+#tabs button.on{background:#dde8ff}
+pre{white-space:pre-wrap;word-break:break-word;background:#f7f7f7;padding:8px}
+iframe{width:100%;height:60vh;border:1px solid #ccc}
+.empty{color:#888;padding:20px}
+</style></head>
+<body>
+<section id="list">
+  <div id="bar"><input id="search" type="search" placeholder="Search sender, recipients, subject, body">
+  <button id="delete-all">Delete all</button></div>
+  <div id="rows"><p class="empty">Loading...</p></div>
+  <div id="pager"><button id="newer">Newer</button><span id="count"></span>
+  <button id="older">Older</button></div>
+</section>
+<main id="view"><p class="empty">Mail sent to sheesh shows up here as it arrives.</p></main>
+<script nonce="{nonce}">
+"use strict";
+// Every value that comes from a message goes into the page as text, never as HTML.
+const PAGE = 50;
+let offset = 0, query = "", openId = null;
+const $ = (selector) => document.querySelector(selector);
+
+function el(tag, attributes, ...children) {
+  const node = document.createElement(tag);
+  for (const [name, value] of Object.entries(attributes || {})) node.setAttribute(name, value);
+  node.append(...children.map((child) => child instanceof Node ? child : String(child)));
+  return node;
+}
+
+async function api(path, options) {
+  const response = await fetch(path, options);
+  if (!response.ok) throw new Error((await response.json()).error || response.statusText);
+  return response.json();
+}
+
+function when(seconds) {
+  return new Date(seconds * 1000).toLocaleString();
+}
+
+async function loadList() {
+  const data = await api(`/api/messages?limit=${PAGE}&offset=${offset}` +
+                         `&query=${encodeURIComponent(query)}`);
+  const rows = data.messages.map((m) => {
+    const row = el("div", {"class": "row" + (m.seen ? "" : " unread") +
+                              (m.id === openId ? " open" : ""), "data-id": m.id},
+      el("div", {"class": "meta"}, el("span", {}, m.from || m.sender || "<>"),
+         el("span", {}, when(m.time))),
+      el("div", {"class": "subject"}, m.subject || "(no subject)"),
+      el("div", {"class": "meta"}, el("span", {}, "to " + m.recipients.join(", ")),
+         el("span", {}, (m.attachments ? `${m.attachments} attached, ` : "") +
+            Math.ceil(m.size / 1024) + " KB")));
+    row.addEventListener("click", () => show(m.id));
+    return row;
+  });
+  $("#rows").replaceChildren(...(rows.length ? rows : [el("p", {"class": "empty"}, "No mail.")]));
+  $("#count").textContent = data.total ? `${offset + 1}-${offset + data.messages.length} of ` +
+                                         `${data.total}` : "";
+  $("#newer").disabled = offset === 0;
+  $("#older").disabled = offset + PAGE >= data.total;
+  document.title = (data.unread ? `(${data.unread}) ` : "") + "sheesh";
+}
+
+async function show(id) {
+  openId = id;
+  const m = await api(`/api/messages/${encodeURIComponent(id)}`);
+  if (!m.seen) api(`/api/messages/${encodeURIComponent(id)}/seen`, {method: "PUT"}).catch(() => {});
+  const envelope = el("table", {"class": "envelope"});
+  const line = (name, value) => envelope.append(el("tr", {}, el("td", {}, name), el("td", {}, value)));
+  line("MAIL FROM", "<" + m.sender + ">");
+  line("RCPT TO", m.recipients.map((r) => "<" + r + ">").join(", "));
+  line("From", m.from); line("To", m.to); line("Received", when(m.time));
+  const body = el("div");
+  const tabs = el("div", {"id": "tabs"});
+  const views = {
+    "Text": () => el("pre", {}, m.text || "(no text part)"),
+    "HTML": () => {
+      if (!m.html_url) return el("p", {"class": "empty"}, "(no HTML part)");
+      const frame = el("iframe", {"sandbox": "allow-popups allow-popups-to-escape-sandbox",
+                                   "src": m.html_url, "title": "HTML part"});
+      const images = el("button", {}, "Load remote images");
+      images.addEventListener("click", () => { frame.src = m.html_url + "?remote=1"; });
+      return el("div", {}, images, frame);
+    },
+    "Headers": () => el("pre", {}, m.headers.map(([n, v]) => n + ": " + v).join("\\n")),
+    "Raw": () => {
+      const pre = el("pre", {}, "Loading...");
+      fetch(m.raw_url).then((r) => r.text()).then((text) => { pre.textContent = text; });
+      return pre;
+    },
+  };
+  for (const name of Object.keys(views)) {
+    const button = el("button", {}, name);
+    button.addEventListener("click", () => {
+      for (const other of tabs.children) other.classList.toggle("on", other === button);
+      body.replaceChildren(views[name]());
+    });
+    tabs.append(button);
+  }
+  const attachments = el("ul");
+  for (const a of m.attachments) {
+    attachments.append(el("li", {}, el("a", {"href": a.url, "download": a.filename}, a.filename),
+                          ` (${a.content_type}, ${a.size} bytes)`));
+  }
+  const remove = el("button", {}, "Delete");
+  remove.addEventListener("click", async () => {
+    await api(`/api/messages/${encodeURIComponent(id)}`, {method: "DELETE"});
+    $("#view").replaceChildren(el("p", {"class": "empty"}, "Deleted."));
+  });
+  $("#view").replaceChildren(el("h2", {}, m.subject || "(no subject)"), envelope, remove, tabs,
+                             body, ...(m.attachments.length ? [el("h3", {}, "Attachments"),
+                                                               attachments] : []));
+  tabs.children[m.html_url && !m.text ? 1 : 0].click();
+  loadList();
+}
+
+let timer = null;
+function soon() { clearTimeout(timer); timer = setTimeout(loadList, 150); }
+$("#search").addEventListener("input", (e) => { query = e.target.value; offset = 0; soon(); });
+$("#newer").addEventListener("click", () => { offset = Math.max(0, offset - PAGE); loadList(); });
+$("#older").addEventListener("click", () => { offset += PAGE; loadList(); });
+$("#delete-all").addEventListener("click", async () => {
+  if (confirm("Delete every message?")) { await api("/api/messages", {method: "DELETE"}); }
+});
+const events = new EventSource("/api/events");
+for (const kind of ["new", "deleted", "seen"]) events.addEventListener(kind, soon);
+loadList();
+</script>
+</body></html>
+"""
+
+
+# ---------------------------------------------------------------------------------------------
+# 10. The CLI
 # ---------------------------------------------------------------------------------------------
 
 
@@ -1639,6 +2395,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quiet", action="store_true", help="log only warnings and errors")
     parser.add_argument("--print", dest="print_messages", action="store_true",
                         help="also print each message, with its envelope, to standard output")
+    parser.add_argument("--http-port", type=port_number, default=8025,
+                        help="port of the web inbox and JSON API (the port Mailpit uses)")
+    parser.add_argument("--no-http", dest="http_port", action="store_const", const=None,
+                        help="no web inbox")
     parser.add_argument("--version", action="version", version=f"sheesh {__version__}")
     secure = parser.add_argument_group("TLS and authentication")
     secure.add_argument("--tls-cert", metavar="FILE", help="certificate (PEM) for STARTTLS and "
@@ -1717,6 +2477,8 @@ def main(argv: list[str] | None = None) -> int:
     log.warning("sheesh %s listening on %s port %d%s, storing mail in %s%s", __version__,
                 server.host, server.port, smtps, server.store.path,
                 "" if cpu is None else f", running on CPU {cpu}")
+    if server.web_url:
+        log.warning("web inbox and API at %s", server.web_url)
     if not is_loopback(server.host):
         log.warning("warning: %s is not a loopback address: anyone who can reach it can "
                     "send mail here", server.host)

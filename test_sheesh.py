@@ -22,6 +22,10 @@ import sys
 import threading
 import time
 import tracemalloc
+import urllib.error
+import urllib.parse
+import urllib.request
+import json
 from email.message import EmailMessage
 from pathlib import Path
 
@@ -1302,9 +1306,10 @@ class Process:
 
     def __init__(self, tmp_path, *args):
         self.maildir = tmp_path / "mail"
+        web = [] if "--http-port" in args else ["--no-http"]
         self.proc = subprocess.Popen(
             [sys.executable, str(HERE / "sheesh.py"), "--port", "0", "--maildir",
-             str(self.maildir), "--hostname", HOSTNAME, *args],
+             str(self.maildir), "--hostname", HOSTNAME, *web, *args],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.first_line = self.proc.stderr.readline()
         match = re.search(r"listening on (\S+) port (\d+)", self.first_line)
@@ -1759,7 +1764,7 @@ def test_cli_tls_self_signed_works_and_logs_the_fingerprint(tmp_path):
     maildir = tmp_path / "mail"
     proc = subprocess.Popen([sys.executable, str(HERE / "sheesh.py"), "--port", "0",
                              "--smtps-port", "0", "--tls-self-signed", "--maildir", str(maildir),
-                             "--hostname", HOSTNAME, "--cpu", "all"],
+                             "--hostname", HOSTNAME, "--cpu", "all", "--no-http"],
                             stderr=subprocess.PIPE, text=True)
     try:
         fingerprint = re.search(r"SHA-256 fingerprint ([0-9a-f]{64})", proc.stderr.readline())
@@ -1818,3 +1823,369 @@ def test_cli_users_file(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"sheesh: error: argument --users: {bad} line 2 is not user:password (see --help)"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The web inbox and JSON API
+# ---------------------------------------------------------------------------------------------
+
+
+def rich_message(subject="Welcome", html='<p>Hello <img src="http://tracker.test/p.gif"></p>'):
+    message = EmailMessage()
+    message["From"], message["To"], message["Subject"] = "Alice <alice@b.test>", "c@d.test", subject
+    message.set_content("plain text body\n")
+    message.add_alternative(html, subtype="html")
+    message.add_attachment(b"\x00\x01\x02binary", maintype="application",
+                           subtype="octet-stream", filename="données.bin")
+    return message.as_bytes(policy=message.policy.clone(linesep="\r\n"))
+
+
+def deliver(store, data: bytes, sender="alice@b.test", recipients=("c@d.test", "bcc@d.test")):
+    writer = store.begin(sheesh.Envelope(sender, list(recipients), client_name="c.test",
+                                         peer="192.0.2.1", protocol="ESMTP"))
+    writer.write(data)
+    return writer.commit()
+
+
+@pytest.fixture
+def web(tmp_path):
+    """A WebApp over a fresh Maildir, driven without sockets."""
+    store = sheesh.Maildir(tmp_path / "mail", HOSTNAME)
+    store.create()
+    index = sheesh.MessageIndex(store)
+    store.on_delivery = index.delivered
+    app = sheesh.WebApp(index, allowed_hosts=frozenset({"127.0.0.1", "localhost"}))
+    app.store = store
+    return app
+
+
+def get(app, target, method="GET", **headers):
+    return app.respond(method, target, {"Host": "127.0.0.1:8025", **headers})
+
+
+def get_json(app, target, method="GET", **headers):
+    response = get(app, target, method, **headers)
+    return response.status, json.loads(response.body)
+
+
+def test_web_lists_messages_newest_first_with_totals(web):
+    first = deliver(web.store, b"Subject: first\r\n\r\nx\r\n")
+    second = deliver(web.store, rich_message("second"))
+    status, data = get_json(web, "/api/messages")
+    assert status == 200
+    assert (data["total"], data["unread"]) == (2, 2)
+    assert [m["id"] for m in data["messages"]] == [second, first]
+    newest = data["messages"][0]
+    assert (newest["subject"], newest["from"], newest["sender"], newest["attachments"]) == (
+        "second", "Alice <alice@b.test>", "alice@b.test", 1)
+    assert newest["recipients"] == ["c@d.test", "bcc@d.test"]  # the envelope: Bcc shows
+
+
+def test_web_list_pages_and_searches(web):
+    for number in range(5):
+        deliver(web.store, f"Subject: note {number}\r\n\r\nbody word{number}\r\n".encode(),
+                recipients=[f"user{number}@d.test"])
+    status, page = get_json(web, "/api/messages?limit=2&offset=1")
+    assert [m["subject"] for m in page["messages"]] == ["note 3", "note 2"]
+    assert page["total"] == 5
+    for query, expected in [("NOTE 4", ["note 4"]), ("user2@", ["note 2"]), ("word1", ["note 1"]),
+                            ("alice note 0", ["note 0"]), ("nothing-like-this", [])]:
+        _, found = get_json(web, "/api/messages?query=" + urllib.parse.quote(query))
+        assert [m["subject"] for m in found["messages"]] == expected, query
+
+
+@pytest.mark.parametrize("target", ["/api/messages?limit=ten", "/api/messages?offset=-1",
+                                    "/api/messages?query=" + "x" * 1001])
+def test_web_bad_query_is_400_in_json(web, target):
+    status, data = get_json(web, target)
+    assert status == 400 and "error" in data
+
+
+def test_web_message_detail_has_envelope_headers_text_html_and_attachments(web):
+    key = deliver(web.store, rich_message())
+    status, data = get_json(web, f"/api/messages/{key}")
+    assert status == 200
+    assert (data["sender"], data["recipients"]) == ("alice@b.test", ["c@d.test", "bcc@d.test"])
+    assert ["Subject", "Welcome"] in data["headers"]
+    assert data["text"] == "plain text body\n"
+    assert "tracker.test" in data["html"]
+    assert data["attachments"] == [{"index": 0, "filename": "données.bin",
+                                    "content_type": "application/octet-stream", "size": 9,
+                                    "url": f"/api/messages/{key}/attachments/0"}]
+
+
+def test_web_raw_and_attachment_bytes_are_exact(web):
+    data = rich_message()
+    key = deliver(web.store, data)
+    raw = get(web, f"/api/messages/{key}/raw")
+    assert raw.status == 200 and body_of_stored(raw.body) == data
+    attachment = get(web, f"/api/messages/{key}/attachments/0")
+    assert attachment.body == b"\x00\x01\x02binary"
+    assert attachment.content_type == "application/octet-stream"
+    assert attachment.headers["Content-Disposition"] == (
+        "attachment; filename=\"donn?es.bin\"; filename*=UTF-8''donn%C3%A9es.bin")
+    assert get(web, f"/api/messages/{key}/attachments/1").status == 404
+
+
+def test_web_html_part_is_served_without_scripts_or_remote_content(web):
+    key = deliver(web.store, rich_message(html="<script>alert(1)</script><img src=http://t/p>"))
+    part = get(web, f"/api/messages/{key}/html")
+    policy = part.headers["Content-Security-Policy"]
+    assert "default-src 'none'" in policy and "script-src" not in policy
+    assert "img-src data:;" in policy and "sandbox" in policy
+    remote = get(web, f"/api/messages/{key}/html?remote=1").headers["Content-Security-Policy"]
+    assert "img-src data: https: http:;" in remote and "script-src" not in remote
+
+
+def test_web_page_is_one_self_contained_file_with_a_nonce(web):
+    deliver(web.store, b"Subject: <b>not in the page</b>\r\n\r\nx\r\n")
+    first, second = get(web, "/"), get(web, "/")
+    assert first.status == 200 and first.content_type == "text/html; charset=utf-8"
+    nonce = re.search(r"script-src 'nonce-([^']+)'", first.headers["Content-Security-Policy"])
+    assert f'<script nonce="{nonce.group(1)}">'.encode() in first.body
+    assert first.body != second.body  # a new nonce each time
+    assert b"not in the page" not in first.body  # the page fetches messages as data
+    assert b"innerHTML" not in first.body and b"http://" not in first.body.replace(
+        b"http://www.w3.org", b"")
+
+
+def test_web_json_never_contains_raw_angle_brackets(web):
+    deliver(web.store, b"Subject: <script>alert(1)</script>\r\n\r\nx\r\n")
+    body = get(web, "/api/messages").body
+    assert b"<script>" not in body and b"\\u003cscript\\u003e" in body
+
+
+@pytest.mark.parametrize("key", ["nope", "..%2F..%2Fetc%2Fpasswd", "../cur", "new%2Fx"])
+def test_web_unknown_or_path_like_ids_are_404(web, key):
+    deliver(web.store, b"Subject: x\r\n\r\nx\r\n")
+    for suffix in ("", "/raw", "/html", "/attachments/0"):
+        status, data = get_json(web, f"/api/messages/{key}{suffix}")
+        assert status == 404 and data["error"], suffix
+
+
+def test_web_delete_one_and_all(web):
+    keep, drop = (deliver(web.store, f"Subject: {n}\r\n\r\nx\r\n".encode()) for n in "ab")
+    assert get_json(web, f"/api/messages/{drop}", "DELETE") == (200, {"deleted": 1})
+    assert get_json(web, f"/api/messages/{drop}", "DELETE")[0] == 404
+    assert [m["id"] for m in get_json(web, "/api/messages")[1]["messages"]] == [keep]
+    assert get_json(web, "/api/messages", "DELETE") == (200, {"deleted": 1})
+    assert files_in(web.store.path, "new") == [] and files_in(web.store.path, "cur") == []
+
+
+def test_web_mark_seen_moves_the_file_to_cur_as_mutt_does(web):
+    key = deliver(web.store, b"Subject: x\r\n\r\nx\r\n")
+    assert get_json(web, f"/api/messages/{key}/seen", "PUT") == (200, {"seen": True})
+    assert [p.name for p in files_in(web.store.path, "cur")] == [f"{key}:2,S"]
+    _, data = get_json(web, "/api/messages")
+    assert (data["unread"], data["messages"][0]["seen"]) == (0, True)
+    assert [m.key for m in mailbox.Maildir(web.store.path, create=False).keys()
+            for m in [type("k", (), {"key": m})]] == [key]
+
+
+def test_web_sees_changes_made_by_other_programs(web):
+    key = deliver(web.store, b"Subject: x\r\n\r\nx\r\n")
+    get(web, "/api/messages")
+    (web.store.path / "new" / key).unlink()  # as if mutt deleted it
+    assert get_json(web, "/api/messages")[1]["total"] == 0
+
+
+def test_web_latest_and_wait(web):
+    assert get_json(web, "/api/messages/latest")[0] == 404
+    assert get_json(web, "/api/messages/wait?timeout=0")[0] == 408
+    deliver(web.store, b"Subject: older\r\n\r\nx\r\n")
+    before = time.time()
+    threading.Timer(0.1, deliver, (web.store, b"Subject: awaited token-42\r\n\r\nx\r\n")).start()
+    status, found = get_json(web, f"/api/messages/wait?query=token-42&timeout=5&after={int(before)}")
+    assert (status, found["subject"]) == (200, "awaited token-42")
+    assert get_json(web, "/api/messages/latest")[1]["subject"] == "awaited token-42"
+
+
+@pytest.mark.parametrize("headers, status", [
+    ({"Host": "evil.test:8025"}, 403),  # DNS rebinding
+    ({"Origin": "http://evil.test"}, 403),  # a form or fetch from another site
+    ({"Sec-Fetch-Site": "cross-site"}, 403),
+    ({"Origin": "http://127.0.0.1:8025"}, 200),  # the inbox page itself
+])
+def test_web_refuses_requests_from_other_sites(web, headers, status):
+    deliver(web.store, b"Subject: x\r\n\r\nx\r\n")
+    response = web.respond("DELETE", "/api/messages", {"Host": "127.0.0.1:8025", **headers})
+    assert response.status == status
+
+
+@pytest.mark.parametrize("data", [
+    b"Content-Type: multipart/mixed; boundary=\"b\"\r\n\r\n--b\r\nContent-Type: text/plain\r\n",
+    b"Subject: =?x-unknown?q?abc?=\r\nContent-Type: text/plain; charset=x-unknown\r\n\r\n\xff\r\n",
+    b"Subject: \xe9\xff raw 8-bit\r\nFrom: \xff\r\n\r\nbody\r\n",
+    b"Content-Type: multipart/alternative\r\n\r\nno boundary at all\r\n",
+    b"Content-Type: text/html; charset=utf-8\r\nContent-Transfer-Encoding: base64\r\n\r\n!!!\r\n",
+    b"\r\n",
+])
+def test_web_malformed_messages_never_give_500(web, data):
+    key = deliver(web.store, data)
+    for suffix in ("", "/raw", "/html", "/attachments/0"):
+        assert get(web, f"/api/messages/{key}{suffix}").status in (200, 404), suffix
+    assert get_json(web, "/api/messages")[1]["total"] == 1
+
+
+def test_web_index_reads_each_message_once_with_ten_thousand(web, monkeypatch):
+    new = web.store.path / "new"
+    for number in range(10_000):
+        (new / f"{1700000000 + number}.M000000P1Q{number}.test").write_bytes(
+            f"Subject: bulk {number}\r\n\r\nx\r\n".encode())
+    read = []
+    real = sheesh.summarize
+    monkeypatch.setattr(sheesh, "summarize", lambda *args: read.append(args[0]) or real(*args))
+    _, first = get_json(web, "/api/messages?limit=50")
+    assert (first["total"], len(first["messages"])) == (10_000, 50)
+    assert first["messages"][0]["subject"] == "bulk 9999"
+    assert len(read) == 10_000
+    _, second = get_json(web, "/api/messages?limit=50&offset=9950")
+    assert second["messages"][-1]["subject"] == "bulk 0"
+    assert len(read) == 10_000  # the second request read no message again
+
+
+@pytest.fixture
+def web_server(tmp_path):
+    with make_server(tmp_path, http_port=0) as server:
+        yield server
+
+
+def http(server, path, method="GET"):
+    request = urllib.request.Request(server.web_url.rstrip("/") + path, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, dict(error.headers), error.read()
+
+
+def test_http_list_view_raw_attachment_delete(web_server):
+    message = rich_message("over http")
+    with smtplib.SMTP(web_server.host, web_server.port) as client:
+        client.sendmail("alice@b.test", ["c@d.test"], message)
+    status, headers, body = http(web_server, "/api/messages")
+    assert status == 200 and headers["Content-Type"] == "application/json"
+    assert "Access-Control-Allow-Origin" not in headers  # no other site may read the mail
+    key = json.loads(body)["messages"][0]["id"]
+    detail = json.loads(http(web_server, f"/api/messages/{key}")[2])
+    assert detail["subject"] == "over http"
+    assert body_of_stored(http(web_server, f"/api/messages/{key}/raw")[2]) == message
+    assert http(web_server, f"/api/messages/{key}/attachments/0")[2] == b"\x00\x01\x02binary"
+    assert http(web_server, f"/api/messages/{key}", "DELETE")[0] == 200
+    assert http(web_server, f"/api/messages/{key}")[0] == 404
+    assert http(web_server, "/api/health")[0] == 200
+
+
+def test_http_event_stream_announces_new_mail(web_server):
+    stream = urllib.request.urlopen(web_server.web_url + "api/events", timeout=10)
+    assert stream.headers["Content-Type"] == "text/event-stream"
+    keys = []
+    for number in range(3):  # one event per message, each sent once
+        with smtplib.SMTP(web_server.host, web_server.port) as client:
+            client.sendmail("a@b.test", ["c@d.test"], f"Subject: live {number}\r\n\r\nx\r\n")
+        assert stream.readline() == b"event: new\n"
+        keys.append(json.loads(stream.readline().removeprefix(b"data: "))["id"])
+        assert stream.readline() == b"\n"
+    stream.close()
+    assert len(set(keys)) == 3
+    assert json.loads(http(web_server, f"/api/messages/{keys[2]}")[2])["subject"] == "live 2"
+
+
+def test_cli_serves_the_web_inbox_and_prints_its_url(tmp_path):
+    sheesh_process = Process(tmp_path, "--http-port", "0")
+    try:
+        url = re.search(r"web inbox and API at (http://127\.0\.0\.1:\d+/)",
+                        sheesh_process.proc.stderr.readline()).group(1)
+        with urllib.request.urlopen(url + "api/health", timeout=5) as response:
+            assert json.loads(response.read())["status"] == "ok"
+    finally:
+        sheesh_process.stop()
+
+
+class Browser:
+    """Headless Chromium driven through the DevTools protocol over a pipe (fds 3 and 4), so
+    the test needs no WebSocket client."""
+
+    def __init__(self, profile: Path):
+        import shutil
+        chromium = next(filter(None, map(shutil.which, ["chromium", "chromium-browser",
+                                                        "google-chrome"])), None)
+        if chromium is None or os.name != "posix":
+            pytest.skip("no Chromium installed (.ci/run installs Debian's chromium)")
+        to_browser, self.to_browser = os.pipe()
+        self.from_browser, from_browser = os.pipe()
+        # Chromium reads the protocol on fd 3 and writes on fd 4: a little launcher moves the
+        # pipes there (first out of the way, in case either already is 3 or 4).
+        launcher = ("import fcntl, os, sys; fds = [fcntl.fcntl(int(fd), fcntl.F_DUPFD, 10) "
+                    "for fd in sys.argv[1:3]]; os.dup2(fds[0], 3); os.dup2(fds[1], 4); "
+                    "os.execv(sys.argv[3], sys.argv[3:])")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", launcher, str(to_browser), str(from_browser), chromium,
+             "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             "--remote-debugging-pipe", f"--user-data-dir={profile}", "about:blank"],
+            pass_fds=(to_browser, from_browser), stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL)
+        os.close(to_browser)
+        os.close(from_browser)
+        self.buffer, self.next_id, self.session = b"", 0, None
+
+    def call(self, method, **params):
+        import select
+        self.next_id += 1
+        message = {"id": self.next_id, "method": method, "params": params}
+        if self.session:
+            message["sessionId"] = self.session
+        os.write(self.to_browser, json.dumps(message).encode() + b"\0")
+        deadline = time.monotonic() + 20
+        while True:
+            while b"\0" in self.buffer:
+                raw, _, self.buffer = self.buffer.partition(b"\0")
+                answer = json.loads(raw)
+                if answer.get("id") == self.next_id:
+                    if "error" in answer:
+                        raise AssertionError(answer["error"])
+                    return answer["result"]
+            ready, _, _ = select.select([self.from_browser], [], [], deadline - time.monotonic())
+            if not ready:
+                raise AssertionError(f"Chromium did not answer {method}")
+            self.buffer += os.read(self.from_browser, 1 << 16)
+
+    def open(self, url):
+        target = self.call("Target.createTarget", url=url)["targetId"]
+        self.session = self.call("Target.attachToTarget", targetId=target,
+                                 flatten=True)["sessionId"]
+
+    def evaluate(self, expression):
+        return self.call("Runtime.evaluate", expression=expression,
+                         returnByValue=True)["result"].get("value")
+
+    def wait_for(self, expression, what):
+        wait_until(lambda: self.evaluate(expression), timeout=15, what=what)
+
+    def close(self):
+        self.proc.kill()
+        self.proc.wait()
+        os.close(self.to_browser)
+        os.close(self.from_browser)
+
+
+def test_browser_shows_new_mail_without_reload_and_escapes_it(web_server, tmp_path):
+    browser = Browser(tmp_path / "profile")
+    try:
+        evil = '<img src=x onerror="window.hacked=1"> first'
+        with smtplib.SMTP(web_server.host, web_server.port) as client:
+            client.sendmail("a@b.test", ["c@d.test"], f"Subject: {evil}\r\n\r\nx\r\n".encode())
+        browser.open(web_server.web_url)
+        browser.wait_for(f"document.body.innerText.includes({json.dumps(evil)})",
+                         "the first subject, as text")
+        assert browser.evaluate("document.querySelectorAll('#rows img').length") == 0
+        assert browser.evaluate("window.hacked === undefined")
+        assert browser.evaluate("document.title") == "(1) sheesh"
+        with smtplib.SMTP(web_server.host, web_server.port) as client:
+            client.sendmail("a@b.test", ["c@d.test"], b"Subject: second arrives live\r\n\r\nx\r\n")
+        browser.wait_for("document.body.innerText.includes('second arrives live')",
+                         "the second message, without a reload")
+        browser.wait_for("document.title === '(2) sheesh'", "the unread count in the title")
+    finally:
+        browser.close()
