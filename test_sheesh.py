@@ -1324,6 +1324,22 @@ class Process:
         return self.proc.returncode, stdout, stderr
 
 
+@pytest.fixture
+def cli(tmp_path):
+    """Starts sheesh.py as a program; whatever happens in the test, it is stopped after."""
+    started = []
+
+    def start(*args):
+        started.append(Process(tmp_path, *args))
+        return started[-1]
+
+    yield start
+    for process in started:
+        if process.proc.poll() is None:
+            process.proc.kill()
+            process.proc.wait()
+
+
 def test_cli_help_shows_every_option_with_its_default():
     result = run_cli("--help")
     assert result.returncode == 0
@@ -1360,8 +1376,8 @@ def test_cli_port_in_use_is_one_line_and_exit_2(tmp_path, server):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
-def test_cli_serves_logs_one_line_per_message_and_exits_0_on_ctrl_c(tmp_path):
-    sheesh_process = Process(tmp_path)
+def test_cli_serves_logs_one_line_per_message_and_exits_0_on_ctrl_c(cli):
+    sheesh_process = cli()
     assert f"storing mail in {sheesh_process.maildir}" in sheesh_process.first_line
     message = b"Subject: =?utf-8?q?caf=C3=A9?= \x1b[31mred\r\n\r\nx\r\n"
     with smtplib.SMTP(sheesh_process.host, sheesh_process.port) as client:
@@ -1375,8 +1391,8 @@ def test_cli_serves_logs_one_line_per_message_and_exits_0_on_ctrl_c(tmp_path):
     assert len(files_in(sheesh_process.maildir, "new")) == 1
 
 
-def test_cli_print_shows_the_envelope_and_the_message(tmp_path):
-    sheesh_process = Process(tmp_path, "--print", "--quiet")
+def test_cli_print_shows_the_envelope_and_the_message(cli):
+    sheesh_process = cli("--print", "--quiet")
     with smtplib.SMTP(sheesh_process.host, sheesh_process.port) as client:
         client.sendmail("a@b.test", ["to@d.test", "bcc@d.test"], b"Subject: printed\r\n\r\nbody\r\n")
     code, stdout, stderr = sheesh_process.stop(signal.SIGTERM)
@@ -1396,9 +1412,9 @@ needs_linux_and_two_cpus = pytest.mark.skipif(
 
 
 @needs_linux_and_two_cpus
-def test_cli_runs_on_one_cpu_by_default(tmp_path):
+def test_cli_runs_on_one_cpu_by_default(cli):
     with_gil = getattr(sys, "_is_gil_enabled", lambda: True)()
-    sheesh_process = Process(tmp_path)
+    sheesh_process = cli()
     try:
         cpu = max(os.sched_getaffinity(0))
         if with_gil:
@@ -1409,8 +1425,8 @@ def test_cli_runs_on_one_cpu_by_default(tmp_path):
 
 
 @needs_linux_and_two_cpus
-def test_cli_cpu_all_leaves_every_cpu(tmp_path):
-    sheesh_process = Process(tmp_path, "--cpu", "all")
+def test_cli_cpu_all_leaves_every_cpu(cli):
+    sheesh_process = cli("--cpu", "all")
     try:
         assert "running on CPU" not in sheesh_process.first_line
         assert cpus_of(sheesh_process.proc.pid) == cpus_of(os.getpid())
@@ -1418,15 +1434,15 @@ def test_cli_cpu_all_leaves_every_cpu(tmp_path):
         sheesh_process.stop()
 
 
-def test_cli_warns_when_listening_beyond_loopback(tmp_path):
-    sheesh_process = Process(tmp_path, "--host", "0.0.0.0")
+def test_cli_warns_when_listening_beyond_loopback(cli):
+    sheesh_process = cli("--host", "0.0.0.0")
     warning = sheesh_process.proc.stderr.readline()
     assert "not a loopback address" in warning
     sheesh_process.stop()
 
 
-def test_sigterm_lets_a_message_in_data_finish_then_exits_0(tmp_path):
-    sheesh_process = Process(tmp_path, "--grace", "5")
+def test_sigterm_lets_a_message_in_data_finish_then_exits_0(cli):
+    sheesh_process = cli("--grace", "5")
     client = socket.create_connection((sheesh_process.host, sheesh_process.port), timeout=10)
     reader = client.makefile("rb")
     reader.readline()
@@ -1447,8 +1463,8 @@ def test_sigterm_lets_a_message_in_data_finish_then_exits_0(tmp_path):
     assert path.read_bytes().endswith(b"first half\r\nsecond half\r\n")
 
 
-def test_sigterm_drops_a_message_that_does_not_finish_within_the_grace(tmp_path):
-    sheesh_process = Process(tmp_path, "--grace", "0.3")
+def test_sigterm_drops_a_message_that_does_not_finish_within_the_grace(cli):
+    sheesh_process = cli("--grace", "0.3")
     client = socket.create_connection((sheesh_process.host, sheesh_process.port), timeout=10)
     reader = client.makefile("rb")
     reader.readline()
@@ -2091,8 +2107,8 @@ def test_http_event_stream_announces_new_mail(web_server):
     assert json.loads(http(web_server, f"/api/messages/{keys[2]}")[2])["subject"] == "live 2"
 
 
-def test_cli_serves_the_web_inbox_and_prints_its_url(tmp_path):
-    sheesh_process = Process(tmp_path, "--http-port", "0")
+def test_cli_serves_the_web_inbox_and_prints_its_url(cli):
+    sheesh_process = cli("--http-port", "0")
     try:
         url = re.search(r"web inbox and API at (http://127\.0\.0\.1:\d+/)",
                         sheesh_process.proc.stderr.readline()).group(1)
