@@ -21,11 +21,12 @@ The file reads top to bottom, the way one message travels through it:
     3. Commands      one small class per verb, and parse_command()
     4. DATA          finding the end of a message and removing dot-stuffing
     5. The session   the SMTP state machine: bytes in, replies out; no sockets, files or clocks
-    6. The store     a Maildir: written in tmp/, renamed into new/
-    7. The handler   the only code that reads from or writes to a connection
-    8. The server    threads, the connection limit, a clean stop, and the in-process API
-    9. The web inbox a page and a JSON API over the same Maildir, with http.server
-   10. The CLI       main()
+    6. Faults        failures injected on purpose, so apps can test their retries
+    7. The store     a Maildir: written in tmp/, renamed into new/
+    8. The handler   the only code that reads from or writes to a connection
+    9. The server    threads, the connection limit, a clean stop, and the in-process API
+   10. The web inbox a page and a JSON API over the same Maildir, with http.server
+   11. The CLI       main()
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import email.policy
 import email.utils
 import enum
 import errno
+import fnmatch
 import functools
 import hashlib
 import hmac
@@ -48,6 +50,7 @@ import json
 import itertools
 import logging
 import os
+import random
 import re
 import secrets
 import select
@@ -206,6 +209,8 @@ STORAGE_FAILED = reply(451, "4.3.0 Error: local error in processing, try again l
 TOO_MANY_UNKNOWN = reply(421, "4.7.0 Error: too many unrecognized commands, goodbye")
 TOO_MANY_AUTH_FAILURES = reply(421, "4.7.0 Error: too many failed authentications, goodbye")
 TLS_ON_PLAIN_PORT = reply(421, "4.7.0 Error: this port speaks plain SMTP first, use STARTTLS")
+# Not a reply: what an injected "disconnect" fault returns, so the handler hangs up instead.
+HANG_UP = Reply(0, ("(the connection is closed without a reply)",))
 TOO_MANY_CONNECTIONS = reply(421, "4.7.0 Error: too many connections, try again later")
 TIMEOUT = reply(421, "4.4.2 Error: timeout exceeded, goodbye")
 SHUTTING_DOWN = reply(421, "4.3.2 Service shutting down, goodbye")
@@ -576,6 +581,9 @@ class Session:
     unknown_commands: int = 0
     auth_failures: int = 0
     closing_note: str = ""  # why the session closed itself, for the log
+    faults: FaultPlan | None = None  # failures to inject on purpose (--fail)
+    fault_notes: list[str] = field(default_factory=list)  # injected faults, for the log
+    delay: float = 0.0  # seconds the handler should wait before sending the next replies
     _unread: bytes = b""  # the start of a command line whose end has not arrived
     _overlong: bool = False  # dropping the rest of a command line that was too long
     _data: DataReader | None = None
@@ -587,6 +595,9 @@ class Session:
     _auth_challenge: bytes = b""
 
     def greeting(self) -> Reply:
+        if (fault := self.inject("connect")) is not None:
+            self.state = State.CLOSED  # a refused connection: say why, then close
+            return fault
         return greeting(self.hostname)
 
     @property
@@ -653,6 +664,8 @@ class Session:
             return self.continue_auth(line)
         match parse_command(line):
             case Helo(name) | Ehlo(name) as hello:
+                if (fault := self.inject("ehlo")) is not None:
+                    return fault
                 return self.hello(name, extended=isinstance(hello, Ehlo))
             case Mail() as mail:
                 return self.mail(mail)
@@ -720,6 +733,8 @@ class Session:
             return UNKNOWN_PARAMETER  # parameters are ESMTP: a HELO client cannot use them
         if mail.size is not None and mail.size > self.policy.max_size:
             return MESSAGE_TOO_BIG  # RFC 1870 section 6.1: refuse it before it is sent
+        if (fault := self.inject("mail", mail.sender)) is not None:
+            return fault
         self.envelope = Envelope(sender=mail.sender, body=mail.body, smtputf8=mail.smtputf8)
         self.state = State.MAIL
         return SENDER_OK
@@ -729,6 +744,8 @@ class Session:
             return NEED_MAIL
         if len(self.envelope.recipients) >= self.policy.max_recipients:
             return TOO_MANY_RECIPIENTS
+        if (fault := self.inject("rcpt", recipient)) is not None:
+            return fault  # this recipient only: the others stay in the transaction
         self.envelope.recipients.append(recipient)
         self.state = State.RCPT
         return RECIPIENT_OK
@@ -738,6 +755,8 @@ class Session:
             return NEED_RCPT
         if self.state is not State.RCPT:
             return NEED_MAIL if self.state is State.GREETED else NEED_HELO
+        if (fault := self.inject("data")) is not None:
+            return fault
         envelope = self.envelope
         envelope.client_name, envelope.peer, envelope.tls = self.client_name, self.peer, self.tls
         envelope.auth_user = self.auth_user
@@ -782,6 +801,9 @@ class Session:
         try:
             if problem is not None:
                 return problem
+            if (fault := self.inject("end-of-data")) is not None:
+                writer.abort()  # a refused message leaves nothing behind
+                return fault
             return queued(writer.commit())  # only now is the message on disk: a 250 promises it
         except OSError as error:
             return storage_problem(error)
@@ -792,7 +814,7 @@ class Session:
         """RSET, a new HELO, or the end of DATA: forget the transaction, keep the session."""
         self._abort_writer()
         self.envelope, self._data = Envelope(), None
-        if self.state is not State.CONNECTED:
+        if self.state not in (State.CONNECTED, State.CLOSED):
             self.state = State.GREETED
 
     def unknown(self) -> Reply:
@@ -800,6 +822,21 @@ class Session:
         if self.unknown_commands > MAX_UNKNOWN_COMMANDS:
             return self.close(TOO_MANY_UNKNOWN, "too many unrecognized commands")
         return UNKNOWN_COMMAND
+
+    def inject(self, stage: str, subject: str = "") -> Reply | None:
+        """A failure configured for this point (--fail), or None to go on as usual. A delay
+        is left to the handler, which waits before it sends the replies."""
+        rule = self.faults.decide(stage, subject) if self.faults is not None else None
+        if rule is None:
+            return None
+        self.fault_notes.append(f"{stage} {subject}: {rule.text}".replace("  ", " "))
+        if rule.delay:
+            self.delay += rule.delay
+            return None
+        if rule.disconnect:
+            self.state = State.CLOSED
+            return HANG_UP
+        return rule.reply
 
     def close(self, last_reply: Reply, note: str) -> Reply:
         """End the session from our side, with a last reply and a note for the log."""
@@ -837,6 +874,8 @@ class Session:
             return NEED_TLS_FOR_AUTH
         if mechanism not in self.mechanisms():
             return UNKNOWN_MECHANISM
+        if (fault := self.inject("auth")) is not None:
+            return fault
         self._auth_mechanism, self._auth_username = mechanism, None
         self.state = State.AUTH
         if mechanism == "CRAM-MD5":  # RFC 2195: the server speaks first, with a fresh challenge
@@ -892,6 +931,7 @@ class Session:
 
     def auth_failed(self) -> Reply:
         self.auth_failures += 1
+        self.delay += AUTH_FAILURE_DELAY  # slows down guessing; only this client waits
         if self.auth_failures >= MAX_AUTH_FAILURES:
             return self.close(TOO_MANY_AUTH_FAILURES, "too many failed authentications")
         return BAD_CREDENTIALS
@@ -910,7 +950,125 @@ def storage_problem(error: OSError) -> Reply:
 
 
 # ---------------------------------------------------------------------------------------------
-# 6. The store: a Maildir
+# 6. Fault injection
+#
+# An app that sends mail must be tested against a server that says no, says "later", is slow,
+# or hangs up. A rule says where it applies, what it matches, what happens, and how often:
+#
+#     STAGE [PATTERN]: ACTION [, FREQUENCY]
+#
+#     rcpt *@bounce.test: 550 5.1.1 No such user          every mail to @bounce.test bounces
+#     data: 451 4.3.0 Try again later, 10%                one message in ten is deferred
+#     end-of-data: disconnect                             hang up after the message, unanswered
+#     mail: delay 5, first 3                              the first three MAILs wait 5 seconds
+#
+# STAGE is connect, ehlo, auth, mail, rcpt, data or end-of-data; PATTERN, for mail and rcpt
+# only, is a shell-style pattern on the address; ACTION is a reply ("550 5.1.1 No such user"),
+# "delay SECONDS" (then the command goes on as usual) or "disconnect"; FREQUENCY is "always"
+# (the default), a percentage, or "first N". The first rule that matches and fires decides.
+# ---------------------------------------------------------------------------------------------
+
+FAULT_STAGES = ("connect", "ehlo", "auth", "mail", "rcpt", "data", "end-of-data")
+FAULT_SYNTAX = "STAGE [PATTERN]: REPLY | delay SECONDS | disconnect [, always | N% | first N]"
+
+
+@dataclass
+class FaultRule:
+    text: str  # the rule as written, which is also how it is shown
+    stage: str
+    pattern: str = ""  # fnmatch-style, on the MAIL or RCPT address; "" matches everything
+    reply: Reply | None = None
+    delay: float = 0.0
+    disconnect: bool = False
+    probability: float = 1.0
+    times_left: int | None = None  # for "first N"
+
+    def public(self) -> dict:
+        action = ("disconnect" if self.disconnect else f"delay {self.delay:g}" if self.delay
+                  else " ".join([str(self.reply.code), *self.reply.lines]))
+        frequency = (f"first {self.times_left} (left)" if self.times_left is not None
+                     else "always" if self.probability == 1 else f"{self.probability * 100:g}%")
+        return {"rule": self.text, "stage": self.stage, "match": self.pattern,
+                "action": action, "frequency": frequency}
+
+
+def parse_fault(text: str) -> FaultRule:
+    """A rule from its one-line form; ValueError, saying what is wrong, if it is not one."""
+    head, colon, tail = text.partition(":")
+    stage, _, pattern = head.strip().partition(" ")
+    if not colon or stage.lower() not in FAULT_STAGES:
+        raise ValueError(f"{text!r} is not a rule: {FAULT_SYNTAX}, where STAGE is one of "
+                         f"{', '.join(FAULT_STAGES)}")
+    rule = FaultRule(" ".join(text.split()), stage.lower(), pattern.strip().lower())
+    if rule.pattern and rule.stage not in ("mail", "rcpt"):
+        raise ValueError(f"{text!r}: only mail and rcpt rules take an address pattern")
+    action, frequency = tail.strip(), "always"
+    if found := re.search(r",\s*(always|\d+(?:\.\d+)?%|first\s+\d+)\s*$", action, re.I):
+        action, frequency = action[:found.start()].strip(), found.group(1).lower()
+    if frequency.endswith("%"):
+        rule.probability = min(float(frequency[:-1]) / 100, 1.0)
+    elif frequency.startswith("first"):
+        rule.times_left = int(frequency.split()[1])
+    if action.lower() == "disconnect":
+        rule.disconnect = True
+    elif found := re.fullmatch(r"delay\s+(\d+(?:\.\d+)?)", action, re.I):
+        rule.delay = float(found.group(1))
+    elif found := re.fullmatch(r"([45]\d\d)(?:\s+(\S.*))?", action):
+        rule.reply = reply(int(found.group(1)), found.group(2) or "Error: failure injected")
+    else:
+        raise ValueError(f"{text!r}: the action must be a 4xx or 5xx reply, "
+                         "'delay SECONDS' or 'disconnect'")
+    return rule
+
+
+def fault_from_json(value) -> FaultRule:
+    """A rule from the API: its one-line form, or an object with the same parts by name."""
+    if isinstance(value, str):
+        return parse_fault(value)
+    if not isinstance(value, dict) or not {"stage", "action"} <= value.keys():
+        raise ValueError('a rule is a string, or an object with "stage", "action" and '
+                         'optionally "match" and "frequency"')
+    text = f'{value["stage"]} {value.get("match", "")}: {value["action"]}, ' \
+           f'{value.get("frequency", "always")}'
+    return parse_fault(text)
+
+
+class FaultPlan:
+    """The rules in force, shared by every session; replaced at run time through the API."""
+
+    def __init__(self, rules: list[FaultRule] = (), seed: int | None = None) -> None:
+        self._lock = threading.Lock()
+        self.replace(rules, seed)
+
+    def replace(self, rules: list[FaultRule], seed: int | None = None) -> None:
+        with self._lock:
+            self.rules, self.seed = list(rules), seed
+            self._random = random.Random(seed)  # a seed makes a run of chances repeatable
+
+    def decide(self, stage: str, subject: str = "") -> FaultRule | None:
+        if not self.rules:
+            return None
+        with self._lock:
+            for rule in self.rules:
+                if rule.stage != stage or not fnmatch.fnmatchcase(subject.lower(),
+                                                                   rule.pattern or "*"):
+                    continue
+                if rule.times_left is not None:
+                    if rule.times_left == 0:
+                        continue
+                    rule.times_left -= 1
+                elif rule.probability < 1 and self._random.random() >= rule.probability:
+                    continue
+                return rule
+        return None
+
+    def public(self) -> dict:
+        with self._lock:
+            return {"seed": self.seed, "rules": [rule.public() for rule in self.rules]}
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. The store: a Maildir
 #
 # A Maildir is a folder with three folders in it: tmp, new and cur. A message is written into
 # tmp/ under a name nobody else will use, flushed to disk, and only then renamed into new/, so a
@@ -1113,7 +1271,7 @@ def escape_for_log(text: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# 7. The handler
+# 8. The handler
 #
 # socketserver gives each connection a thread and a StreamRequestHandler, with rfile and wfile
 # over the socket. The handler moves bytes between the socket and the session and does nothing
@@ -1146,7 +1304,7 @@ class SMTPHandler(socketserver.StreamRequestHandler):
     def handle(self) -> None:
         server: SMTPServer = self.server
         self.session = Session(server.store, server.config.hostname, self.client_address[0],
-                               server.policy)
+                               server.policy, faults=server.faults)
         refusal = server.admit(self)
         if refusal is not None:
             self.send_last(refusal)
@@ -1177,7 +1335,7 @@ class SMTPHandler(socketserver.StreamRequestHandler):
         session, server = self.session, self.server
         if server.implicit_tls and not self.start_tls():
             return
-        self.send([session.greeting()])
+        self.answer([session.greeting()])
         self.unit_started = time.monotonic()
         while not session.closed:
             data = self.read()
@@ -1185,11 +1343,8 @@ class SMTPHandler(socketserver.StreamRequestHandler):
                 if server.stopping:
                     self.send_last(SHUTTING_DOWN)
                 return
-            was_busy, failures = session.busy, session.auth_failures
-            replies = session.receive(data)
-            if session.auth_failures > failures:
-                time.sleep(AUTH_FAILURE_DELAY)  # slows down guessing; only this client waits
-            self.send(replies)
+            was_busy = session.busy
+            self.answer(session.receive(data))
             if session.busy and not was_busy:
                 self.unit_started = time.monotonic()
             if session.tls_requested and not self.start_tls():
@@ -1229,6 +1384,20 @@ class SMTPHandler(socketserver.StreamRequestHandler):
         self.session.tls_started(f"{tls.version()} with cipher {tls.cipher()[0]}")
         return True
 
+    def answer(self, replies: list[Reply]) -> None:
+        """Send the session's replies, after any delay it asked for (a failed AUTH, an injected
+        fault); an injected "disconnect" hangs up instead of sending its reply."""
+        session = self.session
+        for note in session.fault_notes:
+            log.warning("injected fault for %s: %s", self.client_address[0], escape_for_log(note))
+        session.fault_notes.clear()
+        if session.delay:
+            time.sleep(session.delay)
+            session.delay = 0.0
+        if session.closed and replies and replies[-1] is HANG_UP:
+            replies = replies[:-1]  # the session stopped there: nothing follows it
+        self.send(replies)
+
     def send(self, replies: list[Reply]) -> None:
         if replies:
             self.wfile.write(b"".join([reply_.wire for reply_ in replies]))
@@ -1249,7 +1418,7 @@ class SMTPHandler(socketserver.StreamRequestHandler):
 
 
 # ---------------------------------------------------------------------------------------------
-# 8. The server
+# 9. The server
 #
 # SMTPServer is socketserver's ThreadingTCPServer with the limits a long-running server needs:
 # a deep listen backlog, a cap on connections, and a stop that lets messages in DATA finish.
@@ -1279,6 +1448,8 @@ class Config:
     auth_required: bool = False
     users: dict[str, str] | None = None  # user name -> password; None accepts any credentials
     http_port: int | None = None  # the web inbox and API; None: off (the CLI's default is 8025)
+    faults: tuple[str, ...] = ()  # rules for failing on purpose (section 6)
+    fail_seed: int | None = None  # makes the chances in those rules repeatable
 
     @property
     def tls(self) -> bool:
@@ -1297,9 +1468,10 @@ class SMTPServer(socketserver.ThreadingTCPServer):
     allow_reuse_address = os.name != "nt"  # on Windows it would let two servers share a port
 
     def __init__(self, config: Config, store: Maildir, tls_context=None,
-                 port: int | None = None) -> None:
+                 port: int | None = None, faults: FaultPlan | None = None) -> None:
         """An SMTP listener; with a port other than the Config's, the SMTPS one (TLS at once)."""
         self.config, self.store, self.policy = config, store, config.policy()
+        self.faults = faults
         self.tls_context, self.implicit_tls = tls_context, port is not None
         self.address_family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
         self.stopping = False
@@ -1446,6 +1618,8 @@ class Server:
         self.tls_context = None
         self.index: MessageIndex | None = None
         self.web: WebServer | None = None
+        self.faults = FaultPlan([parse_fault(rule) for rule in self.config.faults],
+                                self.config.fail_seed)
 
     def start(self) -> Server:
         """Create the Maildir, set up TLS, bind the ports and start serving. OSError (or
@@ -1454,14 +1628,16 @@ class Server:
             self.tls_context = make_tls_context(self.config)
         self.store.create()
         try:
-            self._listeners.append(SMTPServer(self.config, self.store, self.tls_context))
+            self._listeners.append(SMTPServer(self.config, self.store, self.tls_context,
+                                              faults=self.faults))
             if self.config.smtps_port is not None:
                 self._listeners.append(SMTPServer(self.config, self.store, self.tls_context,
-                                                  port=self.config.smtps_port))
+                                                  port=self.config.smtps_port,
+                                                  faults=self.faults))
             if self.config.http_port is not None:
                 self.index = MessageIndex(self.store)
                 self.web = WebServer(self.config.host, self.config.http_port,
-                                     WebApp(self.index, allowed_hosts=self.allowed_hosts()))
+                                     WebApp(self.index, self.faults, self.allowed_hosts()))
         except OSError:
             self.stop()
             raise
@@ -1599,7 +1775,7 @@ def subject_of(path: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# 9. The web inbox and JSON API
+# 10. The web inbox and JSON API
 #
 # A page to read the mail in a browser, and a JSON API for tests, served by http.server from
 # the same Maildir, at http://127.0.0.1:8025 (the port Mailpit and MailHog use). The same split
@@ -1909,9 +2085,9 @@ HTML_PART_POLICY = ("default-src 'none'; style-src 'unsafe-inline' data:; img-sr
 class WebApp:
     """The web inbox's routes: a request in, a Response out."""
 
-    def __init__(self, index: MessageIndex, server: Server | None = None,
+    def __init__(self, index: MessageIndex, faults: FaultPlan | None = None,
                  allowed_hosts: frozenset[str] | None = None) -> None:
-        self.index, self.server = index, server
+        self.index, self.faults = index, faults or FaultPlan()
         self.allowed_hosts = allowed_hosts  # None: any Host header (listening beyond loopback)
 
     def respond(self, method: str, target: str, headers=None,
@@ -1974,6 +2150,10 @@ class WebApp:
                 return self.attachment(key, number)
             case "GET", ["api", "events"]:
                 return EventStream(self.index.last_event)
+            case "GET", ["api", "faults"]:
+                return json_response(self.faults.public())
+            case "PUT", ["api", "faults"]:
+                return self.replace_faults(body)
             case _, ["api", *_]:
                 return json_error(404 if method in ("GET", "DELETE", "PUT") else 405,
                                   f"no such endpoint: {method} /{'/'.join(parts)}")
@@ -1989,6 +2169,21 @@ class WebApp:
         total, unread, page = self.index.search(text, min(limit, PAGE_LIMIT_MAX), offset)
         return json_response({"total": total, "unread": unread, "offset": offset,
                               "messages": [summary.public() for summary in page]})
+
+    def replace_faults(self, body: bytes) -> Response:
+        """PUT /api/faults {"rules": [...], "seed": 42}: the rules in force from now on."""
+        try:
+            request = json.loads(body or b"{}")
+            rules = [fault_from_json(rule) for rule in request.get("rules", [])]
+            seed = request.get("seed")
+            if seed is not None and not isinstance(seed, int):
+                raise ValueError("seed must be a whole number or null")
+        except (ValueError, AttributeError) as error:  # json.JSONDecodeError is a ValueError
+            raise BadRequest(str(error)) from None
+        self.faults.replace(rules, seed)
+        log.warning("fault rules replaced through the API: %s",
+                    escape_for_log("; ".join(rule.text for rule in rules) or "none"))
+        return json_response(self.faults.public())
 
     def wait(self, query: dict) -> Response:
         timeout = min(float(number(query, "timeout", 10)), WAIT_TIMEOUT_MAX)
@@ -2318,7 +2513,7 @@ loadList();
 
 
 # ---------------------------------------------------------------------------------------------
-# 10. The CLI
+# 11. The CLI
 # ---------------------------------------------------------------------------------------------
 
 
@@ -2411,6 +2606,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-http", dest="http_port", action="store_const", const=None,
                         help="no web inbox")
     parser.add_argument("--version", action="version", version=f"sheesh {__version__}")
+    failing = parser.add_argument_group("failing on purpose (see README, Fault injection)")
+    failing.add_argument("--fail", dest="faults", metavar="RULE", action="append",
+                         type=fault_rule, default=[],
+                         help="inject a failure: " + FAULT_SYNTAX.replace("%", "%%"))
+    failing.add_argument("--fail-seed", type=int, metavar="N",
+                         help="seed for the chances in --fail rules, to replay a run")
     secure = parser.add_argument_group("TLS and authentication")
     secure.add_argument("--tls-cert", metavar="FILE", help="certificate (PEM) for STARTTLS and "
                         "--smtps-port")
@@ -2425,9 +2626,17 @@ def build_parser() -> argparse.ArgumentParser:
     secure.add_argument("--auth-required", action="store_true",
                         help="refuse MAIL until the client has authenticated")
     secure.add_argument("--users", metavar="FILE", type=read_users,
-                        help="check AUTH against lines of user:password (default: any "
-                        "user name and password are accepted)")
+                        help="check AUTH against lines of user:password; without it, any "
+                        "user name and password are accepted")
     return parser
+
+
+def fault_rule(text: str) -> str:
+    try:
+        parse_fault(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
 
 
 def read_users(path: str) -> dict[str, str]:
@@ -2470,6 +2679,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet, cpu_choice_ = options.pop("quiet"), options.pop("cpu")
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
                         format="%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
+    options["faults"] = tuple(options["faults"])
     server = Server(Config(**options))
     try:
         cpu = pin_to_one_cpu(cpu_choice_)
@@ -2490,6 +2700,8 @@ def main(argv: list[str] | None = None) -> int:
                 "" if cpu is None else f", running on CPU {cpu}")
     if server.web_url:
         log.warning("web inbox and API at %s", server.web_url)
+    for rule in server.faults.rules:
+        log.warning("failing on purpose: %s", escape_for_log(rule.text))
     if not is_loopback(server.host):
         log.warning("warning: %s is not a loopback address: anyone who can reach it can "
                     "send mail here", server.host)

@@ -2205,3 +2205,165 @@ def test_browser_shows_new_mail_without_reload_and_escapes_it(web_server, tmp_pa
         browser.wait_for("document.title === '(2) sheesh'", "the unread count in the title")
     finally:
         browser.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Fault injection
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, stage, pattern, action, frequency", [
+    ("rcpt *@bounce.test: 550 5.1.1 No such user", "rcpt", "*@bounce.test",
+     "550 5.1.1 No such user", "always"),
+    ("DATA: 451 4.3.0 Try again later, 10%", "data", "", "451 4.3.0 Try again later", "10%"),
+    ("end-of-data: disconnect", "end-of-data", "", "disconnect", "always"),
+    ("mail: delay 2.5, first 3", "mail", "", "delay 2.5", "first 3 (left)"),
+    ("connect: 421 4.3.2 Not now, please, always", "connect", "",
+     "421 4.3.2 Not now, please", "always"),
+])
+def test_fault_rules_parse(text, stage, pattern, action, frequency):
+    assert sheesh.parse_fault(text).public() == {
+        "rule": text, "stage": stage, "match": pattern, "action": action, "frequency": frequency}
+
+
+@pytest.mark.parametrize("text, complaint", [
+    ("rcpt 550 no colon", "is not a rule"),
+    ("helo: 550 x", "is not a rule"),
+    ("data *@x.test: 451 x", "only mail and rcpt rules take an address pattern"),
+    ("rcpt: 250 fine", "the action must be a 4xx or 5xx reply"),
+    ("rcpt: explode", "the action must be"),
+])
+def test_fault_rules_that_are_wrong_say_why(text, complaint):
+    with pytest.raises(ValueError, match=complaint):
+        sheesh.parse_fault(text)
+
+
+def faulty(*rules, seed=None, store=None):
+    plan = sheesh.FaultPlan([sheesh.parse_fault(rule) for rule in rules], seed)
+    session = sheesh.Session(store or MemoryStore(), HOSTNAME, "192.0.2.1", faults=plan)
+    return session
+
+
+def test_fault_rejects_one_recipient_and_keeps_the_others():
+    store = MemoryStore()
+    session = faulty("rcpt *@bounce.test: 550 5.1.1 No such user", store=store)
+    assert say(session, "EHLO x", "MAIL FROM:<a@b.test>", "RCPT TO:<ok@d.test>",
+               "RCPT TO:<gone@BOUNCE.test>", "RCPT TO:<also@d.test>", "DATA", "x", ".").endswith(
+        b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n550 5.1.1 No such user\r\n250 2.1.5 Ok\r\n"
+        b"354 End data with <CR><LF>.<CR><LF>\r\n250 2.0.0 Ok: queued as Q1\r\n")
+    assert store.messages[0][0].recipients == ["ok@d.test", "also@d.test"]
+    assert session.fault_notes == ["rcpt gone@BOUNCE.test: rcpt *@bounce.test: 550 5.1.1 No "
+                                   "such user"]
+
+
+def test_fault_at_end_of_data_stores_nothing():
+    store = MemoryStore()
+    session = faulty("end-of-data: 451 4.3.0 Try again later", store=store)
+    say(session, "EHLO x", "MAIL FROM:<a@b.test>", "RCPT TO:<c@d.test>", "DATA")
+    assert say(session, "x", ".") == b"451 4.3.0 Try again later\r\n"
+    assert store.messages == [] and store.open_writers == 0
+
+
+def test_fault_first_n_times_then_normal():
+    session = faulty("mail: 421 4.7.0 Busy, first 2")
+    replies = [say(session, "EHLO x", "MAIL FROM:<a@b.test>", "RSET").split(b"\r\n")[-3]
+               for _ in range(3)]
+    assert replies == [b"421 4.7.0 Busy", b"421 4.7.0 Busy", b"250 2.1.0 Ok"]
+
+
+def test_fault_delay_is_asked_of_the_handler_and_the_command_goes_on():
+    session = faulty("ehlo: delay 1.5")
+    assert say(session, "HELO x") == b"250 sink.test\r\n"
+    assert session.delay == 1.5
+
+
+def test_fault_seeded_probability_repeats_exactly():
+    def run(seed):
+        session = faulty("rcpt: 451 4.3.0 Later, 50%", seed=seed)
+        say(session, "EHLO x", "MAIL FROM:<a@b.test>")
+        return [say(session, f"RCPT TO:<r{n}@d.test>")[:3] for n in range(40)]
+    first, again, other = run(7), run(7), run(8)
+    assert first == again
+    assert first != other
+    assert 8 < first.count(b"451") < 32
+
+
+@pytest.fixture
+def faulty_server(tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="sheesh")
+    with make_server(tmp_path, http_port=0, faults=(
+            "connect: delay 0", "rcpt *@bounce.test: 550 5.1.1 No such user",
+            "mail slow@*: delay 0.3", "data: 451 4.3.0 Try again later, first 1",
+            "end-of-data: disconnect, first 1")) as server:
+        yield server
+
+
+def test_faults_data_451_then_disconnect_then_normal(faulty_server, caplog):
+    server = faulty_server
+    with smtplib.SMTP(server.host, server.port) as client:
+        with pytest.raises(smtplib.SMTPDataError) as deferred:
+            client.sendmail("a@b.test", ["ok@d.test"], b"Subject: one\r\n\r\nx\r\n")
+        assert (deferred.value.smtp_code, deferred.value.smtp_error) == (
+            451, b"4.3.0 Try again later")
+    with smtplib.SMTP(server.host, server.port) as client:
+        with pytest.raises(smtplib.SMTPServerDisconnected):
+            client.sendmail("a@b.test", ["ok@d.test"], b"Subject: two\r\n\r\nx\r\n")
+    assert server.messages() == []  # neither was stored
+    with smtplib.SMTP(server.host, server.port) as client:
+        started = time.monotonic()
+        client.sendmail("slow@b.test", ["ok@d.test"], b"Subject: three\r\n\r\nx\r\n")
+        assert time.monotonic() - started >= 0.3  # the delay rule on MAIL
+    assert [m.message["Subject"] for m in server.messages()] == ["three"]
+    injected = [r.getMessage() for r in caplog.records if "injected fault" in r.getMessage()]
+    assert any("data : data: 451 4.3.0 Try again later, first 1" in line for line in injected)
+    assert any("end-of-data" in line and "disconnect" in line for line in injected)
+
+
+def test_faults_connect_refusal(tmp_path):
+    with make_server(tmp_path, faults=("connect: 554 5.7.1 Go away",)) as server:
+        client = RawClient(server)
+        assert client.greeting == b"554 5.7.1 Go away\r\n"
+        assert client.closed_by_server()
+
+
+def test_faults_are_replaced_at_run_time_through_the_api(tmp_path):
+    with make_server(tmp_path, http_port=0) as server:
+        def put(document):
+            request = urllib.request.Request(server.web_url + "api/faults", method="PUT",
+                                             data=json.dumps(document).encode())
+            try:
+                with urllib.request.urlopen(request, timeout=5) as response:
+                    return response.status, json.loads(response.read())
+            except urllib.error.HTTPError as error:
+                return error.code, json.loads(error.read())
+
+        status, plan = put({"rules": [{"stage": "rcpt", "match": "*@bounce.test",
+                                       "action": "550 5.1.1 No such user"},
+                                      "mail: 451 4.3.0 Later, 50%"], "seed": 3})
+        assert status == 200 and plan["seed"] == 3
+        assert [rule["rule"] for rule in plan["rules"]] == [
+            "rcpt *@bounce.test: 550 5.1.1 No such user, always", "mail: 451 4.3.0 Later, 50%"]
+        assert json.loads(http(server, "/api/faults")[2]) == plan
+        status, plan = put({"rules": ["rcpt *@bounce.test: 550 5.1.1 No such user"]})
+        with smtplib.SMTP(server.host, server.port) as client:
+            assert client.sendmail("a@b.test", ["x@bounce.test", "y@d.test"], b"x\r\n") == {
+                "x@bounce.test": (550, b"5.1.1 No such user")}
+        assert put({"rules": []}) == (200, {"seed": None, "rules": []})
+        with smtplib.SMTP(server.host, server.port) as client:
+            assert client.sendmail("a@b.test", ["x@bounce.test"], b"x\r\n") == {}
+        status, error = put({"rules": ["rcpt: explode"]})
+        assert status == 400 and "the action must be" in error["error"]
+        assert put({"rules": [{"stage": "rcpt"}]})[0] == 400
+
+
+def test_cli_fail_rules_are_checked_and_logged(cli):
+    result = run_cli("--fail", "rcpt: explode")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "the action must be" in result.stderr
+    sheesh_process = cli("--fail", "rcpt *@bounce.test: 550 5.1.1 No such user")
+    assert "failing on purpose: rcpt *@bounce.test: 550 5.1.1 No such user" in \
+        sheesh_process.proc.stderr.readline()
+    with smtplib.SMTP(sheesh_process.host, sheesh_process.port) as client:
+        with pytest.raises(smtplib.SMTPRecipientsRefused):
+            client.sendmail("a@b.test", ["x@bounce.test"], b"x\r\n")
+    assert "injected fault for 127.0.0.1: rcpt x@bounce.test" in sheesh_process.proc.stderr.readline()
