@@ -26,7 +26,8 @@ The file reads top to bottom, the way one message travels through it:
     8. The handler   the only code that reads from or writes to a connection
     9. The server    threads, the connection limit, a clean stop, and the in-process API
    10. The web inbox a page and a JSON API over the same Maildir, with http.server
-   11. The CLI       main()
+   11. Forwarding    relay and release to a real SMTP server; the sendmail entry point
+   12. The CLI       main()
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ import errno
 import fnmatch
 import functools
 import hashlib
+import heapq
 import hmac
 import http.server
 import json
@@ -56,6 +58,7 @@ import secrets
 import select
 import shutil
 import signal
+import smtplib
 import socket
 import socketserver
 import subprocess
@@ -1450,6 +1453,12 @@ class Config:
     http_port: int | None = None  # the web inbox and API; None: off (the CLI's default is 8025)
     faults: tuple[str, ...] = ()  # rules for failing on purpose (section 6)
     fail_seed: int | None = None  # makes the chances in those rules repeatable
+    relay: str | None = None  # "host:port" of a real SMTP server to forward to (section 11)
+    relay_user: str | None = None
+    relay_password: str | None = None
+    relay_tls: str = "starttls"  # "starttls", "tls" (from the first byte) or "none"
+    relay_all: bool = False  # forward every message to its recipients as it arrives
+    relay_match: str | None = None  # or only to the recipients that match this regex
 
     @property
     def tls(self) -> bool:
@@ -1620,6 +1629,8 @@ class Server:
         self.web: WebServer | None = None
         self.faults = FaultPlan([parse_fault(rule) for rule in self.config.faults],
                                 self.config.fail_seed)
+        self.relay = Relay(self.config) if self.config.relay else None
+        self._relay_match = re.compile(self.config.relay_match) if self.config.relay_match else None
 
     def start(self) -> Server:
         """Create the Maildir, set up TLS, bind the ports and start serving. OSError (or
@@ -1637,13 +1648,16 @@ class Server:
             if self.config.http_port is not None:
                 self.index = MessageIndex(self.store)
                 self.web = WebServer(self.config.host, self.config.http_port,
-                                     WebApp(self.index, self.faults, self.allowed_hosts()))
+                                     WebApp(self.index, self.faults, self.allowed_hosts(),
+                                            self.relay))
         except OSError:
             self.stop()
             raise
         self.address = self._listeners[0].server_address[:2]
         if self.config.smtps_port is not None:
             self.smtps_address = self._listeners[1].server_address[:2]
+        if self.relay is not None:
+            self.relay.start()
         for listener in self._listeners + ([self.web] if self.web else []):
             thread = threading.Thread(target=listener.serve_forever, args=(0.05,),
                                       name=f"sheesh-{listener.server_address[1]}", daemon=True)
@@ -1677,6 +1691,8 @@ class Server:
             self.index.close()  # ends the event streams and waits
             self.web.shutdown()
             self.web.server_close()
+        if self.relay is not None and self.relay._thread.is_alive():
+            self.relay.stop()
         for thread in self._threads:
             thread.join()
         self._listeners, self._threads, self.web = [], [], None
@@ -1728,6 +1744,12 @@ class Server:
     def _delivered(self, delivery: Delivery) -> None:
         if self.index is not None:
             self.index.delivered(delivery)
+        if self.relay is not None and (self.config.relay_all or self._relay_match):
+            recipients = [r for r in delivery.envelope.recipients
+                          if self._relay_match is None or self._relay_match.search(r)]
+            if recipients:  # only to the allowed recipients: never an open relay
+                self.relay.submit(delivery.queue_id, delivery.path, delivery.envelope.sender,
+                                  recipients)
         with self._arrival:
             self._arrived.append(delivery.path)
             self._arrival.notify_all()
@@ -2086,8 +2108,8 @@ class WebApp:
     """The web inbox's routes: a request in, a Response out."""
 
     def __init__(self, index: MessageIndex, faults: FaultPlan | None = None,
-                 allowed_hosts: frozenset[str] | None = None) -> None:
-        self.index, self.faults = index, faults or FaultPlan()
+                 allowed_hosts: frozenset[str] | None = None, relay: Relay | None = None) -> None:
+        self.index, self.faults, self.relay = index, faults or FaultPlan(), relay
         self.allowed_hosts = allowed_hosts  # None: any Host header (listening beyond loopback)
 
     def respond(self, method: str, target: str, headers=None,
@@ -2122,7 +2144,8 @@ class WebApp:
             case "GET", ["api", "health"]:
                 self.index.refresh()
                 return json_response({"status": "ok", "version": __version__,
-                                      "messages": self.index.search("", 0, 0)[0]})
+                                      "messages": self.index.search("", 0, 0)[0],
+                                      "relay": self.relay is not None})
             case "GET", ["api", "messages"]:
                 return self.list_messages(query)
             case "DELETE", ["api", "messages"]:
@@ -2139,6 +2162,8 @@ class WebApp:
             case "DELETE", ["api", "messages", key]:
                 return (json_response({"deleted": 1}) if self.index.delete([key])
                         else json_error(404, "no such message"))
+            case "POST", ["api", "messages", key, "release"]:
+                return self.release(key, body)
             case "PUT", ["api", "messages", key, "seen"]:
                 return (json_response({"seen": True}) if self.index.mark_seen(key)
                         else json_error(404, "no such message"))
@@ -2155,7 +2180,7 @@ class WebApp:
             case "PUT", ["api", "faults"]:
                 return self.replace_faults(body)
             case _, ["api", *_]:
-                return json_error(404 if method in ("GET", "DELETE", "PUT") else 405,
+                return json_error(404 if method in ("GET", "DELETE", "PUT", "POST") else 405,
                                   f"no such endpoint: {method} /{'/'.join(parts)}")
             case _:
                 return Response(404, b"Not found", "text/plain; charset=utf-8")
@@ -2169,6 +2194,26 @@ class WebApp:
         total, unread, page = self.index.search(text, min(limit, PAGE_LIMIT_MAX), offset)
         return json_response({"total": total, "unread": unread, "offset": offset,
                               "messages": [summary.public() for summary in page]})
+
+    def release(self, key: str, body: bytes) -> Response:
+        """POST /api/messages/{id}/release {"to": [...]}: send a stored message on, to its
+        own recipients or to the ones given."""
+        if self.relay is None:
+            return json_error(409, "no relay is configured (start sheesh with --relay HOST:PORT)")
+        summary = self.index.get(key)
+        if summary is None:
+            return json_error(404, "no such message")
+        try:
+            recipients = json.loads(body or b"{}").get("to") or summary.recipients
+        except (ValueError, AttributeError):
+            raise BadRequest('the body must be JSON: {"to": ["address", ...]}') from None
+        if not isinstance(recipients, list) or not all(
+                isinstance(r, str) and is_valid_address(r, null_allowed=False) for r in recipients):
+            raise BadRequest('"to" must be a list of addresses')
+        path = str(self.index.store.path / summary.filename)
+        if not self.relay.submit(key, path, summary.sender, recipients):
+            return json_error(503, "the relay queue is full, try again later")
+        return json_response({"queued": True, "to": recipients}, 202)
 
     def replace_faults(self, body: bytes) -> Response:
         """PUT /api/faults {"rules": [...], "seed": 42}: the rules in force from now on."""
@@ -2205,6 +2250,7 @@ class WebApp:
         url = f"/api/messages/{urllib.parse.quote(key)}"
         return json_response({
             **summary.public(),
+            "relay": self.relay.history(key) if self.relay is not None else None,
             "headers": [[name, str(value).encode("utf-8", "replace").decode("utf-8")]
                         for name, value in message.raw_items()],
             "text": text, "html": html, "raw_url": f"{url}/raw",
@@ -2489,7 +2535,23 @@ async function show(id) {
     await api(`/api/messages/${encodeURIComponent(id)}`, {method: "DELETE"});
     $("#view").replaceChildren(el("p", {"class": "empty"}, "Deleted."));
   });
-  $("#view").replaceChildren(el("h2", {}, m.subject || "(no subject)"), envelope, remove, tabs,
+  const actions = el("p", {}, remove);
+  if (m.relay !== null) {
+    const release = el("button", {}, "Release");
+    release.addEventListener("click", async () => {
+      const to = prompt("Release to (comma-separated)", m.recipients.join(", "));
+      if (!to) return;
+      const answer = await api(`/api/messages/${encodeURIComponent(id)}/release`, {
+        method: "POST", headers: {"Content-Type": "application/json"},
+        body: JSON.stringify({to: to.split(",").map((a) => a.trim()).filter(Boolean)})});
+      actions.append(" queued for " + answer.to.join(", "));
+    });
+    actions.append(" ", release);
+    for (const attempt of m.relay) {
+      line("Relay", `${when(attempt.time)}: ${attempt.to.join(", ")}: ${attempt.outcome}`);
+    }
+  }
+  $("#view").replaceChildren(el("h2", {}, m.subject || "(no subject)"), envelope, actions, tabs,
                              body, ...(m.attachments.length ? [el("h3", {}, "Attachments"),
                                                                attachments] : []));
   tabs.children[m.html_url && !m.text ? 1 : 0].click();
@@ -2513,7 +2575,246 @@ loadList();
 
 
 # ---------------------------------------------------------------------------------------------
-# 11. The CLI
+# 11. Forwarding: relay and release to a real SMTP server
+#
+# "Why does my mail not show up in my Gmail?" Because a sink keeps it. With --relay HOST:PORT,
+# a message can be sent on: released by hand (the API, or the page's button), or relayed as it
+# arrives (--relay-all, or --relay-match REGEX for an allow-list of recipients). The message is
+# stored and acknowledged first; one worker thread sends it afterwards, so relaying never slows
+# a session, and a dead upstream never loses the stored copy. A temporary failure (a 4xx, a
+# refused connection, a timeout) is tried again after 2, 4, 8 and 16 seconds; a permanent
+# one (a 5xx) is not. sheesh relays nothing unless one of these options is given.
+# ---------------------------------------------------------------------------------------------
+
+RELAY_ATTEMPTS = 5  # the first try and four retries
+RELAY_FIRST_RETRY = 2.0  # seconds; each later wait is twice the one before
+RELAY_QUEUE_LIMIT = 1000  # messages waiting to be relayed; past that, new ones are not queued
+RELAY_TIMEOUT = 30.0  # seconds the upstream server has for each step
+RELAY_HISTORY_KEPT = 10_000  # messages whose relay attempts the API can show
+
+
+def strip_trace_headers(raw: bytes) -> bytes:
+    """The message as it was sent: without the Return-Path, Delivered-To and Received lines
+    that sheesh put on top (the Received header ends where a line does not start with a tab)."""
+    position = 0
+    while raw.startswith((b"Return-Path:", b"Delivered-To:"), position):
+        position = raw.index(b"\r\n", position) + 2
+    if raw.startswith(b"Received:", position):
+        position = raw.index(b"\r\n", position) + 2
+        while raw.startswith(b"\t", position):
+            position = raw.index(b"\r\n", position) + 2
+    return raw[position:]
+
+
+@dataclass
+class RelayJob:
+    key: str
+    path: str
+    sender: str
+    recipients: list[str]
+    attempts: int = 0
+
+
+class Relay:
+    """Sends stored messages on to another SMTP server, from one worker thread."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        host, _, port = config.relay.rpartition(":")
+        self.host, self.port = host.strip("[]"), int(port)
+        self._queue: list[tuple[float, int, RelayJob]] = []  # a heap, by when each is due
+        self._numbers = itertools.count()
+        self._changed = threading.Condition()
+        self._history: collections.OrderedDict[str, list[dict]] = collections.OrderedDict()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._work, name="sheesh-relay", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._changed:
+            self._stopping = True
+            left = len(self._queue)
+            self._changed.notify_all()
+        self._thread.join(timeout=RELAY_TIMEOUT)
+        if left:
+            log.warning("relay: %d message(s) were still waiting and were not sent (they stay "
+                        "stored)", left)
+
+    def submit(self, key: str, path: str, sender: str, recipients: list[str]) -> bool:
+        """Queue a message; False if the queue is full (it stays stored all the same)."""
+        with self._changed:
+            if len(self._queue) >= RELAY_QUEUE_LIMIT:
+                log.warning("relay: queue full, not relaying %s", key)
+                self._record(key, recipients, "not queued: the relay queue is full")
+                return False
+            job = RelayJob(key, path, sender, list(recipients))
+            heapq.heappush(self._queue, (time.monotonic(), next(self._numbers), job))
+            self._changed.notify_all()
+            return True
+
+    def history(self, key: str) -> list[dict]:
+        with self._changed:
+            return list(self._history.get(key, []))
+
+    def _record(self, key: str, recipients: list[str], outcome: str) -> None:
+        entries = self._history.setdefault(key, [])
+        entries.append({"time": time.time(), "to": recipients, "outcome": outcome})
+        self._history.move_to_end(key)
+        while len(self._history) > RELAY_HISTORY_KEPT:
+            self._history.popitem(last=False)
+
+    def _work(self) -> None:
+        while True:
+            with self._changed:
+                while not self._stopping and (
+                        not self._queue or self._queue[0][0] > time.monotonic()):
+                    wait = self._queue[0][0] - time.monotonic() if self._queue else None
+                    self._changed.wait(wait)
+                if self._stopping:
+                    return
+                _, _, job = heapq.heappop(self._queue)
+            self._attempt(job)
+
+    def _attempt(self, job: RelayJob) -> None:
+        job.attempts += 1
+        try:
+            refused = self.send(job)
+            failed = {recipient: (code, text.decode("utf-8", "replace"))
+                      for recipient, (code, text) in refused.items()}
+        except smtplib.SMTPRecipientsRefused as error:
+            failed = {r: (code, text.decode("utf-8", "replace"))
+                      for r, (code, text) in error.recipients.items()}
+        except smtplib.SMTPResponseException as error:
+            text = error.smtp_error.decode("utf-8", "replace") if isinstance(
+                error.smtp_error, bytes) else str(error.smtp_error)
+            failed = {recipient: (error.smtp_code, text) for recipient in job.recipients}
+        except (OSError, smtplib.SMTPException) as error:  # refused, timed out, hung up
+            failed = {recipient: (421, f"{type(error).__name__}: {error}")
+                      for recipient in job.recipients}
+        sent = [r for r in job.recipients if r not in failed]
+        later = [r for r, (code, _) in failed.items() if 400 <= code < 500]
+        self._report(job, sent, failed, later)
+        if later and job.attempts < RELAY_ATTEMPTS:
+            delay = RELAY_FIRST_RETRY * 2 ** (job.attempts - 1)
+            job.recipients = later
+            with self._changed:
+                heapq.heappush(self._queue, (time.monotonic() + delay, next(self._numbers), job))
+                self._changed.notify_all()
+
+    def _report(self, job: RelayJob, sent: list[str], failed: dict, later: list[str]) -> None:
+        with self._changed:
+            if sent:
+                self._record(job.key, sent, "sent")
+            for recipient, (code, text) in failed.items():
+                final = recipient not in later or job.attempts >= RELAY_ATTEMPTS
+                outcome = (f"{'failed' if final else 'will retry'}: {code} {text}"
+                           if code < 500 else f"refused: {code} {text}")
+                self._record(job.key, [recipient], outcome)
+        log.info("relay of %s, attempt %d: %s", job.key, job.attempts, escape_for_log(
+            "; ".join([f"sent to {', '.join(sent)}"] * bool(sent)
+                      + [f"{r}: {c} {t}" for r, (c, t) in failed.items()])))
+
+    def send(self, job: RelayJob) -> dict:
+        """One attempt: the stored bytes, less sheesh's trace headers, from the original sender."""
+        with open(job.path, "rb") as file:
+            data = strip_trace_headers(file.read())
+        config = self.config
+        smtp_class = smtplib.SMTP_SSL if config.relay_tls == "tls" else smtplib.SMTP
+        with smtp_class(self.host, self.port, timeout=RELAY_TIMEOUT) as client:
+            client.ehlo_or_helo_if_needed()
+            if config.relay_tls == "starttls":
+                client.starttls()
+                client.ehlo()
+            if config.relay_user:
+                client.login(config.relay_user, config.relay_password or "")
+            options = []
+            if any(byte > 127 for byte in data) and client.has_extn("8bitmime"):
+                options.append("BODY=8BITMIME")
+            if not (job.sender + "".join(job.recipients)).isascii():
+                options.append("SMTPUTF8")
+            return client.sendmail(job.sender, job.recipients, data, options)
+
+
+def sendmail_main(argv: list[str]) -> int:
+    """python sheesh.py sendmail [-t] [-f SENDER] [-i] [RECIPIENT...] < message
+
+    A sendmail-compatible way in, for programs that call /usr/sbin/sendmail (PHP's mail(),
+    cron, git send-email): the message on standard input goes to a running sheesh by SMTP.
+    Exit status as sendmail's (sysexits.h): 64 bad usage, 69 refused, 75 try again later.
+    """
+    parser = ArgumentParser(prog="sheesh sendmail", description=sendmail_main.__doc__.split(
+        "\n\n")[1].strip(), add_help=True)
+    parser.add_argument("recipients", nargs="*", metavar="RECIPIENT")
+    parser.add_argument("-t", dest="from_headers", action="store_true",
+                        help="also send to the To, Cc and Bcc headers' addresses; remove Bcc")
+    parser.add_argument("-f", "-r", dest="sender", help="the envelope sender")
+    parser.add_argument("-F", dest="full_name", help="ignored (the sender's full name)")
+    parser.add_argument("-i", "-oi", dest="ignore_dots", action="store_true",
+                        help="ignored: a lone dot never ends the message here")
+    parser.add_argument("-o", dest="other_options", action="append", metavar="OPTION",
+                        help="ignored, for -oem, -odi and the like")
+    parser.add_argument("-B", dest="body_type", help="ignored (7BIT or 8BITMIME)")
+    parser.add_argument("--host", default=DEFAULT_HOST, help="where sheesh listens")
+    parser.add_argument("--port", type=port_number, default=DEFAULT_PORT)
+    options = parser.parse_args(argv)
+    data = sys.stdin.buffer.read()
+    recipients = list(options.recipients)
+    if options.from_headers:
+        headers = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(data)
+        fields = [value for name in ("To", "Cc", "Bcc") for value in headers.get_all(name, [])]
+        recipients += [address for _, address in email.utils.getaddresses(fields) if address]
+        data = remove_header(data, b"Bcc")
+    if not recipients:
+        print("sheesh sendmail: no recipients (give them as arguments, or use -t)",
+              file=sys.stderr)
+        return 64
+    # Programs hand sendmail lines ending in LF; SMTP wants CRLF (RFC 5321 section 2.3.8),
+    # and smtplib leaves bytes as they are.
+    data = re.sub(rb"\r?\n", b"\r\n", data)
+    sender = options.sender or f"{os.environ.get('USER') or 'sheesh'}@{socket.gethostname()}"
+    try:
+        with smtplib.SMTP(options.host, options.port, timeout=RELAY_TIMEOUT) as client:
+            refused = client.sendmail(sender, recipients, data)
+    except smtplib.SMTPResponseException as error:
+        print(f"sheesh sendmail: refused: {error.smtp_code} "
+              f"{error.smtp_error.decode('utf-8', 'replace')}", file=sys.stderr)
+        return 75 if 400 <= error.smtp_code < 500 else 69
+    except smtplib.SMTPRecipientsRefused as error:
+        print(f"sheesh sendmail: every recipient was refused: {error.recipients}",
+              file=sys.stderr)
+        return 69
+    except (OSError, smtplib.SMTPException) as error:
+        print(f"sheesh sendmail: cannot send to {options.host} port {options.port}: "
+              f"{getattr(error, 'strerror', None) or error}", file=sys.stderr)
+        return 69 if isinstance(error, ConnectionRefusedError) else 75
+    for recipient, (code, text) in refused.items():
+        print(f"sheesh sendmail: {recipient} refused: {code} {text.decode('utf-8', 'replace')}",
+              file=sys.stderr)
+    return 69 if refused else 0
+
+
+def remove_header(data: bytes, name: bytes) -> bytes:
+    """The message without every `name:` header line (and its folded continuation lines);
+    everything else byte for byte."""
+    ends = [i + 1 for i in [data.find(b"\n\n")] if i >= 0]  # the header block, with the
+    ends += [i + 2 for i in [data.find(b"\r\n\r\n")] if i >= 0]  # last line's line ending
+    end = min(ends, default=len(data))
+    lines, kept, dropping = data[:end].splitlines(keepends=True), [], False
+    for line in lines:
+        if line[:1] in (b" ", b"\t"):
+            if not dropping:
+                kept.append(line)
+            continue
+        dropping = line.split(b":", 1)[0].strip().lower() == name.lower()
+        if not dropping:
+            kept.append(line)
+    return b"".join(kept) + data[end:]
+
+
+# ---------------------------------------------------------------------------------------------
+# 12. The CLI
 # ---------------------------------------------------------------------------------------------
 
 
@@ -2612,6 +2913,20 @@ def build_parser() -> argparse.ArgumentParser:
                          help="inject a failure: " + FAULT_SYNTAX.replace("%", "%%"))
     failing.add_argument("--fail-seed", type=int, metavar="N",
                          help="seed for the chances in --fail rules, to replay a run")
+    relay = parser.add_argument_group("forwarding (see README, Forwarding)")
+    relay.add_argument("--relay", metavar="HOST:PORT", type=host_and_port,
+                       help="a real SMTP server to release messages to")
+    relay.add_argument("--relay-user", help="user name to log in to it with")
+    relay.add_argument("--relay-password", default=os.environ.get("SHEESH_RELAY_PASSWORD"),
+                       help="its password; better, set SHEESH_RELAY_PASSWORD, which is not kept "
+                       "in the shell's history")
+    relay.add_argument("--relay-tls", choices=("starttls", "tls", "none"), default="starttls",
+                       help="how to talk to it: STARTTLS, TLS from the first byte, or plain")
+    automatic = relay.add_mutually_exclusive_group()
+    automatic.add_argument("--relay-all", action="store_true",
+                           help="relay every message to its recipients as it arrives")
+    automatic.add_argument("--relay-match", metavar="REGEX", type=regex,
+                           help="relay as they arrive, but only to recipients matching REGEX")
     secure = parser.add_argument_group("TLS and authentication")
     secure.add_argument("--tls-cert", metavar="FILE", help="certificate (PEM) for STARTTLS and "
                         "--smtps-port")
@@ -2629,6 +2944,21 @@ def build_parser() -> argparse.ArgumentParser:
                         help="check AUTH against lines of user:password; without it, any "
                         "user name and password are accepted")
     return parser
+
+
+def host_and_port(text: str) -> str:
+    host, colon, port = text.rpartition(":")
+    if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, not {text}")
+    return text
+
+
+def regex(text: str) -> str:
+    try:
+        re.compile(text)
+    except re.error as error:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a regular expression: {error}")
+    return text
 
 
 def fault_rule(text: str) -> str:
@@ -2672,10 +3002,15 @@ def check_tls_options(options: dict) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["sendmail"]:
+        return sendmail_main(argv[1:])
     parser = build_parser()
     options = vars(parser.parse_args(argv))
     if problem := check_tls_options(options):
         parser.error(problem)
+    if (options["relay_all"] or options["relay_match"]) and not options["relay"]:
+        parser.error("--relay-all and --relay-match need --relay HOST:PORT")
     quiet, cpu_choice_ = options.pop("quiet"), options.pop("cpu")
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
                         format="%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
@@ -2702,6 +3037,11 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("web inbox and API at %s", server.web_url)
     for rule in server.faults.rules:
         log.warning("failing on purpose: %s", escape_for_log(rule.text))
+    if server.relay is not None:
+        which = ("every message" if server.config.relay_all else
+                 f"recipients matching {server.config.relay_match}"
+                 if server.config.relay_match else "messages released through the API")
+        log.warning("relaying %s to %s", which, server.config.relay)
     if not is_loopback(server.host):
         log.warning("warning: %s is not a loopback address: anyone who can reach it can "
                     "send mail here", server.host)

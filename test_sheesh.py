@@ -2367,3 +2367,193 @@ def test_cli_fail_rules_are_checked_and_logged(cli):
         with pytest.raises(smtplib.SMTPRecipientsRefused):
             client.sendmail("a@b.test", ["x@bounce.test"], b"x\r\n")
     assert "injected fault for 127.0.0.1: rcpt x@bounce.test" in sheesh_process.proc.stderr.readline()
+
+
+# ---------------------------------------------------------------------------------------------
+# Forwarding: relay, release, and the sendmail entry point
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def upstream(tmp_path):
+    """A second sheesh, standing in for the real mail server that messages are relayed to."""
+    with make_server(tmp_path / "upstream", http_port=0, maildir=tmp_path / "upstream-mail") \
+            as server:
+        yield server
+
+
+@pytest.fixture
+def fast_retries(monkeypatch):
+    monkeypatch.setattr(sheesh, "RELAY_FIRST_RETRY", 0.05)
+
+
+def relaying(tmp_path, upstream, **options):
+    return make_server(tmp_path, http_port=0, relay=f"127.0.0.1:{upstream.port}",
+                       relay_tls="none", **options)
+
+
+def release(server, key, to=None):
+    request = urllib.request.Request(
+        f"{server.web_url}api/messages/{key}/release", method="POST",
+        data=json.dumps({"to": to} if to else {}).encode(),
+        headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def relay_history(server, key, entries=1):
+    def history():
+        found = json.loads(http(server, f"/api/messages/{key}")[2])["relay"]
+        return found if len(found) >= entries else None
+    wait_until(history, what="the relay's outcome")
+    return history()
+
+
+def test_strip_trace_headers_gives_back_the_message_as_sent(server):
+    message = b"Received: from elsewhere\r\n\tby x\r\nSubject: keep me\r\n\r\nbody\r\n"
+    with smtplib.SMTP(server.host, server.port) as client:
+        client.sendmail("a@b.test", ["c@d.test", "e@d.test"], message)
+    assert sheesh.strip_trace_headers(server.wait_for_message().raw) == message
+
+
+def test_release_sends_the_original_bytes_from_the_original_sender(tmp_path, upstream):
+    message = rich_message("to be released")
+    with relaying(tmp_path, upstream) as server:
+        with smtplib.SMTP(server.host, server.port) as client:
+            client.sendmail("app@b.test", ["user@d.test", "bcc@d.test"], message)
+        key = server.wait_for_message().key
+        with pytest.raises(TimeoutError):
+            upstream.wait_for_message(timeout=0.2)  # nothing relayed without being asked
+        assert release(server, key) == (202, {"queued": True, "to": ["user@d.test", "bcc@d.test"]})
+        arrived = upstream.wait_for_message()
+        assert (arrived.sender, arrived.recipients) == ("app@b.test", ["user@d.test", "bcc@d.test"])
+        assert sheesh.strip_trace_headers(arrived.raw) == message
+        assert relay_history(server, key)[0]["outcome"] == "sent"
+        assert release(server, key, ["other@d.test"])[0] == 202
+        assert upstream.wait_for_message().recipients == ["other@d.test"]
+        assert release(server, "no-such-id")[0] == 404
+        assert release(server, key, ["bad address\r\nX: y"])[0] == 400
+
+
+def test_release_without_a_relay_is_409(web_server):
+    with smtplib.SMTP(web_server.host, web_server.port) as client:
+        client.sendmail("a@b.test", ["c@d.test"], b"x\r\n")
+    status, error = release(web_server, web_server.wait_for_message().key)
+    assert status == 409 and "--relay" in error["error"]
+
+
+def test_relay_all_forwards_every_message(tmp_path, upstream):
+    with relaying(tmp_path, upstream, relay_all=True) as server:
+        with smtplib.SMTP(server.host, server.port) as client:
+            client.sendmail("a@b.test", ["c@d.test"], b"Subject: everything\r\n\r\nx\r\n")
+        assert upstream.wait_for_message().message["Subject"] == "everything"
+        assert len(server.messages()) == 1  # and the sink kept its copy
+
+
+def test_relay_match_forwards_only_to_allowed_recipients(tmp_path, upstream):
+    with relaying(tmp_path, upstream, relay_match=r"@allowed\.test$") as server:
+        with smtplib.SMTP(server.host, server.port) as client:
+            client.sendmail("a@b.test", ["me@allowed.test", "customer@real.test"],
+                            b"Subject: mixed\r\n\r\nx\r\n")
+            client.sendmail("a@b.test", ["customer@real.test"], b"Subject: never\r\n\r\nx\r\n")
+        assert upstream.wait_for_message().recipients == ["me@allowed.test"]
+        with pytest.raises(TimeoutError):
+            upstream.wait_for_message(timeout=0.3)
+        assert len(server.messages()) == 2
+
+
+def test_relay_retries_a_temporary_failure(tmp_path, upstream, fast_retries):
+    upstream.faults.replace([sheesh.parse_fault("data: 451 4.3.0 Try again later, first 1")])
+    with relaying(tmp_path, upstream, relay_all=True) as server:
+        with smtplib.SMTP(server.host, server.port) as client:
+            client.sendmail("a@b.test", ["c@d.test"], b"Subject: retried\r\n\r\nx\r\n")
+        assert upstream.wait_for_message().message["Subject"] == "retried"
+        key = server.wait_for_message().key
+        outcomes = [entry["outcome"] for entry in relay_history(server, key, 2)]
+        assert outcomes == ["will retry: 451 4.3.0 Try again later", "sent"]
+
+
+def test_relay_does_not_retry_a_permanent_failure(tmp_path, upstream, fast_retries):
+    upstream.faults.replace([sheesh.parse_fault("rcpt: 550 5.1.1 No such user")])
+    with relaying(tmp_path, upstream, relay_all=True) as server:
+        with smtplib.SMTP(server.host, server.port) as client:
+            client.sendmail("a@b.test", ["c@d.test"], b"x\r\n")
+        key = server.wait_for_message().key
+        assert relay_history(server, key) == [
+            {"time": pytest.approx(time.time(), abs=10), "to": ["c@d.test"],
+             "outcome": "refused: 550 5.1.1 No such user"}]
+        time.sleep(0.3)  # the point: no further attempt comes, even after several retry delays
+        assert len(relay_history(server, key)) == 1
+
+
+def test_relay_to_a_dead_upstream_gives_up_and_keeps_the_message(tmp_path, fast_retries):
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))  # a port nobody listens on
+    with make_server(tmp_path, http_port=0, relay=f"127.0.0.1:{dead.getsockname()[1]}",
+                     relay_tls="none", relay_all=True) as server:
+        with smtplib.SMTP(server.host, server.port) as client:
+            client.sendmail("a@b.test", ["c@d.test"], b"Subject: kept\r\n\r\nx\r\n")
+        key = server.wait_for_message().key
+        history = relay_history(server, key, sheesh.RELAY_ATTEMPTS)
+        assert [e["outcome"].split(":")[0] for e in history] == ["will retry"] * 4 + ["failed"]
+        assert "ConnectionRefusedError" in history[-1]["outcome"]
+        assert [m.message["Subject"] for m in server.messages()] == ["kept"]
+    dead.close()
+
+
+def run_sendmail(port, *args, stdin=b""):
+    return subprocess.run([sys.executable, str(HERE / "sheesh.py"), "sendmail", "--port",
+                           str(port), *args], input=stdin, capture_output=True, timeout=20)
+
+
+def test_sendmail_t_takes_recipients_from_the_headers_and_removes_bcc(server):
+    message = (b"From: app@b.test\nTo: One <one@d.test>, two@d.test\nCc: three@d.test\n"
+               b"Bcc: secret@d.test,\n hidden@d.test\nSubject: via sendmail\n\n.dot line\nbody\n")
+    result = run_sendmail(server.port, "-t", "-i", "-f", "bounces@b.test", stdin=message)
+    assert result.returncode == 0, result.stderr
+    stored = server.wait_for_message()
+    assert stored.sender == "bounces@b.test"
+    assert stored.recipients == ["one@d.test", "two@d.test", "three@d.test", "secret@d.test",
+                                 "hidden@d.test"]
+    assert b"Bcc" not in stored.raw and b"hidden" not in sheesh.strip_trace_headers(stored.raw)
+    assert stored.message["Subject"] == "via sendmail"
+    assert stored.message.get_content() == ".dot line\nbody\n"
+
+
+def test_sendmail_with_recipients_as_arguments(server):
+    result = run_sendmail(server.port, "-oi", "-oem", "-F", "Cron Daemon", "root@d.test",
+                          stdin=b"Subject: cron\n\noutput\n")
+    assert result.returncode == 0, result.stderr
+    assert server.wait_for_message().recipients == ["root@d.test"]
+
+
+def test_sendmail_fails_clearly_when_sheesh_is_not_running():
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))
+    result = run_sendmail(dead.getsockname()[1], "a@d.test", stdin=b"x\n")
+    dead.close()
+    assert result.returncode == 69
+    assert result.stderr.decode().startswith("sheesh sendmail: cannot send to 127.0.0.1 port ")
+
+
+def test_sendmail_without_recipients_is_a_usage_error(server):
+    result = run_sendmail(server.port, stdin=b"Subject: nobody\n\nx\n")
+    assert result.returncode == 64 and b"no recipients" in result.stderr
+
+
+def test_sendmail_refused_recipient_is_reported(tmp_path):
+    with make_server(tmp_path, faults=("rcpt *@bounce.test: 550 5.1.1 No such user",)) as server:
+        result = run_sendmail(server.port, "x@bounce.test", stdin=b"x\n")
+    assert result.returncode == 69
+    assert b"550" in result.stderr and b"No such user" in result.stderr
+
+
+def test_cli_relay_options_are_checked():
+    assert run_cli("--relay-all").returncode == 2
+    result = run_cli("--relay", "nohostport")
+    assert result.returncode == 2 and "expected HOST:PORT" in result.stderr
+    result = run_cli("--relay", "x:25", "--relay-match", "([")
+    assert result.returncode == 2 and "not a regular expression" in result.stderr
