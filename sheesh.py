@@ -841,6 +841,12 @@ class Session:
             return HANG_UP
         return rule.reply
 
+    def goodbye(self, reason: str) -> Reply:
+        """The last reply when the handler ends the connection: "timeout", "shutdown",
+        "busy" (too many connections) or "error" (a bug, whose details stay in the log)."""
+        return {"timeout": TIMEOUT, "shutdown": SHUTTING_DOWN, "busy": TOO_MANY_CONNECTIONS,
+                "error": INTERNAL_ERROR}[reason]
+
     def close(self, last_reply: Reply, note: str) -> Reply:
         """End the session from our side, with a last reply and a note for the log."""
         self.state, self.closing_note = State.CLOSED, note
@@ -1283,10 +1289,13 @@ def escape_for_log(text: str) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-class SMTPHandler(socketserver.StreamRequestHandler):
-    """The only code that reads from or writes to an SMTP connection."""
+class ConnectionHandler(socketserver.StreamRequestHandler):
+    """The only code that reads from or writes to an SMTP (or POP3) connection."""
 
     disable_nagle_algorithm = True  # replies are small and already batched: send them now
+    # read1() reads straight into the bytes it returns and never uses rfile's buffer, so a
+    # 1-byte buffer instead of 8 KiB saves memory on every idle connection (3.6 KB each).
+    rbufsize = 1
 
     def setup(self) -> None:
         if not hasattr(self, "plain_socket"):
@@ -1300,27 +1309,23 @@ class SMTPHandler(socketserver.StreamRequestHandler):
         self.poller = select.poll() if hasattr(select, "poll") and not is_tls else None
         if self.poller is not None:
             self.poller.register(self.connection, select.POLLIN)
-    # read1() reads straight into the bytes it returns and never uses rfile's buffer, so a
-    # 1-byte buffer instead of 8 KiB saves memory on every idle connection (3.6 KB each).
-    rbufsize = 1
 
     def handle(self) -> None:
-        server: SMTPServer = self.server
-        self.session = Session(server.store, server.config.hostname, self.client_address[0],
-                               server.policy, faults=server.faults)
+        server: Listener = self.server
+        self.session = server.make_session(self.client_address[0])
         refusal = server.admit(self)
         if refusal is not None:
-            self.send_last(refusal)
+            self.send_last(self.session.goodbye(refusal))
             return
         try:
             self.converse()
         except TimeoutError:
-            self.send_last(TIMEOUT)
+            self.send_last(self.session.goodbye("timeout"))
         except OSError:
             pass  # the client went away; the session below cleans up
         except Exception:
             log.exception("unexpected error in the session with %s", self.client_address[0])
-            self.send_last(INTERNAL_ERROR)  # never the exception's text: it is not theirs to read
+            self.send_last(self.session.goodbye("error"))  # never the exception's text
         finally:
             if self.session.closing_note:
                 log.info("closed the session with %s: %s", self.client_address[0],
@@ -1344,7 +1349,7 @@ class SMTPHandler(socketserver.StreamRequestHandler):
             data = self.read()
             if not data:
                 if server.stopping:
-                    self.send_last(SHUTTING_DOWN)
+                    self.send_last(session.goodbye("shutdown"))
                 return
             was_busy = session.busy
             self.answer(session.receive(data))
@@ -1353,14 +1358,14 @@ class SMTPHandler(socketserver.StreamRequestHandler):
             if session.tls_requested and not self.start_tls():
                 return
             if server.stopping and not session.busy and not session.closed:
-                self.send_last(SHUTTING_DOWN)
+                self.send_last(session.goodbye("shutdown"))
                 return
 
     def read(self) -> bytes:
         """The client's next bytes, within the timeout (RFC 5321 section 4.5.3.2.7). A line or a
         message that has begun must end within one timeout in all, so a client that trickles
         a byte at a time cannot hold a connection forever."""
-        timeout = self.server.config.timeout
+        timeout = self.server.idle_timeout
         if self.session.busy:
             timeout -= time.monotonic() - self.unit_started
             if timeout <= 0:
@@ -1375,7 +1380,7 @@ class SMTPHandler(socketserver.StreamRequestHandler):
         """Run the TLS handshake on this connection, after STARTTLS or at once on the SMTPS
         port. Whatever the client sent before it stays unread in the plain socket's buffers,
         which are dropped with it. False if the handshake failed (then the connection ends)."""
-        self.connection.settimeout(self.server.config.timeout)
+        self.connection.settimeout(self.server.idle_timeout)
         try:
             tls = self.server.tls_context.wrap_socket(self.connection, server_side=True)
         except OSError as error:  # ssl.SSLError and timeouts are OSErrors too
@@ -1401,11 +1406,11 @@ class SMTPHandler(socketserver.StreamRequestHandler):
             replies = replies[:-1]  # the session stopped there: nothing follows it
         self.send(replies)
 
-    def send(self, replies: list[Reply]) -> None:
+    def send(self, replies: list) -> None:
         if replies:
             self.wfile.write(b"".join([reply_.wire for reply_ in replies]))
 
-    def send_last(self, reply_: Reply) -> None:
+    def send_last(self, reply_) -> None:
         """A reply on the way out: the client may already be gone, and that is fine."""
         try:
             self.send([reply_])
@@ -1470,37 +1475,39 @@ class Config:
                       auth_required=self.auth_required, users=self.users)
 
 
-class SMTPServer(socketserver.ThreadingTCPServer):
+class Listener(socketserver.ThreadingTCPServer):
+    """One listening port: SMTP, SMTPS, POP3 or POP3S. make_session(peer) makes the session
+    for each connection; with implicit_tls, TLS starts at the first byte (RFC 8314)."""
+
     daemon_threads = True
     block_on_close = False  # stop() waits for the sessions itself, with a deadline
     request_queue_size = 1024  # socketserver's listen backlog of 5 drops a burst of connections
     allow_reuse_address = os.name != "nt"  # on Windows it would let two servers share a port
 
-    def __init__(self, config: Config, store: Maildir, tls_context=None,
-                 port: int | None = None, faults: FaultPlan | None = None) -> None:
-        """An SMTP listener; with a port other than the Config's, the SMTPS one (TLS at once)."""
-        self.config, self.store, self.policy = config, store, config.policy()
-        self.faults = faults
-        self.tls_context, self.implicit_tls = tls_context, port is not None
+    def __init__(self, config: Config, port: int, make_session, tls_context=None,
+                 implicit_tls: bool = False, idle_timeout: float | None = None) -> None:
+        self.config, self.make_session = config, make_session
+        self.tls_context, self.implicit_tls = tls_context, implicit_tls
+        self.idle_timeout = config.timeout if idle_timeout is None else idle_timeout
         self.address_family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
         self.stopping = False
-        self._handlers: set[SMTPHandler] = set()
+        self._handlers: set[ConnectionHandler] = set()
         self._changed = threading.Condition()
-        super().__init__((config.host, config.port if port is None else port), SMTPHandler)
+        super().__init__((config.host, port), ConnectionHandler)
 
-    def admit(self, handler: SMTPHandler) -> Reply | None:
+    def admit(self, handler: ConnectionHandler) -> str | None:
         """Register a new connection, or say why it is refused."""
         with self._changed:
             if self.stopping:
-                return SHUTTING_DOWN
+                return "shutdown"
             if len(self._handlers) >= self.config.max_connections:
                 log.warning("refused a connection from %s: already %d connections",
                             handler.client_address[0], len(self._handlers))
-                return TOO_MANY_CONNECTIONS
+                return "busy"
             self._handlers.add(handler)
             return None
 
-    def release(self, handler: SMTPHandler) -> None:
+    def release(self, handler: ConnectionHandler) -> None:
         with self._changed:
             self._handlers.discard(handler)
             self._changed.notify_all()
@@ -1620,7 +1627,7 @@ class Server:
         self._arrived: collections.deque[str] = collections.deque(maxlen=ARRIVALS_KEPT)
         self._arrival = threading.Condition()
         self._print_lock = threading.Lock()
-        self._listeners: list[SMTPServer] = []
+        self._listeners: list[Listener] = []
         self._threads: list[threading.Thread] = []
         self.address: tuple[str, int] = (self.config.host, self.config.port)
         self.smtps_address: tuple[str, int] | None = None
@@ -1630,6 +1637,7 @@ class Server:
         self.faults = FaultPlan([parse_fault(rule) for rule in self.config.faults],
                                 self.config.fail_seed)
         self.relay = Relay(self.config) if self.config.relay else None
+        self.policy = self.config.policy()
         self._relay_match = re.compile(self.config.relay_match) if self.config.relay_match else None
 
     def start(self) -> Server:
@@ -1639,12 +1647,11 @@ class Server:
             self.tls_context = make_tls_context(self.config)
         self.store.create()
         try:
-            self._listeners.append(SMTPServer(self.config, self.store, self.tls_context,
-                                              faults=self.faults))
-            if self.config.smtps_port is not None:
-                self._listeners.append(SMTPServer(self.config, self.store, self.tls_context,
-                                                  port=self.config.smtps_port,
-                                                  faults=self.faults))
+            config, context = self.config, self.tls_context
+            self._listeners.append(Listener(config, config.port, self.smtp_session, context))
+            if config.smtps_port is not None:
+                self._listeners.append(Listener(config, config.smtps_port, self.smtp_session,
+                                                context, implicit_tls=True))
             if self.config.http_port is not None:
                 self.index = MessageIndex(self.store)
                 self.web = WebServer(self.config.host, self.config.http_port,
@@ -1664,6 +1671,9 @@ class Server:
             thread.start()
             self._threads.append(thread)
         return self
+
+    def smtp_session(self, peer: str) -> Session:
+        return Session(self.store, self.config.hostname, peer, self.policy, faults=self.faults)
 
     def allowed_hosts(self) -> frozenset[str] | None:
         """The Host headers the web inbox answers: its own names, when it listens on loopback.
