@@ -27,7 +27,8 @@ The file reads top to bottom, the way one message travels through it:
     9. The server    threads, the connection limit, a clean stop, and the in-process API
    10. The web inbox a page and a JSON API over the same Maildir, with http.server
    11. Forwarding    relay and release to a real SMTP server; the sendmail entry point
-   12. The CLI       main()
+   12. POP3          the same Maildir, for mail clients (RFC 1939)
+   13. The CLI       main()
 """
 
 from __future__ import annotations
@@ -1464,6 +1465,8 @@ class Config:
     relay_tls: str = "starttls"  # "starttls", "tls" (from the first byte) or "none"
     relay_all: bool = False  # forward every message to its recipients as it arrives
     relay_match: str | None = None  # or only to the recipients that match this regex
+    pop3_port: int | None = None  # POP3 over the same Maildir (section 12); None: off
+    pop3s_port: int | None = None  # POP3 with TLS from the first byte
 
     @property
     def tls(self) -> bool:
@@ -1630,7 +1633,8 @@ class Server:
         self._listeners: list[Listener] = []
         self._threads: list[threading.Thread] = []
         self.address: tuple[str, int] = (self.config.host, self.config.port)
-        self.smtps_address: tuple[str, int] | None = None
+        self.ports: dict[str, int] = {}  # "smtp", "smtps", "pop3", "pop3s": the real ports
+        self.pop3_locks = MaildropLocks()
         self.tls_context = None
         self.index: MessageIndex | None = None
         self.web: WebServer | None = None
@@ -1648,10 +1652,16 @@ class Server:
         self.store.create()
         try:
             config, context = self.config, self.tls_context
-            self._listeners.append(Listener(config, config.port, self.smtp_session, context))
-            if config.smtps_port is not None:
-                self._listeners.append(Listener(config, config.smtps_port, self.smtp_session,
-                                                context, implicit_tls=True))
+            for name, port, make_session, idle_timeout in [
+                    ("smtp", config.port, self.smtp_session, config.timeout),
+                    ("smtps", config.smtps_port, self.smtp_session, config.timeout),
+                    ("pop3", config.pop3_port, self.pop3_session, POP3_TIMEOUT),
+                    ("pop3s", config.pop3s_port, self.pop3_session, POP3_TIMEOUT)]:
+                if port is not None:
+                    listener = Listener(config, port, make_session, context,
+                                        implicit_tls=name.endswith("s"), idle_timeout=idle_timeout)
+                    self._listeners.append(listener)
+                    self.ports[name] = listener.server_address[1]
             if self.config.http_port is not None:
                 self.index = MessageIndex(self.store)
                 self.web = WebServer(self.config.host, self.config.http_port,
@@ -1661,8 +1671,6 @@ class Server:
             self.stop()
             raise
         self.address = self._listeners[0].server_address[:2]
-        if self.config.smtps_port is not None:
-            self.smtps_address = self._listeners[1].server_address[:2]
         if self.relay is not None:
             self.relay.start()
         for listener in self._listeners + ([self.web] if self.web else []):
@@ -1674,6 +1682,10 @@ class Server:
 
     def smtp_session(self, peer: str) -> Session:
         return Session(self.store, self.config.hostname, peer, self.policy, faults=self.faults)
+
+    def pop3_session(self, peer: str) -> Pop3Session:
+        return Pop3Session(self.store, self.pop3_locks, self.config.users,
+                           tls_available=self.tls_context is not None, peer=peer)
 
     def allowed_hosts(self) -> frozenset[str] | None:
         """The Host headers the web inbox answers: its own names, when it listens on loopback.
@@ -1725,7 +1737,15 @@ class Server:
 
     @property
     def smtps_port(self) -> int | None:
-        return None if self.smtps_address is None else self.smtps_address[1]
+        return self.ports.get("smtps")
+
+    @property
+    def pop3_port(self) -> int | None:
+        return self.ports.get("pop3")
+
+    @property
+    def pop3s_port(self) -> int | None:
+        return self.ports.get("pop3s")
 
     @property
     def active_connections(self) -> int:
@@ -2824,7 +2844,321 @@ def remove_header(data: bytes, name: bytes) -> bytes:
 
 
 # ---------------------------------------------------------------------------------------------
-# 12. The CLI
+# 12. POP3: read the captured mail from any mail client
+#
+# POP3 (RFC 1939) is how Thunderbird, mutt, fetchmail or Python's poplib download mail. A
+# session has three stages: AUTHORIZATION (USER and PASS), TRANSACTION (STAT, LIST, RETR, TOP,
+# UIDL, DELE, RSET, NOOP) and UPDATE, which happens at QUIT: only then are the messages marked
+# with DELE deleted. A connection that drops without QUIT deletes nothing. Replies start with
+# "+OK" or "-ERR"; a reply of several lines ends with a line holding a dot, and dots that
+# start a line are doubled, as in SMTP's DATA. Pop3Session is pure like Session: the handler
+# of section 8 carries its bytes.
+#
+# The maildrop is the Maildir. A user name that is an email address sees only the messages
+# delivered to that address (an envelope recipient); any other name sees every message.
+# ---------------------------------------------------------------------------------------------
+
+POP3_TIMEOUT = 600.0  # RFC 1939 section 3: an idle timer of at least 10 minutes
+POP3_HEAD_LIMIT = 64 * 1024  # how much of a message is read to learn its recipients
+
+
+class Pop3State(enum.Enum):
+    AUTHORIZATION = "waiting for USER and PASS"
+    TRANSACTION = "logged in"
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True)
+class Pop3Reply:
+    wire: bytes
+
+
+def pop3_ok(text: str = "") -> Pop3Reply:
+    return Pop3Reply(f"+OK {text}".rstrip().encode("utf-8") + b"\r\n")
+
+
+def pop3_error(text: str) -> Pop3Reply:
+    return Pop3Reply(f"-ERR {text}".encode("utf-8") + b"\r\n")
+
+
+def pop3_lines(first_line: str, body: bytes) -> Pop3Reply:
+    """A multi-line reply (RFC 1939 section 3): lines ending in CRLF, each leading dot doubled,
+    then a line with a single dot."""
+    stuffed = (b"\r\n" + body).replace(b"\r\n.", b"\r\n..")[2:]
+    return Pop3Reply(pop3_ok(first_line).wire + stuffed + b".\r\n")
+
+
+def with_crlf(data: bytes) -> bytes:
+    """A message as POP3 sends it: every line ending in CRLF, the last one too."""
+    data = re.sub(rb"(?<!\r)\n", b"\r\n", data)
+    return data if data.endswith(b"\r\n") or not data else data + b"\r\n"
+
+
+@dataclass
+class DropMessage:
+    key: str  # the Maildir key: the UIDL, stable across sessions
+    filename: str
+    size: int  # octets as RETR sends them (RFC 1939: with CRLF, before dot-stuffing)
+
+
+class MaildropLocks:
+    """RFC 1939 section 8: a maildrop is open in one session at a time."""
+
+    def __init__(self) -> None:
+        self._held: set[str] = set()
+        self._lock = threading.Lock()
+
+    def acquire(self, maildrop: str) -> bool:
+        with self._lock:
+            if maildrop in self._held:
+                return False
+            self._held.add(maildrop)
+            return True
+
+    def release(self, maildrop: str) -> None:
+        with self._lock:
+            self._held.discard(maildrop)
+
+
+def open_maildrop(store: Maildir, user: str) -> list[DropMessage]:
+    """The messages a user sees, oldest first: for an address, those delivered to it."""
+    address = user.lower() if "@" in user else None
+    messages = []
+    for filename in store.keys():
+        try:
+            data = (store.path / filename).read_bytes()
+        except OSError:
+            continue  # deleted meanwhile
+        if address is not None:
+            head = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(
+                data[:POP3_HEAD_LIMIT])
+            if address not in (r.lower() for r in envelope_of(head)[1]):
+                continue
+        messages.append(DropMessage(maildir_key(filename.split("/", 1)[1]), filename,
+                                    len(with_crlf(data))))
+    return messages
+
+
+@dataclass
+class Pop3Session:
+    """One POP3 conversation: bytes in, replies out."""
+
+    store: Maildir  # where the maildrop is: keys(), path
+    locks: MaildropLocks
+    users: dict[str, str] | None = None  # as for SMTP AUTH: None accepts any user and password
+    tls_available: bool = False
+    peer: str = ""
+    state: Pop3State = Pop3State.AUTHORIZATION
+    user: str | None = None
+    tls: str | None = None
+    tls_requested: bool = False
+    maildrop: list[DropMessage] = field(default_factory=list)
+    deleted: set[int] = field(default_factory=set)  # message numbers marked by DELE
+    unknown_commands: int = 0
+    auth_failures: int = 0
+    closing_note: str = ""
+    fault_notes: list[str] = field(default_factory=list)  # (the handler reads these)
+    delay: float = 0.0
+    in_data: bool = False
+    _maildrop_name: str | None = None  # the maildrop this session has locked
+    _unread: bytes = b""
+    _overlong: bool = False
+
+    def greeting(self) -> Pop3Reply:
+        return pop3_ok("sheesh POP3 server ready")
+
+    def goodbye(self, reason: str) -> Pop3Reply:
+        return pop3_error({"timeout": "[SYS/TEMP] timeout, goodbye",
+                           "shutdown": "[SYS/TEMP] server shutting down, goodbye",
+                           "busy": "[SYS/TEMP] too many connections, try again later",
+                           "error": "[SYS/TEMP] internal server error, goodbye"}[reason])
+
+    @property
+    def closed(self) -> bool:
+        return self.state is Pop3State.CLOSED
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._unread) or self._overlong
+
+    def receive(self, data: bytes) -> list[Pop3Reply]:
+        """Lines in, replies out, in order (RFC 2449 PIPELINING)."""
+        buffer, position, replies = self._unread + data, 0, []
+        while not self.closed and not self.tls_requested:
+            end = buffer.find(b"\n", position)
+            if end < 0:
+                break
+            raw, position = buffer[position:end], end + 1
+            if self._overlong or len(raw) >= COMMAND_LINE_LIMIT:
+                self._overlong = False
+                replies.append(pop3_error("line too long"))
+                continue
+            replies.append(self.handle_line(raw.removesuffix(b"\r").decode("utf-8", "replace")))
+        partial = b"" if self.closed or self.tls_requested else buffer[position:]
+        self._overlong = self._overlong or len(partial) >= COMMAND_LINE_LIMIT
+        self._unread = b"" if self._overlong else partial
+        return replies
+
+    def handle_line(self, line: str) -> Pop3Reply:
+        verb, _, argument = line.strip().partition(" ")
+        verb, argument = verb.upper(), argument.strip()
+        logged_in = self.state is Pop3State.TRANSACTION
+        match verb:
+            case "CAPA":
+                return self.capabilities()
+            case "QUIT":
+                return self.quit()
+            case "NOOP" if logged_in:
+                return pop3_ok()
+            case "USER" if not logged_in:
+                self.user = argument or None
+                return pop3_ok("send PASS") if argument else pop3_error("usage: USER name")
+            case "PASS" if not logged_in:
+                return self.password(argument)
+            case "STLS" if not logged_in:
+                return self.starttls()
+            case "STAT" if logged_in:
+                live = self.live()
+                return pop3_ok(f"{len(live)} {sum(m.size for _, m in live)}")
+            case "LIST" | "UIDL" if logged_in:
+                return self.listing(verb, argument)
+            case "RETR" if logged_in:
+                return self.retrieve(argument, None)
+            case "TOP" if logged_in:
+                number, _, lines = argument.partition(" ")
+                if not lines.strip().isdigit():
+                    return pop3_error("usage: TOP message lines")
+                return self.retrieve(number, int(lines))
+            case "DELE" if logged_in:
+                return self.delete(argument)
+            case "RSET" if logged_in:
+                self.deleted.clear()
+                return pop3_ok(f"{len(self.maildrop)} messages")
+            case "USER" | "PASS" | "STLS" | "APOP" | "AUTH":
+                return pop3_error("not in this state" if logged_in else "not supported")
+            case "STAT" | "LIST" | "UIDL" | "RETR" | "TOP" | "DELE" | "RSET" | "NOOP":
+                return pop3_error("log in first (USER and PASS)")
+            case _:
+                self.unknown_commands += 1
+                if self.unknown_commands > MAX_UNKNOWN_COMMANDS:
+                    self.state, self.closing_note = Pop3State.CLOSED, "too many bad commands"
+                    return pop3_error("too many unknown commands, goodbye")
+                return pop3_error("unknown command")
+
+    def capabilities(self) -> Pop3Reply:
+        """CAPA (RFC 2449): what this server supports."""
+        lines = ["TOP", "USER", "UIDL", "RESP-CODES", "AUTH-RESP-CODE", "PIPELINING",
+                 f"IMPLEMENTATION sheesh-{__version__}"]
+        if self.tls_available and self.tls is None and self.state is Pop3State.AUTHORIZATION:
+            lines.append("STLS")
+        return pop3_lines("capability list follows", "".join(f"{line}\r\n"
+                                                              for line in lines).encode())
+
+    def starttls(self) -> Pop3Reply:
+        """STLS (RFC 2595), with the same care as SMTP's STARTTLS for what came before it."""
+        if not self.tls_available or self.tls is not None:
+            return pop3_error("TLS is not available" if self.tls is None else "TLS is already on")
+        self.tls_requested = True
+        return pop3_ok("begin TLS negotiation")
+
+    def tls_started(self, description: str) -> None:
+        self.tls, self.tls_requested, self.user = description, False, None
+
+    def password(self, password: str) -> Pop3Reply:
+        if self.user is None:
+            return pop3_error("send USER first")
+        known = None if self.users is None else self.users.get(self.user)
+        if self.users is not None and not (hmac.compare_digest(
+                password.encode(), (known or "\0 unknown").encode()) and known is not None):
+            self.auth_failures += 1
+            self.delay += AUTH_FAILURE_DELAY
+            if self.auth_failures >= MAX_AUTH_FAILURES:
+                self.state, self.closing_note = Pop3State.CLOSED, "too many failed logins"
+            return pop3_error("[AUTH] invalid user name or password")
+        name = self.user.lower() if "@" in self.user else "*"
+        if not self.locks.acquire(name):
+            return pop3_error("[IN-USE] the maildrop is open in another session")
+        self._maildrop_name = name
+        try:
+            self.maildrop = open_maildrop(self.store, self.user)
+        except OSError:
+            self.release()
+            return pop3_error("[SYS/TEMP] cannot read the maildrop")
+        self.state = Pop3State.TRANSACTION
+        return pop3_ok(f"{len(self.maildrop)} messages")
+
+    def live(self) -> list[tuple[int, DropMessage]]:
+        return [(n, m) for n, m in enumerate(self.maildrop, 1) if n not in self.deleted]
+
+    def message(self, number_text: str) -> DropMessage | Pop3Reply:
+        """The message with that number, or the error to send."""
+        if not number_text.isdigit() or not 0 < int(number_text) <= len(self.maildrop):
+            return pop3_error("no such message")
+        if int(number_text) in self.deleted:
+            return pop3_error("message already deleted")
+        return self.maildrop[int(number_text) - 1]
+
+    def listing(self, verb: str, argument: str) -> Pop3Reply:
+        column = (lambda m: str(m.size)) if verb == "LIST" else (lambda m: m.key)
+        if argument:
+            found = self.message(argument)
+            return found if isinstance(found, Pop3Reply) else pop3_ok(
+                f"{argument} {column(found)}")
+        lines = "".join(f"{n} {column(m)}\r\n" for n, m in self.live())
+        return pop3_lines(f"{len(self.live())} messages", lines.encode())
+
+    def retrieve(self, number: str, top_lines: int | None) -> Pop3Reply:
+        found = self.message(number)
+        if isinstance(found, Pop3Reply):
+            return found
+        try:
+            data = with_crlf((self.store.path / found.filename).read_bytes())
+        except OSError:
+            return pop3_error("[SYS/TEMP] the message is gone")
+        if top_lines is not None:  # TOP: the headers, the blank line, and n lines of the body
+            head, blank, body = data.partition(b"\r\n\r\n")
+            kept = b"".join(body.splitlines(keepends=True)[:top_lines])
+            data = head + blank + kept if blank else with_crlf(head)
+        return pop3_lines(f"{found.size} octets", data)
+
+    def delete(self, number: str) -> Pop3Reply:
+        found = self.message(number)
+        if isinstance(found, Pop3Reply):
+            return found
+        self.deleted.add(int(number))
+        return pop3_ok(f"message {number} deleted")
+
+    def quit(self) -> Pop3Reply:
+        """QUIT: in TRANSACTION, the UPDATE state: remove what DELE marked, one file at a time
+        (each removal is atomic), then let the maildrop go."""
+        failed = 0
+        if self.state is Pop3State.TRANSACTION:
+            for number in sorted(self.deleted):
+                try:
+                    (self.store.path / self.maildrop[number - 1].filename).unlink()
+                except FileNotFoundError:
+                    pass  # someone else deleted it: it is gone all the same
+                except OSError:
+                    failed += 1
+        self.release()
+        self.state = Pop3State.CLOSED
+        if failed:
+            return pop3_error(f"[SYS/TEMP] {failed} messages could not be deleted")
+        return pop3_ok("sheesh POP3 server signing off")
+
+    def release(self) -> None:
+        if self._maildrop_name is not None:
+            self.locks.release(self._maildrop_name)
+            self._maildrop_name = None
+
+    def connection_lost(self) -> None:
+        """A connection that ends without QUIT deletes nothing (RFC 1939 section 6)."""
+        self.release()
+        self.state = Pop3State.CLOSED
+
+
+# ---------------------------------------------------------------------------------------------
+# 13. The CLI
 # ---------------------------------------------------------------------------------------------
 
 
@@ -2923,6 +3257,11 @@ def build_parser() -> argparse.ArgumentParser:
                          help="inject a failure: " + FAULT_SYNTAX.replace("%", "%%"))
     failing.add_argument("--fail-seed", type=int, metavar="N",
                          help="seed for the chances in --fail rules, to replay a run")
+    pop3 = parser.add_argument_group("POP3 (see README, POP3)")
+    pop3.add_argument("--pop3-port", type=port_number, metavar="PORT",
+                      help="also serve the Maildir over POP3 here (Mailpit uses 1110)")
+    pop3.add_argument("--pop3s-port", type=port_number, metavar="PORT",
+                      help="and over POP3 with TLS from the first byte (needs a certificate)")
     relay = parser.add_argument_group("forwarding (see README, Forwarding)")
     relay.add_argument("--relay", metavar="HOST:PORT", type=host_and_port,
                        help="a real SMTP server to release messages to")
@@ -3005,6 +3344,7 @@ def check_tls_options(options: dict) -> str | None:
     if options["tls_cert"] or options["tls_self_signed"]:
         return None
     for option, given in (("--smtps-port", options["smtps_port"] is not None),
+                          ("--pop3s-port", options["pop3s_port"] is not None),
                           ("--tls-required", options["tls_required"])):
         if given:
             return f"{option} needs --tls-cert and --tls-key, or --tls-self-signed"
@@ -3039,7 +3379,8 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as error:
         return fail(start_failure(server, error))
     # Logged as a warning so that it shows even with --quiet: it says where everything is.
-    smtps = "" if server.smtps_port is None else f" (SMTPS on port {server.smtps_port})"
+    smtps = "".join(f" ({name.upper()} on port {port})" for name, port in server.ports.items()
+                    if name != "smtp")
     log.warning("sheesh %s listening on %s port %d%s, storing mail in %s%s", __version__,
                 server.host, server.port, smtps, server.store.path,
                 "" if cpu is None else f", running on CPU {cpu}")
@@ -3065,7 +3406,8 @@ def start_failure(server: Server, error: OSError | ValueError) -> str:
         files = f" with {config.tls_cert} and {config.tls_key}" if config.tls_cert else ""
         reason = getattr(error, "reason", None) or getattr(error, "strerror", None) or error
         return f"cannot set up TLS{files}: {reason}"
-    ports = str(config.port) + ("" if config.smtps_port is None else f" or {config.smtps_port}")
+    ports = " or ".join(str(port) for port in (config.port, config.smtps_port, config.pop3_port,
+                                               config.pop3s_port) if port is not None)
     return f"cannot listen on {config.host} port {ports}: {error.strerror or error}"
 
 

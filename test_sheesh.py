@@ -2557,3 +2557,254 @@ def test_cli_relay_options_are_checked():
     assert result.returncode == 2 and "expected HOST:PORT" in result.stderr
     result = run_cli("--relay", "x:25", "--relay-match", "([")
     assert result.returncode == 2 and "not a regular expression" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# POP3
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def maildrop(tmp_path):
+    """A Maildir with three messages: two for ann@d.test (one of them with bare LFs and dots),
+    one for bob@d.test."""
+    store = sheesh.Maildir(tmp_path / "mail", HOSTNAME)
+    store.create()
+    keys = [deliver(store, b"Subject: first\r\n\r\n.starts with a dot\r\nbody\r\n",
+                    recipients=["ann@d.test"]),
+            deliver(store, b"Subject: second\r\n\r\nbare\nline feeds\n", recipients=["bob@d.test"]),
+            deliver(store, b"Subject: third\r\n\r\none\r\ntwo\r\nthree\r\n",
+                    recipients=["Ann@d.test", "cc@d.test"])]
+    store.keys_in_order = keys
+    return store
+
+
+def pop3(store, locks=None, **options):
+    return sheesh.Pop3Session(store, locks or sheesh.MaildropLocks(), **options)
+
+
+def tell(session, *lines):
+    data = b"".join(line.encode() + b"\r\n" for line in lines)
+    return b"".join(reply.wire for reply in session.receive(data))
+
+
+def test_pop3_session_greets_and_lists_capabilities():
+    session = pop3(None)
+    assert session.greeting().wire == b"+OK sheesh POP3 server ready\r\n"
+    assert tell(session, "CAPA") == (
+        b"+OK capability list follows\r\nTOP\r\nUSER\r\nUIDL\r\nRESP-CODES\r\nAUTH-RESP-CODE\r\n"
+        b"PIPELINING\r\nIMPLEMENTATION sheesh-" + sheesh.__version__.encode() + b"\r\n.\r\n")
+    assert b"STLS\r\n" in tell(pop3(None, tls_available=True), "CAPA")
+
+
+def test_pop3_session_any_name_sees_every_message(maildrop):
+    session = pop3(maildrop)
+    assert tell(session, "USER anyone", "PASS anything") == b"+OK send PASS\r\n+OK 3 messages\r\n"
+    sizes = [len(sheesh.with_crlf((maildrop.path / "new" / key).read_bytes()))
+             for key in maildrop.keys_in_order]
+    assert tell(session, "STAT") == f"+OK 3 {sum(sizes)}\r\n".encode()
+    assert tell(session, "LIST") == (
+        f"+OK 3 messages\r\n1 {sizes[0]}\r\n2 {sizes[1]}\r\n3 {sizes[2]}\r\n.\r\n".encode())
+    assert tell(session, "UIDL 2") == f"+OK 2 {maildrop.keys_in_order[1]}\r\n".encode()
+
+
+def test_pop3_session_an_address_sees_only_its_own_messages(maildrop):
+    session = pop3(maildrop)
+    assert tell(session, "USER ANN@d.test", "PASS x") == b"+OK send PASS\r\n+OK 2 messages\r\n"
+    assert tell(session, "UIDL") == (f"+OK 2 messages\r\n1 {maildrop.keys_in_order[0]}\r\n"
+                                     f"2 {maildrop.keys_in_order[2]}\r\n.\r\n").encode()
+
+
+def test_pop3_session_retr_is_crlf_and_dot_stuffed_and_as_long_as_listed(maildrop):
+    session = pop3(maildrop)
+    tell(session, "USER x", "PASS y")
+    listed = int(tell(session, "LIST 2").split()[2])
+    reply = tell(session, "RETR 2")
+    first, _, rest = reply.partition(b"\r\n")
+    assert first == f"+OK {listed} octets".encode()
+    assert rest.endswith(b"\r\nbare\r\nline feeds\r\n.\r\n")
+    assert len(rest) - len(b".\r\n") == listed
+    assert tell(session, "RETR 1").endswith(b"\r\n\r\n..starts with a dot\r\nbody\r\n.\r\n")
+
+
+def test_pop3_session_top_sends_headers_and_n_lines(maildrop):
+    session = pop3(maildrop)
+    tell(session, "USER x", "PASS y")
+    reply = tell(session, "TOP 3 2")
+    assert b"Subject: third\r\n\r\none\r\ntwo\r\n.\r\n" in reply and b"three" not in reply
+    assert tell(session, "TOP 3 0").endswith(b"Subject: third\r\n\r\n.\r\n")
+    assert tell(session, "TOP 3") == b"-ERR usage: TOP message lines\r\n"
+
+
+def test_pop3_session_dele_rset_and_quit(maildrop):
+    session = pop3(maildrop)
+    tell(session, "USER x", "PASS y")
+    assert tell(session, "DELE 1", "DELE 1", "STAT") == (
+        b"+OK message 1 deleted\r\n-ERR message already deleted\r\n"
+        + f"+OK 2 {sum(m.size for m in session.maildrop[1:])}\r\n".encode())
+    assert tell(session, "RSET", "DELE 2", "RETR 2", "RETR 9") == (
+        b"+OK 3 messages\r\n+OK message 2 deleted\r\n-ERR message already deleted\r\n"
+        b"-ERR no such message\r\n")
+    assert len(files_in(maildrop.path, "new")) == 3  # nothing goes before QUIT
+    assert tell(session, "QUIT") == b"+OK sheesh POP3 server signing off\r\n"
+    assert [p.name for p in files_in(maildrop.path, "new")] == sorted(
+        [maildrop.keys_in_order[0], maildrop.keys_in_order[2]])
+
+
+def test_pop3_session_dropped_connection_deletes_nothing_and_frees_the_maildrop(maildrop):
+    locks = sheesh.MaildropLocks()
+    session = pop3(maildrop, locks)
+    tell(session, "USER x", "PASS y", "DELE 1", "DELE 2")
+    session.connection_lost()
+    assert len(files_in(maildrop.path, "new")) == 3
+    assert tell(pop3(maildrop, locks), "USER x", "PASS y").endswith(b"+OK 3 messages\r\n")
+
+
+def test_pop3_session_second_session_on_the_same_maildrop_is_in_use(maildrop):
+    locks = sheesh.MaildropLocks()
+    first = pop3(maildrop, locks)
+    tell(first, "USER ann@d.test", "PASS x")
+    assert tell(pop3(maildrop, locks), "USER ANN@d.test", "PASS x").endswith(
+        b"-ERR [IN-USE] the maildrop is open in another session\r\n")
+    assert tell(pop3(maildrop, locks), "USER bob@d.test", "PASS x").endswith(b"+OK 1 messages\r\n")
+    tell(first, "QUIT")
+    assert tell(pop3(maildrop, locks), "USER ann@d.test", "PASS x").endswith(
+        b"+OK 2 messages\r\n")
+
+
+def test_pop3_session_checks_passwords_with_users(maildrop):
+    session = pop3(maildrop, users=USERS)
+    assert tell(session, "USER alice", "PASS wrong") == (
+        b"+OK send PASS\r\n-ERR [AUTH] invalid user name or password\r\n")
+    assert session.delay == sheesh.AUTH_FAILURE_DELAY
+    assert tell(session, "USER alice", "PASS correct horse").endswith(b"+OK 3 messages\r\n")
+    locked_out = pop3(maildrop, users=USERS)
+    tell(locked_out, "USER alice", "PASS 1", "USER alice", "PASS 2", "USER alice", "PASS 3")
+    assert locked_out.closed
+
+
+@pytest.mark.parametrize("lines, reply", [
+    (["STAT"], b"-ERR log in first (USER and PASS)\r\n"),
+    (["PASS x"], b"-ERR send USER first\r\n"),
+    (["USER"], b"-ERR usage: USER name\r\n"),
+    (["APOP x y"], b"-ERR not supported\r\n"),
+    (["XYZZY"], b"-ERR unknown command\r\n"),
+    (["STLS"], b"-ERR TLS is not available\r\n"),
+])
+def test_pop3_session_errors(maildrop, lines, reply):
+    assert tell(pop3(maildrop), *lines) == reply
+
+
+def test_pop3_session_bounds_lines_and_unknown_commands(maildrop):
+    session = pop3(maildrop)
+    assert tell(session, "X" * sheesh.COMMAND_LINE_LIMIT, "NOOP") == (
+        b"-ERR line too long\r\n-ERR log in first (USER and PASS)\r\n")
+    tell(session, *["BAD"] * 20)
+    assert tell(session, "BAD") == b"-ERR too many unknown commands, goodbye\r\n"
+    assert session.closed
+
+
+def test_pop3_session_drops_commands_pipelined_after_stls():
+    session = pop3(None, tls_available=True)
+    assert tell(session, "STLS", "USER injected", "PASS x") == b"+OK begin TLS negotiation\r\n"
+    session.tls_started("TLSv1.3 with cipher X")
+    assert session.user is None and not session.busy
+    assert tell(session, "STLS") == b"-ERR TLS is already on\r\n"
+
+
+@pytest.fixture
+def pop3_server(tmp_path):
+    with make_server(tmp_path, pop3_port=0) as server:
+        with smtplib.SMTP(server.host, server.port) as client:
+            client.sendmail("a@b.test", ["ann@d.test"], b"Subject: one\r\n\r\n.dot\r\nbody\r\n")
+            client.sendmail("a@b.test", ["bob@d.test"], b"Subject: two\r\n\r\nhello\r\n")
+        yield server
+
+
+def test_poplib_login_list_retr_top_uidl(pop3_server):
+    import poplib
+    client = poplib.POP3(pop3_server.host, pop3_server.pop3_port, timeout=10)
+    assert client.getwelcome() == b"+OK sheesh POP3 server ready"
+    client.user("anyone")
+    client.pass_("anything")
+    assert client.stat()[0] == 2
+    stored = [m.raw for m in pop3_server.messages()]
+    _, lines, _ = client.retr(1)
+    assert b"\r\n".join(lines) + b"\r\n" == stored[0]  # poplib un-stuffed the dot: exact
+    _, listing, _ = client.list()
+    assert [int(line.split()[1]) for line in listing] == [len(raw) for raw in stored]
+    _, uids, _ = client.uidl()
+    assert [line.split()[1].decode() for line in uids] == [m.key for m in pop3_server.messages()]
+    assert client.top(2, 0)[1][-2:] == [b"Subject: two", b""]
+    client.quit()
+
+
+def test_poplib_dele_and_quit_deletes_but_a_dropped_connection_does_not(pop3_server):
+    import poplib
+    client = poplib.POP3(pop3_server.host, pop3_server.pop3_port, timeout=10)
+    client.user("x")
+    client.pass_("y")
+    client.dele(1)
+    client.file.close()
+    client.sock.close()  # gone without QUIT
+    wait_until(lambda: active_sessions(pop3_server) == 0)
+    assert len(pop3_server.messages()) == 2
+    client = poplib.POP3(pop3_server.host, pop3_server.pop3_port, timeout=10)
+    client.user("x")
+    client.pass_("y")
+    client.dele(1)
+    client.quit()
+    assert [m.message["Subject"] for m in pop3_server.messages()] == ["two"]
+
+
+def test_poplib_per_recipient_and_in_use(pop3_server):
+    import poplib
+    ann = poplib.POP3(pop3_server.host, pop3_server.pop3_port, timeout=10)
+    ann.user("ann@d.test")
+    ann.pass_("x")
+    assert ann.stat()[0] == 1
+    assert ann.retr(1)[1][-2:] == [b".dot", b"body"]
+    second = poplib.POP3(pop3_server.host, pop3_server.pop3_port, timeout=10)
+    second.user("ann@d.test")
+    with pytest.raises(poplib.error_proto, match=r"IN-USE"):
+        second.pass_("x")
+    ann.quit()
+
+
+def test_poplib_stls_and_pop3s(tmp_path, certificates):
+    import poplib
+    with make_server(tmp_path, pop3_port=0, pop3s_port=0, tls_cert=str(certificates.cert),
+                     tls_key=str(certificates.key)) as server:
+        with smtplib.SMTP(server.host, server.port) as client:
+            client.sendmail("a@b.test", ["c@d.test"], b"Subject: secret\r\n\r\nx\r\n")
+        plain = poplib.POP3(server.host, server.pop3_port, timeout=10)
+        assert "STLS" in plain.capa()
+        plain.stls(context=client_context(certificates))
+        assert "STLS" not in plain.capa()
+        plain.user("x")
+        plain.pass_("y")
+        assert plain.stat()[0] == 1
+        plain.quit()
+        secure = poplib.POP3_SSL(server.host, server.pop3s_port,
+                                 context=client_context(certificates), timeout=10)
+        secure.user("c@d.test")
+        secure.pass_("y")
+        assert b"Subject: secret" in secure.retr(1)[1]
+        secure.quit()
+
+
+def test_pop3_idle_timeout(tmp_path, monkeypatch):
+    monkeypatch.setattr(sheesh, "POP3_TIMEOUT", 0.3)
+    with make_server(tmp_path, pop3_port=0) as server:
+        sock = socket.create_connection((server.host, server.pop3_port), timeout=5)
+        reader = sock.makefile("rb")
+        assert reader.readline() == b"+OK sheesh POP3 server ready\r\n"
+        assert reader.readline() == b"-ERR [SYS/TEMP] timeout, goodbye\r\n"
+        assert reader.readline() == b""
+        sock.close()
+
+
+def test_cli_pop3_ports_are_announced(cli, tmp_path):
+    sheesh_process = cli("--pop3-port", "0")
+    assert re.search(r"\(POP3 on port \d+\)", sheesh_process.first_line)
+    assert run_cli("--pop3s-port", "0").returncode == 2
