@@ -2774,23 +2774,8 @@ def sendmail_main(argv: list[str]) -> int:
     cron, git send-email): the message on standard input goes to a running sheesh by SMTP.
     Exit status as sendmail's (sysexits.h): 64 bad usage, 69 refused, 75 try again later.
     """
-    parser = ArgumentParser(prog="sheesh sendmail", description=sendmail_main.__doc__.split(
-        "\n\n")[1].strip(), add_help=True)
-    parser.add_argument("recipients", nargs="*", metavar="RECIPIENT")
-    parser.add_argument("-t", dest="from_headers", action="store_true",
-                        help="also send to the To, Cc and Bcc headers' addresses; remove Bcc")
-    parser.add_argument("-f", "-r", dest="sender", help="the envelope sender")
-    parser.add_argument("-F", dest="full_name", help="ignored (the sender's full name)")
-    parser.add_argument("-i", "-oi", dest="ignore_dots", action="store_true",
-                        help="ignored: a lone dot never ends the message here")
-    parser.add_argument("-o", dest="other_options", action="append", metavar="OPTION",
-                        help="ignored, for -oem, -odi and the like")
-    parser.add_argument("-B", dest="body_type", help="ignored (7BIT or 8BITMIME)")
-    parser.add_argument("--host", default=DEFAULT_HOST, help="where sheesh listens")
-    parser.add_argument("--port", type=port_number, default=DEFAULT_PORT)
-    options = parser.parse_args(argv)
-    data = sys.stdin.buffer.read()
-    recipients = list(options.recipients)
+    options = build_sendmail_parser().parse_args(argv)
+    data, recipients = sys.stdin.buffer.read(), list(options.recipients)
     if options.from_headers:
         headers = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(data)
         fields = [value for name in ("To", "Cc", "Bcc") for value in headers.get_all(name, [])]
@@ -2804,8 +2789,32 @@ def sendmail_main(argv: list[str]) -> int:
     # and smtplib leaves bytes as they are.
     data = re.sub(rb"\r?\n", b"\r\n", data)
     sender = options.sender or f"{os.environ.get('USER') or 'sheesh'}@{socket.gethostname()}"
+    return submit(options.host, options.port, sender, recipients, data)
+
+
+def build_sendmail_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(prog="sheesh sendmail", description=sendmail_main.__doc__.split(
+        "\n\n")[1].strip())
+    parser.usage_error_status = 64  # EX_USAGE, as sendmail
+    parser.add_argument("recipients", nargs="*", metavar="RECIPIENT")
+    parser.add_argument("-t", dest="from_headers", action="store_true",
+                        help="also send to the To, Cc and Bcc headers' addresses; remove Bcc")
+    parser.add_argument("-f", "-r", dest="sender", help="the envelope sender")
+    parser.add_argument("-F", dest="full_name", help="ignored (the sender's full name)")
+    parser.add_argument("-i", "-oi", dest="ignore_dots", action="store_true",
+                        help="ignored: a lone dot never ends the message here")
+    parser.add_argument("-o", dest="other_options", action="append", metavar="OPTION",
+                        help="ignored, for -oem, -odi and the like")
+    parser.add_argument("-B", dest="body_type", help="ignored (7BIT or 8BITMIME)")
+    parser.add_argument("--host", default=DEFAULT_HOST, help="where sheesh listens")
+    parser.add_argument("--port", type=port_number, default=DEFAULT_PORT)
+    return parser
+
+
+def submit(host: str, port: int, sender: str, recipients: list[str], data: bytes) -> int:
+    """Send one message by SMTP; the exit status, with a one-line message on failure."""
     try:
-        with smtplib.SMTP(options.host, options.port, timeout=RELAY_TIMEOUT) as client:
+        with smtplib.SMTP(host, port, timeout=RELAY_TIMEOUT) as client:
             refused = client.sendmail(sender, recipients, data)
     except smtplib.SMTPResponseException as error:
         print(f"sheesh sendmail: refused: {error.smtp_code} "
@@ -2816,7 +2825,7 @@ def sendmail_main(argv: list[str]) -> int:
               file=sys.stderr)
         return 69
     except (OSError, smtplib.SMTPException) as error:
-        print(f"sheesh sendmail: cannot send to {options.host} port {options.port}: "
+        print(f"sheesh sendmail: cannot send to {host} port {port}: "
               f"{getattr(error, 'strerror', None) or error}", file=sys.stderr)
         return 69 if isinstance(error, ConnectionRefusedError) else 75
     for recipient, (code, text) in refused.items():
@@ -3163,9 +3172,11 @@ class Pop3Session:
 
 
 class ArgumentParser(argparse.ArgumentParser):
+    usage_error_status = 2
+
     def error(self, message: str):
         """One line, then exit 2, rather than argparse's usage block."""
-        self.exit(2, f"sheesh: error: {message} (see --help)\n")
+        self.exit(self.usage_error_status, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def positive(kind):
@@ -3251,24 +3262,35 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-http", dest="http_port", action="store_const", const=None,
                         help="no web inbox")
     parser.add_argument("--version", action="version", version=f"sheesh {__version__}")
-    failing = parser.add_argument_group("failing on purpose (see README, Fault injection)")
+    add_fault_options(parser.add_argument_group("failing on purpose (see README, Fault "
+                                                "injection)"))
+    add_pop3_options(parser.add_argument_group("POP3 (see README, POP3)"))
+    add_relay_options(parser.add_argument_group("forwarding (see README, Forwarding)"))
+    add_tls_options(parser.add_argument_group("TLS and authentication"))
+    return parser
+
+
+def add_fault_options(failing) -> None:
     failing.add_argument("--fail", dest="faults", metavar="RULE", action="append",
                          type=fault_rule, default=[],
                          help="inject a failure: " + FAULT_SYNTAX.replace("%", "%%"))
     failing.add_argument("--fail-seed", type=int, metavar="N",
                          help="seed for the chances in --fail rules, to replay a run")
-    pop3 = parser.add_argument_group("POP3 (see README, POP3)")
+
+
+def add_pop3_options(pop3) -> None:
     pop3.add_argument("--pop3-port", type=port_number, metavar="PORT",
                       help="also serve the Maildir over POP3 here (Mailpit uses 1110)")
     pop3.add_argument("--pop3s-port", type=port_number, metavar="PORT",
                       help="and over POP3 with TLS from the first byte (needs a certificate)")
-    relay = parser.add_argument_group("forwarding (see README, Forwarding)")
+
+
+def add_relay_options(relay) -> None:
     relay.add_argument("--relay", metavar="HOST:PORT", type=host_and_port,
                        help="a real SMTP server to release messages to")
     relay.add_argument("--relay-user", help="user name to log in to it with")
-    relay.add_argument("--relay-password", default=os.environ.get("SHEESH_RELAY_PASSWORD"),
-                       help="its password; better, set SHEESH_RELAY_PASSWORD, which is not kept "
-                       "in the shell's history")
+    relay.add_argument("--relay-password", help="its password; better, set the environment "
+                       "variable SHEESH_RELAY_PASSWORD, which the shell's history does not keep")
     relay.add_argument("--relay-tls", choices=("starttls", "tls", "none"), default="starttls",
                        help="how to talk to it: STARTTLS, TLS from the first byte, or plain")
     automatic = relay.add_mutually_exclusive_group()
@@ -3276,7 +3298,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="relay every message to its recipients as it arrives")
     automatic.add_argument("--relay-match", metavar="REGEX", type=regex,
                            help="relay as they arrive, but only to recipients matching REGEX")
-    secure = parser.add_argument_group("TLS and authentication")
+
+
+def add_tls_options(secure) -> None:
     secure.add_argument("--tls-cert", metavar="FILE", help="certificate (PEM) for STARTTLS and "
                         "--smtps-port")
     secure.add_argument("--tls-key", metavar="FILE", help="its private key (PEM)")
@@ -3292,7 +3316,6 @@ def build_parser() -> argparse.ArgumentParser:
     secure.add_argument("--users", metavar="FILE", type=read_users,
                         help="check AUTH against lines of user:password; without it, any "
                         "user name and password are accepted")
-    return parser
 
 
 def host_and_port(text: str) -> str:
@@ -3365,6 +3388,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
                         format="%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
     options["faults"] = tuple(options["faults"])
+    if options["relay_password"] is None:  # from the environment: never shown by --help
+        options["relay_password"] = os.environ.get("SHEESH_RELAY_PASSWORD")
     server = Server(Config(**options))
     try:
         cpu = pin_to_one_cpu(cpu_choice_)

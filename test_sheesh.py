@@ -1441,15 +1441,21 @@ def test_cli_warns_when_listening_beyond_loopback(cli):
     sheesh_process.stop()
 
 
-def test_sigterm_lets_a_message_in_data_finish_then_exits_0(cli):
-    sheesh_process = cli("--grace", "5")
+def start_message(sheesh_process, first_part: bytes):
+    """Connect to a sheesh process and leave a message half sent, in DATA."""
     client = socket.create_connection((sheesh_process.host, sheesh_process.port), timeout=10)
     reader = client.makefile("rb")
     reader.readline()
     client.sendall(b"HELO x\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\n")
     for _ in range(4):
         reader.readline()
-    client.sendall(b"Subject: in flight\r\n\r\nfirst half\r\n")
+    client.sendall(first_part)
+    return client, reader
+
+
+def test_sigterm_lets_a_message_in_data_finish_then_exits_0(cli):
+    sheesh_process = cli("--grace", "5")
+    client, reader = start_message(sheesh_process, b"Subject: in flight\r\n\r\nfirst half\r\n")
     sheesh_process.proc.send_signal(signal.SIGTERM)
     assert "stopping" in sheesh_process.proc.stderr.readline()
     wait_until(lambda: not can_connect(sheesh_process.host, sheesh_process.port),
@@ -1465,13 +1471,7 @@ def test_sigterm_lets_a_message_in_data_finish_then_exits_0(cli):
 
 def test_sigterm_drops_a_message_that_does_not_finish_within_the_grace(cli):
     sheesh_process = cli("--grace", "0.3")
-    client = socket.create_connection((sheesh_process.host, sheesh_process.port), timeout=10)
-    reader = client.makefile("rb")
-    reader.readline()
-    client.sendall(b"HELO x\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\n")
-    for _ in range(4):
-        reader.readline()
-    client.sendall(b"Subject: never finished\r\n\r\n")
+    client, _ = start_message(sheesh_process, b"Subject: never finished\r\n\r\n")
     wait_until(lambda: os.listdir(sheesh_process.maildir / "tmp"), what="the tmp file")
     sheesh_process.proc.send_signal(signal.SIGTERM)
     assert sheesh_process.proc.wait(timeout=10) == 0
