@@ -2751,11 +2751,17 @@ class Relay:
         with open(job.path, "rb") as file:
             data = strip_trace_headers(file.read())
         config = self.config
-        smtp_class = smtplib.SMTP_SSL if config.relay_tls == "tls" else smtplib.SMTP
-        with smtp_class(self.host, self.port, timeout=RELAY_TIMEOUT) as client:
+        # The system's trusted certificates, checked: smtplib's own default checks nothing.
+        context = ssl.create_default_context() if config.relay_tls != "none" else None
+        if config.relay_tls == "tls":
+            client = smtplib.SMTP_SSL(self.host, self.port, timeout=RELAY_TIMEOUT,
+                                      context=context)
+        else:
+            client = smtplib.SMTP(self.host, self.port, timeout=RELAY_TIMEOUT)
+        with client:
             client.ehlo_or_helo_if_needed()
             if config.relay_tls == "starttls":
-                client.starttls()
+                client.starttls(context=context)
                 client.ehlo()
             if config.relay_user:
                 client.login(config.relay_user, config.relay_password or "")

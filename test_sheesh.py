@@ -1291,6 +1291,45 @@ def test_full_disk_mid_data_gets_452_removes_the_partial_file_and_keeps_serving(
         assert server.wait_for_message().message["Subject"] == "fits"
 
 
+def test_maildir_turning_read_only_gives_4xx_and_one_log_line(tmp_path, tiny_filesystem,
+                                                                caplog):
+    with make_server(tmp_path, maildir=tiny_filesystem / "mail") as server:
+        subprocess.run(["mount", "-o", "remount,ro", str(tiny_filesystem)], check=True)
+        try:
+            with caplog.at_level(logging.ERROR, logger="sheesh"):
+                for _ in range(3):
+                    with smtplib.SMTP(server.host, server.port) as client:
+                        with pytest.raises(smtplib.SMTPDataError) as failure:
+                            client.sendmail("a@b.test", ["c@d.test"], b"x\r\n")
+                        assert failure.value.smtp_code == 451
+            errors = [r.getMessage() for r in caplog.records if "cannot store" in r.getMessage()]
+            assert len(errors) == 1 and "Read-only file system" in errors[0]
+        finally:
+            subprocess.run(["mount", "-o", "remount,rw", str(tiny_filesystem)], check=True)
+        with smtplib.SMTP(server.host, server.port) as client:
+            client.sendmail("a@b.test", ["c@d.test"], b"Subject: writable again\r\n\r\nx\r\n")
+        assert server.wait_for_message().message["Subject"] == "writable again"
+
+
+def open_file_descriptors():
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").exists(), reason="needs /proc (Linux)")
+def test_clients_vanishing_at_any_point_leak_no_file_handles(server):
+    before = open_file_descriptors()
+    cut_points = [b"EHLO x", b"EHLO x\r\nMAIL FROM:<a@b.test>\r\nRC",
+                  b"EHLO x\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\nhalf a mess"]
+    for _ in range(20):
+        for data in cut_points:
+            sock = socket.create_connection((server.host, server.port), timeout=5)
+            sock.sendall(data)
+            sock.close()
+    wait_until(lambda: active_sessions(server) == 0, what="every session to end")
+    wait_until(lambda: open_file_descriptors() <= before, what="the file handles to close")
+    assert files_in(server.store.path, "tmp") == [] and files_in(server.store.path, "new") == []
+
+
 # ---------------------------------------------------------------------------------------------
 # 9. The CLI, as a real process
 # ---------------------------------------------------------------------------------------------
@@ -2808,3 +2847,28 @@ def test_cli_pop3_ports_are_announced(cli, tmp_path):
     sheesh_process = cli("--pop3-port", "0")
     assert re.search(r"\(POP3 on port \d+\)", sheesh_process.first_line)
     assert run_cli("--pop3s-port", "0").returncode == 2
+
+
+@pytest.mark.parametrize("mode", ["starttls", "tls"])
+def test_relay_over_tls_checks_the_certificate_and_logs_in(tmp_path, certificates, monkeypatch,
+                                                           mode):
+    with make_server(tmp_path / "up", maildir=tmp_path / "up-mail", smtps_port=0,
+                     tls_cert=str(certificates.cert), tls_key=str(certificates.key),
+                     users={"relay-user": "relay-pass"}, auth_required=True) as upstream:
+        port = upstream.port if mode == "starttls" else upstream.smtps_port
+
+        def relay_once():
+            with make_server(tmp_path, http_port=0, relay=f"127.0.0.1:{port}", relay_tls=mode,
+                             relay_user="relay-user", relay_password="relay-pass",
+                             relay_all=True) as server:
+                with smtplib.SMTP(server.host, server.port) as client:
+                    client.sendmail("a@b.test", ["c@d.test"], f"Subject: {mode}\r\n\r\nx\r\n")
+                key = server.wait_for_message().key
+                return relay_history(server, key)[0]["outcome"]
+
+        untrusted = relay_once()  # the test CA is not one the system trusts
+        assert untrusted.startswith("will retry: 421 SSLCertVerificationError")
+        monkeypatch.setenv("SSL_CERT_FILE", str(certificates.ca))
+        assert relay_once() == "sent"
+        received = str(upstream.wait_for_message().message["Received"])
+        assert "(authenticated as relay-user)" in received and " with ESMTPSA " in received
