@@ -1158,7 +1158,10 @@ class Maildir:
         recipients = envelope.recipients
         lines = [f"Return-Path: <{envelope.sender}>"]
         lines += [f"Delivered-To: {recipient}" for recipient in recipients]
-        lines.append(f"Received: from {header_safe(envelope.client_name)} ([{envelope.peer}])")
+        # The client's address as an address literal (RFC 5321 section 4.1.3): [192.0.2.1],
+        # or [IPv6:2001:db8::1].
+        literal = f"IPv6:{envelope.peer}" if ":" in envelope.peer else envelope.peer
+        lines.append(f"Received: from {header_safe(envelope.client_name)} ([{literal}])")
         if envelope.tls is not None:
             lines.append(f"\t(using {envelope.tls})")
         if envelope.auth_user is not None:
@@ -1486,6 +1489,7 @@ class Listener(socketserver.ThreadingTCPServer):
     block_on_close = False  # stop() waits for the sessions itself, with a deadline
     request_queue_size = 1024  # socketserver's listen backlog of 5 drops a burst of connections
     allow_reuse_address = os.name != "nt"  # on Windows it would let two servers share a port
+    serving = False  # set when a thread runs serve_forever(): shutdown() waits for that thread
 
     def __init__(self, config: Config, port: int, make_session, tls_context=None,
                  implicit_tls: bool = False, idle_timeout: float | None = None) -> None:
@@ -1519,7 +1523,8 @@ class Listener(socketserver.ThreadingTCPServer):
         """Close the listening socket, and end the sessions that are not in DATA."""
         if self.stopping:
             return
-        self.shutdown()
+        if self.serving:
+            self.shutdown()
         self.server_close()
         with self._changed:
             self.stopping = True
@@ -1676,6 +1681,7 @@ class Server:
         for listener in self._listeners + ([self.web] if self.web else []):
             thread = threading.Thread(target=listener.serve_forever, args=(0.05,),
                                       name=f"sheesh-{listener.server_address[1]}", daemon=True)
+            listener.serving = True
             thread.start()
             self._threads.append(thread)
         return self
@@ -1711,7 +1717,8 @@ class Server:
             listener.finish_sessions(deadline)
         if self.web is not None:
             self.index.close()  # ends the event streams and waits
-            self.web.shutdown()
+            if self.web.serving:
+                self.web.shutdown()
             self.web.server_close()
         if self.relay is not None and self.relay._thread.is_alive():
             self.relay.stop()
@@ -2429,6 +2436,7 @@ class WebHandler(http.server.BaseHTTPRequestHandler):
 class WebServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
+    serving = False  # as Listener.serving
 
     def __init__(self, host: str, port: int, app: WebApp) -> None:
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET

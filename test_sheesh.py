@@ -2872,3 +2872,36 @@ def test_relay_over_tls_checks_the_certificate_and_logs_in(tmp_path, certificate
         assert relay_once() == "sent"
         received = str(upstream.wait_for_message().message["Received"])
         assert "(authenticated as relay-user)" in received and " with ESMTPSA " in received
+
+
+def test_a_port_in_use_fails_the_start_at_once_and_frees_the_others(tmp_path):
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    server = make_server(tmp_path, pop3_port=busy.getsockname()[1], http_port=0)
+    outcome = []
+    starting = threading.Thread(target=lambda: outcome.append(
+        pytest.raises(OSError, server.start)), daemon=True)
+    starting.start()
+    starting.join(timeout=5)
+    assert not starting.is_alive(), "start() hung after a port was refused"
+    assert server.active_connections == 0
+    busy.close()
+
+
+@pytest.mark.skipif(not socket.has_ipv6, reason="no IPv6 on this machine")
+def test_listens_on_ipv6_loopback(tmp_path):
+    try:
+        server = make_server(tmp_path, host="::1", http_port=0).start()
+    except OSError as error:
+        pytest.skip(f"cannot bind ::1 here: {error}")
+    try:
+        with smtplib.SMTP("::1", server.port) as client:
+            client.sendmail("a@b.test", ["c@d.test"], b"Subject: six\r\n\r\nx\r\n")
+        stored = server.wait_for_message()
+        assert stored.message["Subject"] == "six" and "([IPv6:::1])" in str(stored.message["Received"])
+        assert server.web_url.startswith("http://[::1]:")
+        with urllib.request.urlopen(server.web_url + "api/health", timeout=5) as response:
+            assert json.loads(response.read())["messages"] == 1
+    finally:
+        server.stop()
