@@ -2123,10 +2123,11 @@ class EventStream:
 
 
 def json_response(data, status: int = 200) -> Response:
-    # "<", ">" and "&" escaped, so that no browser could ever take the JSON for HTML.
+    # "<", ">" and "&" escaped, so that no browser could ever take the JSON for HTML; and a
+    # stray surrogate, from a header that was not UTF-8, becomes "?" rather than an error.
     text = json.dumps(data, ensure_ascii=False)
     text = text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
-    return Response(status, text.encode("utf-8"))
+    return Response(status, text.encode("utf-8", "replace"))
 
 
 def json_error(status: int, message: str) -> Response:

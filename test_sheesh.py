@@ -2073,6 +2073,8 @@ def test_web_refuses_requests_from_other_sites(web, headers, status):
     b"Subject: \xe9\xff raw 8-bit\r\nFrom: \xff\r\n\r\nbody\r\n",
     b"Content-Type: multipart/alternative\r\n\r\nno boundary at all\r\n",
     b"Content-Type: text/html; charset=utf-8\r\nContent-Transfer-Encoding: base64\r\n\r\n!!!\r\n",
+    b"Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\nContent-Disposition: attachment; "
+    b"filename=\"caf\xe9 \xff.txt\"\r\n\r\nraw 8-bit name\r\n--b--\r\n",
     b"\r\n",
 ])
 def test_web_malformed_messages_never_give_500(web, data):
