@@ -1432,10 +1432,11 @@ class ConnectionHandler(socketserver.StreamRequestHandler):
 # ---------------------------------------------------------------------------------------------
 # 9. The server
 #
-# SMTPServer is socketserver's ThreadingTCPServer with the limits a long-running server needs:
+# Listener is socketserver's ThreadingTCPServer with the limits a long-running server needs:
 # a deep listen backlog, a cap on connections, and a stop that lets messages in DATA finish.
-# Server wraps it for use from Python (the CLI uses it, and so can a test suite): it runs in
-# background threads and can list, await and clear the messages that arrive.
+# One listens for each port (SMTP, and SMTPS, POP3, POP3S when asked for). Server puts them,
+# the web inbox and the relay together for use from Python (the CLI uses it, and so can a
+# test suite): it runs in background threads and can list, await and clear the messages.
 # ---------------------------------------------------------------------------------------------
 
 
