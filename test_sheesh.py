@@ -1251,16 +1251,22 @@ def test_unexpected_exception_is_logged_and_the_client_gets_a_generic_421(
     assert other.reply() == b"250 2.0.0 Ok\r\n"
 
 
-def test_maildir_removed_while_running_gives_4xx_and_one_log_line(server, caplog):
-    import shutil
-    shutil.rmtree(server.store.path)
+def storage_errors_logged_over_three_refused_messages(server, caplog) -> list[str]:
+    """Send three messages that the store cannot take: each must get 451; return what the
+    log said about it (which should be one line, not three)."""
     with caplog.at_level(logging.ERROR, logger="sheesh"):
         for _ in range(3):
             with smtplib.SMTP(server.host, server.port) as client:
                 with pytest.raises(smtplib.SMTPDataError) as failure:
                     client.sendmail("a@b.test", ["c@d.test"], b"x\r\n")
                 assert failure.value.smtp_code == 451
-    assert len([r for r in caplog.records if "cannot store" in r.getMessage()]) == 1
+    return [r.getMessage() for r in caplog.records if "cannot store" in r.getMessage()]
+
+
+def test_maildir_removed_while_running_gives_4xx_and_one_log_line(server, caplog):
+    import shutil
+    shutil.rmtree(server.store.path)
+    assert len(storage_errors_logged_over_three_refused_messages(server, caplog)) == 1
 
 
 @pytest.fixture
@@ -1296,13 +1302,7 @@ def test_maildir_turning_read_only_gives_4xx_and_one_log_line(tmp_path, tiny_fil
     with make_server(tmp_path, maildir=tiny_filesystem / "mail") as server:
         subprocess.run(["mount", "-o", "remount,ro", str(tiny_filesystem)], check=True)
         try:
-            with caplog.at_level(logging.ERROR, logger="sheesh"):
-                for _ in range(3):
-                    with smtplib.SMTP(server.host, server.port) as client:
-                        with pytest.raises(smtplib.SMTPDataError) as failure:
-                            client.sendmail("a@b.test", ["c@d.test"], b"x\r\n")
-                        assert failure.value.smtp_code == 451
-            errors = [r.getMessage() for r in caplog.records if "cannot store" in r.getMessage()]
+            errors = storage_errors_logged_over_three_refused_messages(server, caplog)
             assert len(errors) == 1 and "Read-only file system" in errors[0]
         finally:
             subprocess.run(["mount", "-o", "remount,rw", str(tiny_filesystem)], check=True)
