@@ -2244,6 +2244,26 @@ def test_browser_shows_new_mail_without_reload_and_escapes_it(web_server, tmp_pa
         browser.wait_for("document.body.innerText.includes('second arrives live')",
                          "the second message, without a reload")
         browser.wait_for("document.title === '(2) sheesh'", "the unread count in the title")
+        with smtplib.SMTP(web_server.host, web_server.port) as client:
+            client.sendmail("app@b.test", ["to@d.test", "hidden@d.test"],
+                            rich_message("rich one", html="<p id=x>Hi <script>window.ran=1"
+                                          "</script></p>"))
+        browser.wait_for("document.body.innerText.includes('rich one')", "the third message")
+        browser.evaluate("[...document.querySelectorAll('.row')].find("
+                         "(row) => row.innerText.includes('rich one')).click()")
+        browser.wait_for("document.querySelector('#view h2')?.innerText === 'rich one'",
+                         "the message view")
+        view = browser.evaluate("document.querySelector('#view').innerText")
+        assert "<to@d.test>, <hidden@d.test>" in view  # the envelope, Bcc included
+        assert "plain text body" in view and "données.bin" in view
+        browser.evaluate("[...document.querySelectorAll('#tabs button')].find("
+                         "(b) => b.innerText === 'HTML').click()")
+        frame = "document.querySelector('#view iframe')"
+        browser.wait_for(f"{frame} !== null", "the HTML part's frame")
+        assert browser.evaluate(f"{frame}.getAttribute('sandbox')") == (
+            "allow-popups allow-popups-to-escape-sandbox")  # no allow-scripts
+        assert browser.evaluate("window.ran === undefined")
+        browser.wait_for("document.title === '(2) sheesh'", "the opened message marked read")
     finally:
         browser.close()
 
