@@ -1515,6 +1515,10 @@ class Listener(socketserver.ThreadingTCPServer):
             self._handlers.add(handler)
             return None
 
+    @property
+    def connections(self) -> int:
+        return len(self._handlers)
+
     def release(self, handler: ConnectionHandler) -> None:
         with self._changed:
             self._handlers.discard(handler)
@@ -1721,7 +1725,7 @@ class Server:
             if self.web.serving:
                 self.web.shutdown()
             self.web.server_close()
-        if self.relay is not None and self.relay._thread.is_alive():
+        if self.relay is not None:
             self.relay.stop()
         for thread in self._threads:
             thread.join()
@@ -1758,7 +1762,7 @@ class Server:
     @property
     def active_connections(self) -> int:
         """How many clients are connected right now, on every port."""
-        return sum(len(listener._handlers) for listener in self._listeners)
+        return sum(listener.connections for listener in self._listeners)
 
     def messages(self) -> list[StoredMessage]:
         """Every message in the Maildir, oldest first."""
@@ -2673,6 +2677,8 @@ class Relay:
         self._thread.start()
 
     def stop(self) -> None:
+        if not self._thread.is_alive():
+            return
         with self._changed:
             self._stopping = True
             left = len(self._queue)
