@@ -2927,3 +2927,18 @@ def test_listens_on_ipv6_loopback(tmp_path):
             assert json.loads(response.read())["messages"] == 1
     finally:
         server.stop()
+
+
+def test_web_html_part_shows_cid_images_that_came_with_the_message(web):
+    message = EmailMessage()
+    message["Subject"] = "with a logo"
+    message.set_content("text")
+    message.add_alternative('<p><img src="cid:logo@sheesh.test"> <img src="cid:missing"></p>',
+                            subtype="html")
+    message.get_payload()[1].add_related(b"\x89PNG fake image", maintype="image",
+                                         subtype="png", cid="<logo@sheesh.test>")
+    key = deliver(web.store, message.as_bytes())
+    html = get(web, f"/api/messages/{key}/html").body.decode()
+    encoded = base64.b64encode(b"\x89PNG fake image").decode()
+    assert f'<img src="data:image/png;base64,{encoded}">' in html
+    assert 'src="cid:missing"' in html  # an id with no part stays as it was
