@@ -519,9 +519,10 @@ def _partial_terminator(buffer: bytes) -> int:
 # so the tests drive it directly and read like SMTP transcripts.
 #
 #   CONNECTED --HELO/EHLO--> GREETED --MAIL--> MAIL --RCPT--> RCPT --DATA--> DATA
-#       ^                       ^                                           |
-#       |                       +---------------- the final dot, RSET -------+
-#       +-- RSET keeps a session that has not said HELO where it is
+#       ^                     |    ^                                         |
+#       |           AUTH <----+    +-------------- the final dot, RSET -------+
+#       |      (334 challenges, until 235 or 535)
+#       +-- RSET keeps a session that has not said HELO where it is; STARTTLS comes back here
 #
 # Delivery is handed in as a store with one method, begin(envelope), which returns a writer
 # with write(bytes), commit() -> queue id, and abort(). The store may raise OSError at any
