@@ -6,6 +6,8 @@ and talk to it with smtplib, or with a raw socket for what no polite client woul
 """
 
 import base64
+import collections
+import datetime
 import errno
 import hashlib
 import io
@@ -883,6 +885,372 @@ def test_maildir_is_readable_by_the_mailbox_module(server):
 
 
 # ---------------------------------------------------------------------------------------------
+# 6b. The store's index: one picture of the Maildir for every reader
+# ---------------------------------------------------------------------------------------------
+
+
+def drop_into_new(maildir: Path, count: int, start: int = 0, when: int = 1700000000,
+                  recipient=lambda n: f"user{n % 3}@d.test"):
+    """Messages written straight into new/, as another program (or an old Maildir) leaves
+    them: keys in arrival order."""
+    keys = []
+    for number in range(start, start + count):
+        key = f"{when + number}.M000000P1Q{number}.other"
+        (maildir / "new" / key).write_bytes(
+            f"Return-Path: <app@b.test>\r\nDelivered-To: {recipient(number)}\r\n"
+            f"Received: from x ([192.0.2.1]) by y; Mon, 30 Nov 2026 12:00:00 +0000\r\n"
+            f"From: App <app@b.test>\r\nSubject: bulk {number}\r\n\r\nbody {number}\r\n"
+            .encode())
+        keys.append(key)
+    return keys
+
+
+@pytest.fixture
+def counted_reads(monkeypatch):
+    """How many times the index reads each message: sheesh.index_entry, counted."""
+    reads = collections.Counter()
+    real = sheesh.index_entry
+
+    def counting(uid, key, *rest):
+        reads[key] += 1
+        return real(uid, key, *rest)
+    monkeypatch.setattr(sheesh, "index_entry", counting)
+    return reads
+
+
+def indexed(store, count):
+    """Wait until the store's index holds `count` messages and nothing waits to be read."""
+    wait_until(lambda: store.status() == {**store.status(), "messages": count,
+                                          "indexing": None}, what=f"{count} messages indexed")
+
+
+def summaries(store, query="", mailbox=None):
+    return [(m.key, m.subject) for m in store.search(query, mailbox, 500, 0).messages]
+
+
+def test_index_reads_each_message_once_and_a_restart_reads_none(tmp_path, counted_reads):
+    (tmp_path / "mail" / "new").mkdir(parents=True)
+    keys = drop_into_new(tmp_path / "mail", 2000)
+    store = open_store(tmp_path / "mail")
+    indexed(store, 2000)
+    page = store.search(limit=50)
+    assert page.total == 2000 and page.messages[0].subject == "bulk 1999"
+    assert store.search(limit=50, offset=1950).messages[-1].subject == "bulk 0"
+    uids = {m.key: m.uid for m in store.search(limit=2000).messages}
+    assert sorted(uids.values()) == [uids[key] for key in keys]  # UIDs in arrival order
+    store.close()
+    assert set(counted_reads.values()) == {1} and len(counted_reads) == 2000
+    counted_reads.clear()
+    store = open_store(tmp_path / "mail")  # a restart on the same Maildir
+    try:
+        assert store.search(limit=2000).total == 2000
+        assert {m.key: m.uid for m in store.search(limit=2000).messages} == uids
+        time.sleep(0.3)  # a folder check happens meanwhile: it must not read anything either
+        assert not counted_reads
+    finally:
+        store.close()
+
+
+def test_eight_concurrent_first_requests_on_a_cold_store_index_it_once(tmp_path, counted_reads):
+    (tmp_path / "mail" / "new").mkdir(parents=True)
+    drop_into_new(tmp_path / "mail", 3000)
+    with make_server(tmp_path, http_port=0) as server:
+        answers = []
+        threads = [threading.Thread(target=lambda: answers.append(http(server, "/api/messages")))
+                   for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert [status for status, _, _ in answers] == [200] * 8  # answered, while indexing
+        wait_until(lambda: json.loads(http(server, "/api/health")[2])["indexing"] is None,
+                   what="indexing to finish")
+        assert json.loads(http(server, "/api/messages")[2])["total"] == 3000
+    assert len(counted_reads) == 3000 and set(counted_reads.values()) == {1}
+
+
+def test_health_and_list_say_when_indexing_is_under_way(tmp_path, monkeypatch):
+    (tmp_path / "mail" / "new").mkdir(parents=True)
+    drop_into_new(tmp_path / "mail", 50)
+    gate = threading.Event()
+    real = sheesh.index_entry
+    monkeypatch.setattr(sheesh, "index_entry", lambda *args: gate.wait(10) and real(*args))
+    with make_server(tmp_path, http_port=0) as server:
+        health = lambda: json.loads(http(server, "/api/health")[2])
+        assert health()["indexing"]["done"] == 0  # the total is null until the folders are listed
+        wait_until(lambda: health()["indexing"] == {"done": 0, "total": 50}, what="the total")
+        assert json.loads(http(server, "/api/messages")[2])["indexing"]["total"] == 50
+        with smtplib.SMTP(server.host, server.port) as client:  # SMTP serves meanwhile
+            client.sendmail("a@b.test", ["c@d.test"], b"Subject: during\r\n\r\nx\r\n")
+        gate.set()
+        wait_until(lambda: json.loads(http(server, "/api/health")[2])["indexing"] is None,
+                   what="indexing to finish")
+        assert json.loads(http(server, "/api/health")[2])["messages"] == 51
+
+
+@pytest.mark.parametrize("damage", ["deleted", "garbage", "foreign"])
+def test_a_missing_corrupt_or_foreign_index_file_is_set_aside_and_rebuilt(tmp_path, damage,
+                                                                           caplog):
+    import sqlite3
+    (tmp_path / "mail" / "new").mkdir(parents=True)
+    keys = drop_into_new(tmp_path / "mail", 20)
+    store = open_store(tmp_path / "mail")
+    indexed(store, 20)
+    validity = store.uidvalidity
+    store.close()
+    index = tmp_path / "mail" / "sheesh.index"
+    for leftover in tmp_path.glob("mail/sheesh.index-*"):
+        leftover.unlink()
+    if damage == "deleted":
+        index.unlink()
+    elif damage == "garbage":
+        index.write_bytes(b"this is not a database at all" * 200)
+    else:
+        index.unlink()
+        sqlite3.connect(index).executescript("CREATE TABLE notes (text); INSERT INTO notes "
+                                             "VALUES ('another program''s file');")
+    time.sleep(1.1)  # UIDVALIDITY comes from the clock, in seconds
+    with caplog.at_level(logging.WARNING, logger="sheesh"):
+        store = open_store(tmp_path / "mail")
+    try:
+        indexed(store, 20)
+        assert sorted(key for key, _ in summaries(store)) == sorted(keys)
+        assert store.uidvalidity > validity  # the UIDs were given anew
+        set_aside = [r.getMessage() for r in caplog.records if "set aside" in r.getMessage()]
+        assert len(set_aside) == (0 if damage == "deleted" else 1)
+        assert len(list(tmp_path.glob("mail/sheesh.index.broken-*"))) == len(set_aside)
+    finally:
+        store.close()
+
+
+def test_changes_by_other_programs_show_in_the_api(tmp_path):
+    with make_server(tmp_path, http_port=0) as server:
+        with smtplib.SMTP(server.host, server.port) as client:
+            for number in range(3):
+                client.sendmail("a@b.test", ["c@d.test"], f"Subject: m{number}\r\n\r\nx\r\n")
+        listing = lambda: {m["subject"]: m for m in json.loads(
+            http(server, "/api/messages")[2])["messages"]}
+        keys = {subject: m["id"] for subject, m in listing().items()}
+        new = server.store.path / "new"
+        (new / keys["m0"]).unlink()  # rm
+        os.rename(new / keys["m1"], server.store.path / "cur" / f"{keys['m1']}:2,S")  # mutt
+        drop_into_new(server.store.path, 1, start=7)  # a file copied in
+        wait_until(lambda: set(listing()) == {"m1", "m2", "bulk 7"}, what="the three changes")
+        assert listing()["m1"]["seen"] and not listing()["m2"]["seen"]
+        assert json.loads(http(server, "/api/messages")[2])["unread"] == 2
+
+
+def test_uids_are_stable_across_restarts_and_never_used_again(tmp_path):
+    def send(server, subject):
+        with smtplib.SMTP(server.host, server.port) as client:
+            client.sendmail("a@b.test", ["c@d.test"], f"Subject: {subject}\r\n\r\nx\r\n")
+        return server.wait_for_message().uid
+
+    with make_server(tmp_path) as server:
+        uids = [send(server, f"m{n}") for n in range(3)]
+        assert uids == sorted(uids) and len(set(uids)) == 3
+        server.store.delete([server.messages()[-1].key])  # the newest, with the highest UID
+        validity = server.store.uidvalidity
+    with make_server(tmp_path) as server:
+        assert [m.uid for m in server.messages()] == uids[:2]
+        assert server.store.uidvalidity == validity
+        assert send(server, "after") > uids[2]  # not the deleted message's UID again
+
+
+def test_mailboxes_list_each_recipient_and_filter_the_list(tmp_path):
+    with make_server(tmp_path, http_port=0) as server:
+        with smtplib.SMTP(server.host, server.port) as client:
+            client.sendmail("a@b.test", ["ann@d.test"], b"Subject: one\r\n\r\nx\r\n")
+            client.sendmail("a@b.test", ["Ann@d.test", "bob@d.test"], b"Subject: two\r\n\r\nx\r\n")
+            client.sendmail("a@b.test", ["bob@d.test"], b"Subject: three\r\n\r\nx\r\n")
+        boxes = json.loads(http(server, "/api/mailboxes")[2])["mailboxes"]
+        assert boxes == [{"address": "ann@d.test", "total": 2, "unread": 2},
+                         {"address": "bob@d.test", "total": 2, "unread": 2}]
+        listed = json.loads(http(server, "/api/messages?mailbox=ann%40d.test")[2])
+        assert [m["subject"] for m in listed["messages"]] == ["two", "one"]
+        assert (listed["total"], listed["unread"]) == (2, 2)
+        http(server, f"/api/messages/{listed['messages'][1]['id']}/seen", "PUT")
+        boxes = json.loads(http(server, "/api/mailboxes")[2])["mailboxes"]
+        assert boxes[0] == {"address": "ann@d.test", "total": 2, "unread": 1}
+        latest = json.loads(http(server, "/api/messages/latest?mailbox=bob%40d.test")[2])
+        assert latest["subject"] == "three"
+        assert [m.message["Subject"] for m in server.messages("bob@d.test")] == ["two", "three"]
+        assert http(server, "/api/messages?mailbox=nobody%40d.test")[0] == 200
+        threading.Timer(0.2, lambda: smtplib.SMTP(server.host, server.port).sendmail(
+            "a@b.test", ["carl@d.test"], b"Subject: for carl\r\n\r\nx\r\n")).start()
+        waited = json.loads(http(server, "/api/messages/wait?mailbox=carl%40d.test&timeout=5"
+                                 f"&after={int(time.time())}")[2])
+        assert waited["subject"] == "for carl"
+
+
+def search_store(tmp_path):
+    store = open_store(tmp_path / "mail")
+    day = 86400
+    messages = [  # (subject, sender, recipients, From, body, attachment, seen, days ago)
+        ("Reset your password", "noreply@shop.test", ["ann@d.test"], "Shop <noreply@shop.test>",
+         "Click the link to reset it.", False, False, 40),
+        ("Weekly report", "reports@corp.test", ["bob@d.test"], "Reports <reports@corp.test>",
+         "Sales went up. Numbers attached.", True, True, 10),
+        ("Grüße aus Köln", "hans@de.test", ["ann@d.test", "carl@d.test"], "Hans <hans@de.test>",
+         "Viele Grüße, und ein schönes Wochenende", False, False, 1),
+    ]
+    for subject, sender, recipients, from_, body, attach, seen, days_ago in messages:
+        message = EmailMessage()
+        message["From"], message["To"], message["Subject"] = from_, recipients[0], subject
+        message.set_content(body)
+        if attach:
+            message.add_attachment(b"1,2,3", maintype="text", subtype="csv",
+                                   filename="numbers.csv")
+        when = int(time.time()) - days_ago * day
+        key = f"{when}.M000000P1Q{days_ago}.test"
+        head = (f"Return-Path: <{sender}>\r\n" + "".join(
+            f"Delivered-To: {r}\r\n" for r in recipients) + "Received: from x ([192.0.2.1])\r\n")
+        folder = f"cur/{key}:2,S" if seen else f"new/{key}"
+        (store.path / folder).write_bytes(head.encode() + message.as_bytes(
+            policy=message.policy.clone(linesep="\r\n")))
+    wait_until(lambda: store.status()["messages"] == 3, what="three messages indexed")
+    return store
+
+
+@pytest.mark.parametrize("query, expected", [
+    ("", ["Grüße aus Köln", "Weekly report", "Reset your password"]),
+    ("password", ["Reset your password"]),
+    ("PASS", ["Reset your password"]),  # a word matches the words that begin with it
+    ("GRUßE koln", ["Grüße aus Köln"]),  # neither case nor accents matter; nor the order
+    ('"your password"', ["Reset your password"]),  # a phrase: those words, in a row
+    ('"password your"', []),
+    ("schönes", ["Grüße aus Köln"]),  # the text is searched too
+    ("from:reports@corp.test", ["Weekly report"]),  # the envelope sender
+    ("from:Hans", ["Grüße aus Köln"]),  # the From header's name
+    ("to:carl@d.test", ["Grüße aus Köln"]),  # an envelope recipient (not in To)
+    ("to:ann@d.test", ["Grüße aus Köln", "Reset your password"]),
+    ("subject:report", ["Weekly report"]),
+    ("subject:numbers", []),  # only in the text, not the subject
+    ("is:unread", ["Grüße aus Köln", "Reset your password"]),
+    ("is:read", ["Weekly report"]),
+    ("has:attachment", ["Weekly report"]),
+    ("-has:attachment", ["Grüße aus Köln", "Reset your password"]),
+    ("-password", ["Grüße aus Köln", "Weekly report"]),
+    ("-from:hans -is:read", ["Reset your password"]),
+    ("report -subject:weekly", []),
+    ("is:unread to:ann@d.test -from:shop", ["Grüße aus Köln"]),
+])
+def test_search_syntax(tmp_path, query, expected):
+    store = search_store(tmp_path)
+    try:
+        assert [subject for _, subject in summaries(store, query)] == expected
+    finally:
+        store.close()
+
+
+def test_search_dates_and_the_same_answers_without_sqlite(tmp_path):
+    day = datetime.date.today()
+    queries = {f"after:{day - datetime.timedelta(days=5)}": ["Grüße aus Köln"],
+               f"before:{day - datetime.timedelta(days=5)}": ["Weekly report",
+                                                               "Reset your password"],
+               f"after:{day - datetime.timedelta(days=41)} before:{day - datetime.timedelta(days=9)}":
+                   ["Weekly report", "Reset your password"],
+               f"-after:{day - datetime.timedelta(days=20)}": ["Reset your password"]}
+    store = search_store(tmp_path)
+    try:
+        for query, expected in queries.items():
+            assert [subject for _, subject in summaries(store, query)] == expected, query
+        # the Python matcher (waiters, and the index without SQLite) agrees with SQL
+        memory = sheesh.MemoryIndex()
+        memory.register(sorted([(s.key, s.location, s.flags, s.time) for s in
+                                store.search(limit=10).messages], key=lambda row: row[3]))
+        with memory.transaction():
+            for uid, key, location, flags, when in memory.unindexed(10):
+                with store.maildir.read(location) as buffer:
+                    memory.fill([sheesh.index_entry(uid, key, location, flags, when, buffer)])
+        for query in list(queries) + ["password", '"your password"', "to:carl@d.test",
+                                      "-has:attachment", "is:read", "GRUßE koln"]:
+            parsed = sheesh.parse_search(query)
+            assert [s.subject for s in memory.page(parsed, None, 10, 0)[1]] == [
+                subject for _, subject in summaries(store, query)], query
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("query, complaint", [
+    ('"unclosed phrase', "not closed"),
+    ("is:starred", "is: takes read or unread"),
+    ("has:pictures", "has: takes attachment"),
+    ("before:yesterday", "before: takes a date such as 2026-11-30"),
+    ("from:", "from: needs a value"),
+    ("x" * 1001, "longer than 1000"),
+])
+def test_a_malformed_search_is_400_with_the_reason(web, query, complaint):
+    status, data = get_json(web, "/api/messages?query=" + urllib.parse.quote(query))
+    assert status == 400 and complaint in data["error"]
+
+
+def test_retention_by_count_removes_the_oldest_and_logs_it(tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="sheesh"):
+        with make_server(tmp_path, max_messages=3) as server:
+            with smtplib.SMTP(server.host, server.port) as client:
+                for number in range(5):
+                    client.sendmail("a@b.test", ["c@d.test"], f"Subject: {number}\r\n\r\nx\r\n")
+            wait_until(lambda: [m.summary.subject for m in server.messages()] == ["2", "3", "4"],
+                       what="the two oldest to go")
+            assert len(files_in(server.store.path, "new")) == 3
+    assert any("retention: removed" in r.getMessage() and "--max-messages 3" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_retention_by_age(tmp_path, caplog):
+    (tmp_path / "mail" / "new").mkdir(parents=True)
+    old = drop_into_new(tmp_path / "mail", 2, when=int(time.time()) - 10 * 86400)
+    recent = drop_into_new(tmp_path / "mail", 1, start=5, when=int(time.time()) - 3600)
+    with caplog.at_level(logging.INFO, logger="sheesh"):
+        with make_server(tmp_path, max_age=7 * 86400) as server:
+            wait_until(lambda: [m.key for m in server.messages()] == recent,
+                       what="the old messages to go")
+            assert not any((tmp_path / "mail" / "new" / key).exists() for key in old)
+    assert any("older than --max-age 7d" in r.getMessage() for r in caplog.records)
+
+
+def test_cli_retention_options_are_checked():
+    assert "--max-age" in run_cli("--help").stdout
+    for bad in (["--max-age", "soon"], ["--max-age", "0"], ["--max-messages", "0"]):
+        result = run_cli(*bad)
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, bad
+
+
+def test_without_sqlite3_the_index_is_kept_in_memory(tmp_path):
+    script = f"""
+import sys, smtplib, json, urllib.request
+sys.modules["sqlite3"] = None  # as a Python built without it
+sys.path.insert(0, {str(HERE)!r})
+import sheesh
+with sheesh.Server(port=0, http_port=0, maildir={str(tmp_path / "mail")!r}) as server:
+    with smtplib.SMTP(server.host, server.port) as client:
+        client.sendmail("a@b.test", ["c@d.test"], "Subject: kept in memory\\r\\n\\r\\nhello\\r\\n")
+    with urllib.request.urlopen(server.web_url + "api/messages?query=hello", timeout=5) as r:
+        print(json.loads(r.read())["messages"][0]["subject"])
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=30)
+    assert result.stdout.strip() == "kept in memory", result.stderr
+    assert not (tmp_path / "mail" / "sheesh.index").exists()
+
+
+def test_deleted_messages_leave_no_words_behind(tmp_path):
+    store = open_store(tmp_path / "mail")
+    try:
+        keys = [deliver(store.maildir, f"Subject: unique{n} word\r\n\r\nzebra\r\n".encode())
+                for n in range(3)]
+        assert store.search("zebra").total == 3
+        assert store.delete(keys[:2]) == 2
+        assert (store.search("zebra").total, store.search("unique0").total) == (1, 0)
+        import sqlite3
+        index = sqlite3.connect(tmp_path / "mail" / "sheesh.index")
+        assert index.execute("SELECT count(*) FROM search WHERE search MATCH 'zebra'").fetchone() == (1,)
+    finally:
+        store.close()
+
+
+# ---------------------------------------------------------------------------------------------
 # 7. Over a real socket
 # ---------------------------------------------------------------------------------------------
 
@@ -1299,7 +1667,10 @@ def test_full_disk_mid_data_gets_452_removes_the_partial_file_and_keeps_serving(
 
 def test_maildir_turning_read_only_gives_4xx_and_one_log_line(tmp_path, tiny_filesystem,
                                                                 caplog):
-    with make_server(tmp_path, maildir=tiny_filesystem / "mail") as server:
+    # `mount -o remount,ro` refuses while a file on the filesystem is open for writing, as the
+    # index file is: this test keeps the index in memory (the kernel's own remount after a
+    # disk error does not ask).
+    with make_server(tmp_path, maildir=tiny_filesystem / "mail", index=False) as server:
         subprocess.run(["mount", "-o", "remount,ro", str(tiny_filesystem)], check=True)
         try:
             errors = storage_errors_logged_over_three_refused_messages(server, caplog)
@@ -1902,20 +2273,30 @@ def deliver(store, data: bytes, sender="alice@b.test", recipients=("c@d.test", "
     return writer.commit()
 
 
+def open_store(path, **options):
+    """A Store over a fresh Maildir, and the Maildir to deliver into (as a Server joins them)."""
+    maildir = sheesh.Maildir(path, HOSTNAME)
+    store = sheesh.Store(maildir, **options)
+    maildir.on_delivery = store.arrived
+    store.open()
+    return store
+
+
 @pytest.fixture
 def web(tmp_path):
     """A WebApp over a fresh Maildir, driven without sockets."""
-    store = sheesh.Maildir(tmp_path / "mail", HOSTNAME)
-    store.create()
-    index = sheesh.MessageIndex(store)
-    store.on_delivery = index.delivered
-    app = sheesh.WebApp(index, allowed_hosts=frozenset({"127.0.0.1", "localhost"}))
-    app.store = store
-    return app
+    store = open_store(tmp_path / "mail")
+    app = sheesh.WebApp(store, allowed_hosts=frozenset({"127.0.0.1", "localhost"}))
+    app.maildir = store.maildir
+    yield app
+    store.close()
 
 
 def get(app, target, method="GET", **headers):
-    return app.respond(method, target, {"Host": "127.0.0.1:8025", **headers})
+    response = app.respond(method, target, {"Host": "127.0.0.1:8025", **headers})
+    if isinstance(response, sheesh.Response) and isinstance(response.body, sheesh.Streamed):
+        response.body = wire(response.body)  # as WebHandler would send it
+    return response
 
 
 def get_json(app, target, method="GET", **headers):
@@ -1924,8 +2305,8 @@ def get_json(app, target, method="GET", **headers):
 
 
 def test_web_lists_messages_newest_first_with_totals(web):
-    first = deliver(web.store, b"Subject: first\r\n\r\nx\r\n")
-    second = deliver(web.store, rich_message("second"))
+    first = deliver(web.maildir, b"Subject: first\r\n\r\nx\r\n")
+    second = deliver(web.maildir, rich_message("second"))
     status, data = get_json(web, "/api/messages")
     assert status == 200
     assert (data["total"], data["unread"]) == (2, 2)
@@ -1938,7 +2319,7 @@ def test_web_lists_messages_newest_first_with_totals(web):
 
 def test_web_list_pages_and_searches(web):
     for number in range(5):
-        deliver(web.store, f"Subject: note {number}\r\n\r\nbody word{number}\r\n".encode(),
+        deliver(web.maildir, f"Subject: note {number}\r\n\r\nbody word{number}\r\n".encode(),
                 recipients=[f"user{number}@d.test"])
     status, page = get_json(web, "/api/messages?limit=2&offset=1")
     assert [m["subject"] for m in page["messages"]] == ["note 3", "note 2"]
@@ -1957,7 +2338,7 @@ def test_web_bad_query_is_400_in_json(web, target):
 
 
 def test_web_message_detail_has_envelope_headers_text_html_and_attachments(web):
-    key = deliver(web.store, rich_message())
+    key = deliver(web.maildir, rich_message())
     status, data = get_json(web, f"/api/messages/{key}")
     assert status == 200
     assert (data["sender"], data["recipients"]) == ("alice@b.test", ["c@d.test", "bcc@d.test"])
@@ -1971,7 +2352,7 @@ def test_web_message_detail_has_envelope_headers_text_html_and_attachments(web):
 
 def test_web_raw_and_attachment_bytes_are_exact(web):
     data = rich_message()
-    key = deliver(web.store, data)
+    key = deliver(web.maildir, data)
     raw = get(web, f"/api/messages/{key}/raw")
     assert raw.status == 200 and body_of_stored(raw.body) == data
     attachment = get(web, f"/api/messages/{key}/attachments/0")
@@ -1983,7 +2364,7 @@ def test_web_raw_and_attachment_bytes_are_exact(web):
 
 
 def test_web_html_part_is_served_without_scripts_or_remote_content(web):
-    key = deliver(web.store, rich_message(html="<script>alert(1)</script><img src=http://t/p>"))
+    key = deliver(web.maildir, rich_message(html="<script>alert(1)</script><img src=http://t/p>"))
     part = get(web, f"/api/messages/{key}/html")
     policy = part.headers["Content-Security-Policy"]
     assert "default-src 'none'" in policy and "script-src" not in policy
@@ -1993,7 +2374,7 @@ def test_web_html_part_is_served_without_scripts_or_remote_content(web):
 
 
 def test_web_page_is_one_self_contained_file_with_a_nonce(web):
-    deliver(web.store, b"Subject: <b>not in the page</b>\r\n\r\nx\r\n")
+    deliver(web.maildir, b"Subject: <b>not in the page</b>\r\n\r\nx\r\n")
     first, second = get(web, "/"), get(web, "/")
     assert first.status == 200 and first.content_type == "text/html; charset=utf-8"
     nonce = re.search(r"script-src 'nonce-([^']+)'", first.headers["Content-Security-Policy"])
@@ -2005,21 +2386,21 @@ def test_web_page_is_one_self_contained_file_with_a_nonce(web):
 
 
 def test_web_json_never_contains_raw_angle_brackets(web):
-    deliver(web.store, b"Subject: <script>alert(1)</script>\r\n\r\nx\r\n")
+    deliver(web.maildir, b"Subject: <script>alert(1)</script>\r\n\r\nx\r\n")
     body = get(web, "/api/messages").body
     assert b"<script>" not in body and b"\\u003cscript\\u003e" in body
 
 
 @pytest.mark.parametrize("key", ["nope", "..%2F..%2Fetc%2Fpasswd", "../cur", "new%2Fx"])
 def test_web_unknown_or_path_like_ids_are_404(web, key):
-    deliver(web.store, b"Subject: x\r\n\r\nx\r\n")
+    deliver(web.maildir, b"Subject: x\r\n\r\nx\r\n")
     for suffix in ("", "/raw", "/html", "/attachments/0"):
         status, data = get_json(web, f"/api/messages/{key}{suffix}")
         assert status == 404 and data["error"], suffix
 
 
 def test_web_delete_one_and_all(web):
-    keep, drop = (deliver(web.store, f"Subject: {n}\r\n\r\nx\r\n".encode()) for n in "ab")
+    keep, drop = (deliver(web.maildir, f"Subject: {n}\r\n\r\nx\r\n".encode()) for n in "ab")
     assert get_json(web, f"/api/messages/{drop}", "DELETE") == (200, {"deleted": 1})
     assert get_json(web, f"/api/messages/{drop}", "DELETE")[0] == 404
     assert [m["id"] for m in get_json(web, "/api/messages")[1]["messages"]] == [keep]
@@ -2028,7 +2409,7 @@ def test_web_delete_one_and_all(web):
 
 
 def test_web_mark_seen_moves_the_file_to_cur_as_mutt_does(web):
-    key = deliver(web.store, b"Subject: x\r\n\r\nx\r\n")
+    key = deliver(web.maildir, b"Subject: x\r\n\r\nx\r\n")
     assert get_json(web, f"/api/messages/{key}/seen", "PUT") == (200, {"seen": True})
     assert [p.name for p in files_in(web.store.path, "cur")] == [f"{key}:2,S"]
     _, data = get_json(web, "/api/messages")
@@ -2038,18 +2419,19 @@ def test_web_mark_seen_moves_the_file_to_cur_as_mutt_does(web):
 
 
 def test_web_sees_changes_made_by_other_programs(web):
-    key = deliver(web.store, b"Subject: x\r\n\r\nx\r\n")
+    key = deliver(web.maildir, b"Subject: x\r\n\r\nx\r\n")
     get(web, "/api/messages")
     (web.store.path / "new" / key).unlink()  # as if mutt deleted it
-    assert get_json(web, "/api/messages")[1]["total"] == 0
+    wait_until(lambda: get_json(web, "/api/messages")[1]["total"] == 0,
+               what="the deleted file to leave the list")
 
 
 def test_web_latest_and_wait(web):
     assert get_json(web, "/api/messages/latest")[0] == 404
     assert get_json(web, "/api/messages/wait?timeout=0")[0] == 408
-    deliver(web.store, b"Subject: older\r\n\r\nx\r\n")
+    deliver(web.maildir, b"Subject: older\r\n\r\nx\r\n")
     before = time.time()
-    threading.Timer(0.1, deliver, (web.store, b"Subject: awaited token-42\r\n\r\nx\r\n")).start()
+    threading.Timer(0.1, deliver, (web.maildir, b"Subject: awaited token-42\r\n\r\nx\r\n")).start()
     status, found = get_json(web, f"/api/messages/wait?query=token-42&timeout=5&after={int(before)}")
     assert (status, found["subject"]) == (200, "awaited token-42")
     assert get_json(web, "/api/messages/latest")[1]["subject"] == "awaited token-42"
@@ -2062,7 +2444,7 @@ def test_web_latest_and_wait(web):
     ({"Origin": "http://127.0.0.1:8025"}, 200),  # the inbox page itself
 ])
 def test_web_refuses_requests_from_other_sites(web, headers, status):
-    deliver(web.store, b"Subject: x\r\n\r\nx\r\n")
+    deliver(web.maildir, b"Subject: x\r\n\r\nx\r\n")
     response = web.respond("DELETE", "/api/messages", {"Host": "127.0.0.1:8025", **headers})
     assert response.status == status
 
@@ -2078,27 +2460,10 @@ def test_web_refuses_requests_from_other_sites(web, headers, status):
     b"\r\n",
 ])
 def test_web_malformed_messages_never_give_500(web, data):
-    key = deliver(web.store, data)
+    key = deliver(web.maildir, data)
     for suffix in ("", "/raw", "/html", "/attachments/0"):
         assert get(web, f"/api/messages/{key}{suffix}").status in (200, 404), suffix
     assert get_json(web, "/api/messages")[1]["total"] == 1
-
-
-def test_web_index_reads_each_message_once_with_ten_thousand(web, monkeypatch):
-    new = web.store.path / "new"
-    for number in range(10_000):
-        (new / f"{1700000000 + number}.M000000P1Q{number}.test").write_bytes(
-            f"Subject: bulk {number}\r\n\r\nx\r\n".encode())
-    read = []
-    real = sheesh.summarize
-    monkeypatch.setattr(sheesh, "summarize", lambda *args: read.append(args[0]) or real(*args))
-    _, first = get_json(web, "/api/messages?limit=50")
-    assert (first["total"], len(first["messages"])) == (10_000, 50)
-    assert first["messages"][0]["subject"] == "bulk 9999"
-    assert len(read) == 10_000
-    _, second = get_json(web, "/api/messages?limit=50&offset=9950")
-    assert second["messages"][-1]["subject"] == "bulk 0"
-    assert len(read) == 10_000  # the second request read no message again
 
 
 @pytest.fixture
@@ -2627,17 +2992,18 @@ def test_cli_relay_options_are_checked():
 
 @pytest.fixture
 def maildrop(tmp_path):
-    """A Maildir with three messages: two for ann@d.test (one of them with bare LFs and dots),
+    """A store with three messages: two for ann@d.test (one of them with bare LFs and dots),
     one for bob@d.test."""
-    store = sheesh.Maildir(tmp_path / "mail", HOSTNAME)
-    store.create()
-    keys = [deliver(store, b"Subject: first\r\n\r\n.starts with a dot\r\nbody\r\n",
+    store = open_store(tmp_path / "mail")
+    keys = [deliver(store.maildir, b"Subject: first\r\n\r\n.starts with a dot\r\nbody\r\n",
                     recipients=["ann@d.test"]),
-            deliver(store, b"Subject: second\r\n\r\nbare\nline feeds\n", recipients=["bob@d.test"]),
-            deliver(store, b"Subject: third\r\n\r\none\r\ntwo\r\nthree\r\n",
+            deliver(store.maildir, b"Subject: second\r\n\r\nbare\nline feeds\n",
+                    recipients=["bob@d.test"]),
+            deliver(store.maildir, b"Subject: third\r\n\r\none\r\ntwo\r\nthree\r\n",
                     recipients=["Ann@d.test", "cc@d.test"])]
     store.keys_in_order = keys
-    return store
+    yield store
+    store.close()
 
 
 def pop3(store, locks=None, **options):
@@ -2646,7 +3012,17 @@ def pop3(store, locks=None, **options):
 
 def tell(session, *lines):
     data = b"".join(line.encode() + b"\r\n" for line in lines)
-    return b"".join(reply.wire for reply in session.receive(data))
+    return b"".join(wire(reply) for reply in session.receive(data))
+
+
+def wire(reply):
+    """A reply's bytes, as the handler would send them; a Streamed one read to its end."""
+    if isinstance(reply, sheesh.Streamed):
+        try:
+            return b"".join(reply.chunks())
+        finally:
+            reply.close()
+    return reply.wire
 
 
 def test_pop3_session_greets_and_lists_capabilities():
@@ -2702,7 +3078,7 @@ def test_pop3_session_dele_rset_and_quit(maildrop):
     tell(session, "USER x", "PASS y")
     assert tell(session, "DELE 1", "DELE 1", "STAT") == (
         b"+OK message 1 deleted\r\n-ERR message already deleted\r\n"
-        + f"+OK 2 {sum(m.size for m in session.maildrop[1:])}\r\n".encode())
+        + f"+OK 2 {sum(session.sizes[1:])}\r\n".encode())
     assert tell(session, "RSET", "DELE 2", "RETR 2", "RETR 9") == (
         b"+OK 3 messages\r\n+OK message 2 deleted\r\n-ERR message already deleted\r\n"
         b"-ERR no such message\r\n")
@@ -2937,7 +3313,7 @@ def test_web_html_part_shows_cid_images_that_came_with_the_message(web):
                             subtype="html")
     message.get_payload()[1].add_related(b"\x89PNG fake image", maintype="image",
                                          subtype="png", cid="<logo@sheesh.test>")
-    key = deliver(web.store, message.as_bytes())
+    key = deliver(web.maildir, message.as_bytes())
     html = get(web, f"/api/messages/{key}/html").body.decode()
     encoded = base64.b64encode(b"\x89PNG fake image").decode()
     assert f'<img src="data:image/png;base64,{encoded}">' in html
