@@ -10,7 +10,6 @@ import collections
 import datetime
 import errno
 import hashlib
-import io
 import logging
 import mailbox
 import os
@@ -2604,6 +2603,8 @@ def test_browser_shows_new_mail_without_reload_and_escapes_it(web_server, tmp_pa
         assert browser.evaluate("document.querySelectorAll('#rows img').length") == 0
         assert browser.evaluate("window.hacked === undefined")
         assert browser.evaluate("document.title") == "(1) sheesh"
+        browser.wait_for("[...document.querySelectorAll('#mailbox option')].some("
+                         "(o) => o.value === 'c@d.test')", "the recipient's mailbox")
         with smtplib.SMTP(web_server.host, web_server.port) as client:
             client.sendmail("a@b.test", ["c@d.test"], b"Subject: second arrives live\r\n\r\nx\r\n")
         browser.wait_for("document.body.innerText.includes('second arrives live')",
@@ -2614,6 +2615,11 @@ def test_browser_shows_new_mail_without_reload_and_escapes_it(web_server, tmp_pa
                             rich_message("rich one", html="<p id=x>Hi <script>window.ran=1"
                                           "</script></p>"))
         browser.wait_for("document.body.innerText.includes('rich one')", "the third message")
+        browser.wait_for("[...document.querySelectorAll('#mailbox option')].some("
+                         "(o) => o.value === 'hidden@d.test')", "the Bcc recipient's mailbox")
+        browser.evaluate("const box = document.querySelector('#mailbox'); box.value = "
+                         "'hidden@d.test'; box.dispatchEvent(new Event('change'))")
+        browser.wait_for("document.querySelectorAll('.row').length === 1", "one mailbox's mail")
         browser.evaluate("[...document.querySelectorAll('.row')].find("
                          "(row) => row.innerText.includes('rich one')).click()")
         browser.wait_for("document.querySelector('#view h2')?.innerText === 'rich one'",
@@ -2628,7 +2634,8 @@ def test_browser_shows_new_mail_without_reload_and_escapes_it(web_server, tmp_pa
         assert browser.evaluate(f"{frame}.getAttribute('sandbox')") == (
             "allow-popups allow-popups-to-escape-sandbox")  # no allow-scripts
         assert browser.evaluate("window.ran === undefined")
-        browser.wait_for("document.title === '(2) sheesh'", "the opened message marked read")
+        # the title counts the unread mail of the mailbox shown: hidden@'s one is now read
+        browser.wait_for("document.title === 'sheesh'", "the opened message marked read")
     finally:
         browser.close()
 
@@ -2900,6 +2907,20 @@ def test_relay_retries_a_temporary_failure(tmp_path, upstream, fast_retries):
         key = server.wait_for_message().key
         outcomes = [entry["outcome"] for entry in relay_history(server, key, 2)]
         assert outcomes == ["will retry: 451 4.3.0 Try again later", "sent"]
+
+
+def test_relay_retry_finds_a_message_that_was_read_meanwhile(tmp_path, upstream, monkeypatch):
+    monkeypatch.setattr(sheesh, "RELAY_FIRST_RETRY", 1.0)
+    upstream.faults.replace([sheesh.parse_fault("data: 451 4.3.0 Try again later, first 1")])
+    with relaying(tmp_path, upstream, relay_all=True) as server:
+        with smtplib.SMTP(server.host, server.port) as client:
+            client.sendmail("a@b.test", ["c@d.test"], b"Subject: read while waiting\r\n\r\nx\r\n")
+        key = server.wait_for_message().key
+        assert relay_history(server, key)[0]["outcome"].startswith("will retry")
+        assert http(server, f"/api/messages/{key}/seen", "PUT")[0] == 200  # moved to cur/
+        assert not (server.store.path / "new" / key).exists()
+        assert [entry["outcome"] for entry in relay_history(server, key, 2)][1] == "sent"
+        assert upstream.wait_for_message().message["Subject"] == "read while waiting"
 
 
 def test_relay_does_not_retry_a_permanent_failure(tmp_path, upstream, fast_retries):
@@ -3206,6 +3227,20 @@ def test_poplib_per_recipient_and_in_use(pop3_server):
     with pytest.raises(poplib.error_proto, match=r"IN-USE"):
         second.pass_("x")
     ann.quit()
+
+
+def test_poplib_session_retrieves_and_deletes_a_message_read_meanwhile(pop3_server):
+    import poplib
+    client = poplib.POP3(pop3_server.host, pop3_server.pop3_port, timeout=10)
+    client.user("x")
+    client.pass_("y")
+    first = pop3_server.messages()[0]
+    assert pop3_server.store.mark_seen(first.key)  # as the web inbox does: moved to cur/
+    [moved] = files_in(pop3_server.store.path, "cur")
+    assert b"\r\n".join(client.retr(1)[1]) + b"\r\n" == moved.read_bytes()
+    client.dele(1)
+    client.quit()
+    assert not moved.exists() and len(pop3_server.messages()) == 1
 
 
 def test_poplib_stls_and_pop3s(tmp_path, certificates):
