@@ -1208,8 +1208,11 @@ class Maildir:
         return (f"{int(now)}.M{int(now % 1 * 1e6):06d}P{self._pid}Q{next(self._counter)}"
                 f".{self._name_host}")
 
-    def begin(self, envelope: Envelope, *, trace: bool = True) -> MaildirWriter:
-        """A writer for one message; trace=False stores the bytes alone (IMAP's APPEND)."""
+    def begin(self, envelope: Envelope, *, trace: bool = True,
+              on_delivery=None) -> MaildirWriter:
+        """A writer for one message. trace=False stores the bytes alone (IMAP's COPY);
+        on_delivery, when given, is told of it instead of the Maildir's own (IMAP's APPEND
+        and COPY are not SMTP deliveries: not relayed, not logged as one)."""
         name = self._unique_name()
         tmp_path = f"{self._tmp}{os.sep}{name}"
         try:
@@ -1219,8 +1222,10 @@ class Maildir:
         except OSError as error:
             self.failed(error)
             raise
-        return MaildirWriter(self, fd, tmp_path, name, envelope,
-                             self.trace_headers(envelope, name) if trace else b"")
+        writer = MaildirWriter(self, fd, tmp_path, name, envelope,
+                               self.trace_headers(envelope, name) if trace else b"")
+        writer.on_delivery = on_delivery
+        return writer
 
     def trace_headers(self, envelope: Envelope, queue_id: str) -> bytes:
         recipients = envelope.recipients
@@ -1323,6 +1328,7 @@ class MaildirWriter:
         self.envelope = envelope
         self.size = 0
         self._unwritten = trace_headers  # written with the first bytes of the body: one write
+        self.on_delivery = None  # else the Maildir's
 
     def write(self, data: bytes) -> None:
         try:
@@ -1351,7 +1357,11 @@ class MaildirWriter:
             if isinstance(error, OSError):
                 self.store.failed(error)
             raise
-        self.store.delivered(Delivery(self.name, final_path, self.envelope, self.size))
+        delivery = Delivery(self.name, final_path, self.envelope, self.size)
+        if self.on_delivery is not None:
+            self.on_delivery(delivery)
+        else:
+            self.store.delivered(delivery)
         return self.name
 
     def abort(self) -> None:
@@ -1805,6 +1815,7 @@ INDEX_VERSION = 1
 SEARCH_TEXT_LIMIT = 2048  # search sees this many characters of each message's text
 INDEX_HEAD_LIMIT = 64 * 1024  # headers longer than this are not read for the index
 INDEX_BATCH = 500  # messages indexed per transaction while the index is built
+EXPUNGED_KEPT = 100_000  # removals remembered for IMAP sessions, by modification sequence
 
 
 @dataclass
@@ -2266,9 +2277,11 @@ class SqlIndex:
     def register(self, rows: list[tuple[str, str, str, float]]) -> None:
         """Make messages known by (key, location, flags, time), in arrival order: each gets
         its UID here. Keys already known are left as they are."""
+        # Not ON CONFLICT DO NOTHING, which spends a UID on every key it skips.
         added = self._writer.executemany(
-            "INSERT INTO messages (key, location, flags, time) VALUES (?, ?, ?, ?) "
-            "ON CONFLICT (key) DO NOTHING", rows).rowcount
+            "INSERT INTO messages (key, location, flags, time) SELECT ?, ?, ?, ? WHERE NOT "
+            "EXISTS (SELECT 1 FROM messages WHERE key = ?)",
+            [(*row, row[0]) for row in rows]).rowcount
         self._count(waiting=added)
 
     def unindexed(self, limit: int) -> list[tuple[int, str, str, str, float]]:
@@ -2328,6 +2341,13 @@ class SqlIndex:
             self._count(-indexed, -unread, -waiting)
         db.executemany("INSERT OR REPLACE INTO expunged VALUES (?, ?)",
                        [(uid, modseq) for uid in uids])
+        # IMAP sessions learn removals from this list; one that last looked before its
+        # oldest entry compares its whole list of UIDs instead (see ImapSession.updates).
+        if db.execute("SELECT count(*) > ? FROM expunged", (EXPUNGED_KEPT,)).fetchone()[0]:
+            floor = db.execute("SELECT modseq FROM expunged ORDER BY modseq DESC LIMIT 1 "
+                               "OFFSET ?", (EXPUNGED_KEPT // 2,)).fetchone()[0]
+            db.execute("DELETE FROM expunged WHERE modseq <= ?", (floor,))
+            self.set_meta("expunged_floor", floor)
         if not self.full_text:
             db.executemany("DELETE FROM search WHERE rowid = ?", [(u,) for u in uids])
         elif texts:
@@ -2397,17 +2417,35 @@ class SqlIndex:
                               (*params, limit, offset)).fetchall()
         return total, [_summary(row) for row in rows]
 
-    def uids(self, query: Query = Query(), mailbox: str | None = None) -> list[int]:
-        """Every matching UID, oldest first (IMAP SEARCH, and mailboxes)."""
+    def uids(self, query: Query = Query(), mailbox: str | None = None,
+             after: int = 0) -> list[int]:
+        """Every matching UID above `after`, oldest first (IMAP's mailboxes, and the
+        in-process API)."""
         where, params = self._where(query, mailbox)
         return [row[0] for row in self._read(
-            f"SELECT uid FROM messages WHERE {where} ORDER BY uid", params)]
+            f"SELECT uid FROM messages WHERE {where} AND uid > ? ORDER BY uid", (*params, after))]
 
-    def sizes(self, mailbox: str | None) -> list[tuple[int, int]]:
-        """(UID, size over POP3) of every message in a mailbox, oldest first."""
+    def changes(self, since: int, mailbox: str | None) -> tuple[list[tuple[int, str, int]],
+                                                                list[int]]:
+        """What changed after modification sequence `since`: ((UID, flags, modseq) of the
+        messages whose flags changed, UIDs of those removed)."""
         where, params = self._where(Query(), mailbox)
-        return self._read(f"SELECT uid, crlf_size FROM messages WHERE {where} ORDER BY uid",
-                          params)
+        flagged = self._read(f"SELECT uid, flags, modseq FROM messages WHERE {where} AND "
+                             "modseq > ? ORDER BY uid", (*params, since))
+        return flagged, [row[0] for row in self._read(
+            "SELECT uid FROM expunged WHERE modseq > ? ORDER BY uid", (since,))]
+
+    def next_uid(self) -> int:
+        rows = self._read("SELECT seq FROM sqlite_sequence WHERE name = 'messages'")
+        return (rows[0][0] if rows else 0) + 1
+
+    def sizes(self, mailbox: str | None):
+        """(UID, size over POP3) of every message in a mailbox, oldest first, one at a time:
+        a million of them in a list would cost a hundred megabytes."""
+        where, params = self._where(Query(), mailbox)
+        with self._reading() as db:
+            yield from db.execute(f"SELECT uid, crlf_size FROM messages WHERE {where} "
+                                  "ORDER BY uid", params)
 
     def _where(self, query: Query, mailbox: str | None) -> tuple[str, list]:
         clauses, params, matching, excluded = ["indexed"], [], [], []
@@ -2502,6 +2540,7 @@ class MemoryIndex:
         self._bodies: dict[int, str] = {}  # of the messages read: those are listed
         self._uid_of: dict[str, int] = {}
         self._meta: dict = {"uidvalidity": int(time.time())}
+        self._expunged: dict[int, int] = {}  # UID -> the modification sequence of its removal
         self._next_uid = 1
         self._lock = threading.RLock()  # readers come from many threads
 
@@ -2563,6 +2602,7 @@ class MemoryIndex:
 
     def remove(self, uids: list[int], modseq: int, texts: dict | None = None) -> None:
         with self._lock:
+            self._expunged.update((uid, modseq) for uid in uids)
             for uid in uids:
                 if (summary := self._rows.pop(uid, None)) is not None:
                     del self._uid_of[summary.key]
@@ -2606,8 +2646,19 @@ class MemoryIndex:
         found.reverse()
         return len(found), [replace(s) for s in found[offset:offset + limit]]
 
-    def uids(self, query: Query = Query(), mailbox: str | None = None) -> list[int]:
-        return [s.uid for s in self._indexed(query, mailbox)]
+    def uids(self, query: Query = Query(), mailbox: str | None = None,
+             after: int = 0) -> list[int]:
+        return [s.uid for s in self._indexed(query, mailbox) if s.uid > after]
+
+    def changes(self, since: int, mailbox: str | None) -> tuple[list[tuple[int, str, int]],
+                                                                list[int]]:
+        with self._lock:
+            return ([(s.uid, s.flags, s.modseq) for s in self._indexed(mailbox=mailbox)
+                     if s.modseq > since],
+                    sorted(uid for uid, modseq in self._expunged.items() if modseq > since))
+
+    def next_uid(self) -> int:
+        return self._next_uid
 
     def sizes(self, mailbox: str | None) -> list[tuple[int, int]]:
         return [(s.uid, s.crlf_size) for s in self._indexed(mailbox=mailbox)]
@@ -2644,18 +2695,18 @@ class MemoryIndex:
 #
 # Three kinds of change reach the folders, and the index follows each:
 #   - sheesh's own deliveries. The session's path to its 250 only adds the new key to a queue
-#     (an append, under a lock held for nanoseconds); one indexing thread reads the queued
-#     messages and writes them to the index in one transaction. It does so when deliveries
-#     pause, or at once when someone is waiting for mail (a wait request, an event stream, an
-#     IMAP IDLE), or when a reader asks for the list: a message is listed as soon as anyone
-#     looks, and a flood of mail does not pay for indexing while it lasts.
+#     (an append, under a lock held for nanoseconds). One indexing thread reads the queued
+#     messages and writes them to the index in one transaction, when deliveries pause, or
+#     before a list or search is answered: a message is listed as soon as anyone looks, and a
+#     flood of mail does not pay for indexing while it lasts. Those waiting for mail (a wait
+#     request, an event stream, IMAP's IDLE) are told of it sooner, from the queue.
 #   - sheesh's own changes (read, flagged, deleted): made to the file and the index together,
 #     under one lock.
 #   - changes by other programs (mutt, rm, a second sheesh). The modification times of new/
 #     and cur/ say when the names in them changed; only then are the folders listed and
 #     compared with the index, in SQLite. Since times are coarse, a foreign change in the same
 #     instant as one of sheesh's could hide: while sheesh itself is changing the folders, they
-#     are listed again once they have been quiet for a while, and at least every half minute.
+#     are listed again once they have been quiet for a second, and at least every minute.
 #
 # When the index is new (or was lost), the folders are listed once and every message gets its
 # UID in arrival order at once; then the messages are read, newest first, in batches, while the
@@ -3131,6 +3182,31 @@ class Store:
         self._announce_keys("seen" if summary.seen and not was_seen else "flags", [key])
         return summary
 
+    @property
+    def modseq(self) -> int:
+        """The modification sequence: it grows with every change of flags and every removal."""
+        return self.index.meta("modseq", 0)
+
+    def writer(self, envelope: Envelope, *, trace: bool) -> MaildirWriter:
+        """A writer for a message added other than by SMTP (IMAP's APPEND and COPY)."""
+        return self.maildir.begin(envelope, trace=trace, on_delivery=self.arrived)
+
+    def copy(self, key: str) -> Summary | None:
+        """A duplicate of a message, byte for byte, under a new key (IMAP's COPY)."""
+        try:
+            file = self.open_file(key)
+        except LookupError:
+            return None
+        writer = self.writer(Envelope(), trace=False)
+        try:
+            with file:
+                for chunk in iter(functools.partial(file.read, READ_SIZE), b""):
+                    writer.write(chunk)
+            return self.summary(writer.commit())
+        except BaseException:
+            writer.abort()
+            raise
+
     def mark_seen(self, key: str) -> bool:
         summary = self.summary(key)
         return summary is not None and self.set_flags(key, summary.flags + "S") is not None
@@ -3143,7 +3219,10 @@ class Store:
 
     def delete_all(self) -> int:
         self.catch_up()
-        return self._remove_uids(self.index.oldest(2 ** 62))
+        removed = 0
+        while (uids := self.index.oldest(10_000)) and (count := self._remove_uids(uids)):
+            removed += count
+        return removed
 
     def delete_uids(self, uids: list[int]) -> int:
         return self._remove_uids(uids)
@@ -3320,9 +3399,12 @@ class ConnectionHandler(socketserver.StreamRequestHandler):
         if server.implicit_tls and not self.start_tls():
             return
         self.answer([session.greeting()])
-        self.unit_started = time.monotonic()
+        self.unit_started = self.quiet_since = time.monotonic()
         while not session.closed:
             data = self.read()
+            if data is None:  # nothing came, and the session asked to look (IMAP's IDLE)
+                self.answer(session.tick())
+                continue
             if not data:
                 if server.stopping:
                     self.send_last(session.goodbye("shutdown"))
@@ -3337,20 +3419,36 @@ class ConnectionHandler(socketserver.StreamRequestHandler):
                 self.send_last(session.goodbye("shutdown"))
                 return
 
-    def read(self) -> bytes:
+    def read(self) -> bytes | None:
         """The client's next bytes, within the timeout (RFC 5321 section 4.5.3.2.7). A line or a
         message that has begun must end within one timeout in all, so a client that trickles
-        a byte at a time cannot hold a connection forever."""
-        timeout = self.server.idle_timeout
-        if self.session.busy:
-            timeout -= time.monotonic() - self.unit_started
-            if timeout <= 0:
-                raise TimeoutError
-        if timeout != self.connection.gettimeout():  # most reads wait as long as the last one
-            self.connection.settimeout(timeout)  # and sends too: a client must read its replies
-        if self.poller is not None and not self.poller.poll(timeout * 1000):
+        a byte at a time cannot hold a connection forever. None when the session asked to be
+        ticked (tick_interval: IMAP's IDLE) and nothing came meanwhile."""
+        started = self.unit_started if self.session.busy else self.quiet_since
+        timeout = self.server.idle_timeout - (time.monotonic() - started)
+        if timeout <= 0:
             raise TimeoutError
-        return self.rfile.read1(READ_SIZE)
+        tick = getattr(self.session, "tick_interval", None)
+        wait = timeout if tick is None else min(timeout, tick)
+        try:
+            if self.poller is not None:
+                self.set_timeout(self.server.idle_timeout)
+                if not self.poller.poll(wait * 1000):
+                    raise TimeoutError
+            else:
+                self.set_timeout(wait)  # over TLS, read1() itself waits
+            data = self.rfile.read1(READ_SIZE)
+        except TimeoutError:
+            if tick is not None and wait < timeout:
+                return None
+            raise
+        self.quiet_since = time.monotonic()
+        return data
+
+    def set_timeout(self, seconds: float) -> None:
+        """For reads, and for sends too: a client must read its replies."""
+        if seconds != self.connection.gettimeout():  # most calls set what is already set
+            self.connection.settimeout(seconds)
 
     def start_tls(self) -> bool:
         """Run the TLS handshake on this connection, after STARTTLS or at once on the SMTPS
@@ -3384,6 +3482,8 @@ class ConnectionHandler(socketserver.StreamRequestHandler):
 
     def send(self, replies: list) -> None:
         """Write replies in one write; a Streamed one (a message over POP3) piece by piece."""
+        if self.poller is None:
+            self.set_timeout(self.server.idle_timeout)  # not a tick's short wait
         waiting = []
         for reply_ in replies:
             if not isinstance(reply_, Streamed):
@@ -3457,6 +3557,8 @@ class Config:
     relay_match: str | None = None  # or only to the recipients that match this regex
     pop3_port: int | None = None  # POP3 over the same Maildir (section 12); None: off
     pop3s_port: int | None = None  # POP3 with TLS from the first byte
+    imap_port: int | None = None  # IMAP over the same store (section 13); None: off
+    imaps_port: int | None = None  # IMAP with TLS from the first byte
     max_messages: int | None = None  # keep at most this many messages: the oldest go first
     max_age: float | None = None  # and none older than this many seconds
     index: bool = True  # keep the index in a file beside the Maildir (else in memory)
@@ -3597,8 +3699,9 @@ class Server:
         self._listeners: list[Listener] = []
         self._threads: list[threading.Thread] = []
         self.address: tuple[str, int] = (self.config.host, self.config.port)
-        self.ports: dict[str, int] = {}  # "smtp", "smtps", "pop3", "pop3s": the real ports
+        self.ports: dict[str, int] = {}  # "smtp", "smtps", "pop3", "imap"...: the real ports
         self.pop3_locks = MaildropLocks()
+        self.imap_recent = RecentMessages()
         self.tls_context = None
         self.web: WebServer | None = None
         self.faults = FaultPlan([parse_fault(rule) for rule in self.config.faults],
@@ -3619,7 +3722,9 @@ class Server:
                     ("smtp", config.port, self.smtp_session, config.timeout),
                     ("smtps", config.smtps_port, self.smtp_session, config.timeout),
                     ("pop3", config.pop3_port, self.pop3_session, POP3_TIMEOUT),
-                    ("pop3s", config.pop3s_port, self.pop3_session, POP3_TIMEOUT)]:
+                    ("pop3s", config.pop3s_port, self.pop3_session, POP3_TIMEOUT),
+                    ("imap", config.imap_port, self.imap_session, IMAP_TIMEOUT),
+                    ("imaps", config.imaps_port, self.imap_session, IMAP_TIMEOUT)]:
                 if port is not None:
                     listener = Listener(config, port, make_session, context,
                                         implicit_tls=name.endswith("s"), idle_timeout=idle_timeout)
@@ -3649,6 +3754,12 @@ class Server:
     def pop3_session(self, peer: str) -> Pop3Session:
         return Pop3Session(self.store, self.pop3_locks, self.config.users,
                            tls_available=self.tls_context is not None, peer=peer)
+
+    def imap_session(self, peer: str) -> ImapSession:
+        return ImapSession(self.store, self.imap_recent, self.config.users,
+                           tls_available=self.tls_context is not None,
+                           tls_required=self.config.tls_required,
+                           max_size=self.config.max_size, peer=peer)
 
     def allowed_hosts(self) -> frozenset[str] | None:
         """The Host headers the web inbox answers: its own names, when it listens on loopback.
@@ -3709,6 +3820,14 @@ class Server:
     @property
     def pop3s_port(self) -> int | None:
         return self.ports.get("pop3s")
+
+    @property
+    def imap_port(self) -> int | None:
+        return self.ports.get("imap")
+
+    @property
+    def imaps_port(self) -> int | None:
+        return self.ports.get("imaps")
 
     @property
     def active_connections(self) -> int:
@@ -5025,7 +5144,1392 @@ class Pop3Session:
 
 
 # ---------------------------------------------------------------------------------------------
-# 13. The CLI
+# 13. IMAP: the captured mail, live, in any mail client
+#
+# IMAP (RFC 3501) is how Thunderbird, mutt, Apple Mail or mbsync keep mail on the server and
+# watch it change. A command carries a tag chosen by the client ("a1 SELECT INBOX"); the server
+# answers with untagged lines ("* 3 EXISTS") and then a tagged one ("a1 OK ..."), or with "+"
+# when it waits for more (a literal, {n}: n bytes that follow the line, or an AUTHENTICATE
+# step). A session goes from not authenticated (LOGIN) to authenticated, to a mailbox selected
+# (SELECT), where messages are named by sequence number (1 to n, which close up when one is
+# expunged) or by UID (which never change). ImapSession is pure like Session and Pop3Session:
+# the handler of section 8 carries its bytes; its replies can be Streamed from the files.
+#
+# The mailboxes are views of the store, as POP3's maildrops are: a user name that is an email
+# address sees that recipient's mail as INBOX; any other name sees all mail as INBOX, and each
+# recipient's as a read-only folder, Recipients/user@example.com. Flags are the Maildir's
+# (\Seen is S, \Answered R, \Flagged F, \Deleted T, \Draft D), so mutt, POP3, the web inbox and
+# IMAP agree; other keywords last as long as the session. UIDs and UIDVALIDITY are the index's.
+# ---------------------------------------------------------------------------------------------
+
+IMAP_TIMEOUT = 1800.0  # RFC 3501 section 5.4: an idle timer of at least 30 minutes
+IMAP_LINE_LIMIT = 64 * 1024  # a command without its literals (long UID sets must fit)
+IMAP_LITERAL_LIMIT = 1024 * 1024  # any literal but APPEND's message (that is --max-size)
+IMAP_IDLE_TICK = 0.5  # in IDLE, changes are looked for this often (RFC 2177)
+IMAP_SYSTEM_FLAGS = {"\\seen": "S", "\\answered": "R", "\\flagged": "F", "\\deleted": "T",
+                     "\\draft": "D"}
+IMAP_FLAG_NAMES = {"S": "\\Seen", "R": "\\Answered", "F": "\\Flagged", "T": "\\Deleted",
+                   "D": "\\Draft"}
+IMAP_MONTHS = "Jan Feb Mar Apr May Jun Jul Aug Sep Oct Nov Dec".split()
+RECIPIENTS_FOLDER = "Recipients"
+
+
+class Atom(str):
+    """An unquoted word of an IMAP command: NIL, a flag, a number, a sequence set, a
+    fetch item such as BODY.PEEK[HEADER.FIELDS (SUBJECT)]<0.100>."""
+
+
+class BadCommand(ValueError):
+    """A command that cannot be read: answered BAD, with the reason."""
+
+
+# A token: "(" or ")", a quoted string, or an atom, in which a [...] section may hold spaces
+# and parentheses (RFC 3501 section 9: fetch-att).
+_IMAP_TOKEN = re.compile(rb'\s*(?:(\()|(\))|"((?:[^"\\]|\\.)*)"|'
+                         rb'([^\s()"{\[\]]*(?:\[[^\]]*\][^\s()"{\[\]]*)*))')
+
+
+def parse_imap_arguments(pieces: list[bytes]) -> list:
+    """The arguments of a command as nested lists of Atom, str (quoted) and bytes
+    (literals). pieces alternate text and the literals that followed each text."""
+    tokens = []
+    for number, piece in enumerate(pieces):
+        if number % 2:
+            tokens.append(piece)  # a literal, as it came
+            continue
+        position = 0
+        while position < len(piece):
+            found = _IMAP_TOKEN.match(piece, position)
+            if not found or found.end() == position:
+                if piece[position:].strip():
+                    raise BadCommand(f"cannot read {piece[position:position + 20]!r}")
+                break
+            position = found.end()
+            open_, close, quoted, atom = found.groups()
+            if open_ or close:
+                tokens.append(open_ or close)
+            elif quoted is not None:
+                tokens.append(re.sub(rb"\\(.)", rb"\1", quoted).decode("utf-8", "replace"))
+            elif atom:
+                tokens.append(Atom(atom.decode("utf-8", "replace")))
+    return nest(tokens)
+
+
+def nest(tokens: list) -> list:
+    """Parenthesised lists as Python lists."""
+    stack = [[]]
+    for token in tokens:
+        if token == b"(":
+            stack.append([])
+        elif token == b")":
+            if len(stack) == 1:
+                raise BadCommand("a ) without its (")
+            done = stack.pop()
+            stack[-1].append(done)
+        else:
+            stack[-1].append(token)
+    if len(stack) != 1:
+        raise BadCommand("a ( without its )")
+    return stack[0]
+
+
+def imap_string(value: str | bytes | None) -> bytes:
+    """A string as IMAP sends it: NIL, "quoted" when it can be, else a literal."""
+    if value is None:
+        return b"NIL"
+    data = value.encode("utf-8", "replace") if isinstance(value, str) else value
+    if data.isascii() and b"\r" not in data and b"\n" not in data and len(data) < 1024:
+        return b'"' + data.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+    return b"{%d}\r\n" % len(data) + data
+
+
+def imap_list(items) -> bytes:
+    return b"(" + b" ".join(items) + b")"
+
+
+def imap_date(moment: float) -> str:
+    """INTERNALDATE: "17-Jul-1996 02:44:25 -0700" (RFC 3501 section 9, date-time)."""
+    local = datetime.datetime.fromtimestamp(moment).astimezone()
+    offset = int(local.utcoffset().total_seconds() // 60)
+    sign, offset = "+-"[offset < 0], abs(offset)
+    return (f"{local.day:2d}-{IMAP_MONTHS[local.month - 1]}-{local.year} "
+            f"{local:%H:%M:%S} {sign}{offset // 60:02d}{offset % 60:02d}")
+
+
+def parse_imap_date(text: str) -> datetime.date:
+    """A SEARCH date: "1-Feb-1994"."""
+    found = re.fullmatch(r"(\d{1,2})-([A-Za-z]{3})-(\d{4})", text)
+    months = [month.lower() for month in IMAP_MONTHS]
+    if not found or found.group(2).lower() not in months:
+        raise BadCommand(f"{text!r} is not a date such as 1-Feb-2026")
+    return datetime.date(int(found.group(3)), months.index(found.group(2).lower()) + 1,
+                         int(found.group(1)))
+
+
+def sequence_set(text: str, largest: int) -> list[tuple[int, int]]:
+    """A sequence set ("1:3,5,7:*") as inclusive ranges; * is the largest number there is."""
+    ranges = []
+    for item in text.split(","):
+        ends = item.split(":")
+        if len(ends) > 2 or not all(end == "*" or end.isdigit() and end.isascii()
+                                    and 0 < int(end) < 2 ** 32 for end in ends):
+            raise BadCommand(f"{text[:40]!r} is not a sequence set")
+        low, high = (largest if end == "*" else int(end) for end in (ends[0], ends[-1]))
+        ranges.append((min(low, high), max(low, high)))
+    return ranges
+
+
+def in_ranges(number: int, ranges: list[tuple[int, int]]) -> bool:
+    return any(low <= number <= high for low, high in ranges)
+
+
+def mutf7_encode(name: str) -> str:
+    """A mailbox name in IMAP's modified UTF-7 (RFC 3501 section 5.1.3): ASCII as it is,
+    "&" as "&-", anything else as &base64-of-UTF-16-;"."""
+    out, pending = [], ""
+
+    def flush():
+        nonlocal pending
+        if pending:
+            encoded = base64.b64encode(pending.encode("utf-16-be")).decode().rstrip("=")
+            out.append("&" + encoded.replace("/", ",") + "-")
+            pending = ""
+    for ch in name:
+        if " " <= ch <= "~":
+            flush()
+            out.append("&-" if ch == "&" else ch)
+        else:
+            pending += ch
+    flush()
+    return "".join(out)
+
+
+def mutf7_decode(name: str) -> str:
+    def decode(found):
+        text = found.group(1)
+        if not text:
+            return "&"
+        data = text.replace(",", "/")
+        return base64.b64decode(data + "=" * (-len(data) % 4)).decode("utf-16-be", "replace")
+    try:
+        return re.sub(r"&([A-Za-z0-9+,]*)-", decode, name)
+    except (ValueError, binascii.Error):
+        raise BadCommand(f"{name!r} is not a mailbox name in modified UTF-7") from None
+
+
+@dataclass(frozen=True)
+class ImapReply:
+    wire: bytes
+
+
+def untagged(*parts: bytes | str) -> ImapReply:
+    return ImapReply(b"* " + b" ".join(p.encode() if isinstance(p, str) else p
+                                        for p in parts) + b"\r\n")
+
+
+def tagged(tag: str, status: str, text: str) -> ImapReply:
+    return ImapReply(f"{tag} {status} {text}".encode("utf-8", "replace") + b"\r\n")
+
+
+def go_ahead(text: str = "") -> ImapReply:
+    """A continuation request: the server waits for the rest (RFC 3501 section 7.5)."""
+    return ImapReply(f"+ {text}".rstrip().encode() + b"\r\n")
+
+
+@dataclass(frozen=True)
+class ImapMailbox:
+    """A mailbox as IMAP shows it: a view of the store."""
+
+    name: str  # as the client names it: INBOX, Recipients/ann@example.com
+    address: str | None  # the recipient whose mail it holds; None: every message
+    read_only: bool
+
+
+# -- 13.1 Messages as IMAP sees them: sections, BODYSTRUCTURE, ENVELOPE ---------------------------
+#
+# IMAP names the pieces of a message (RFC 3501 section 6.4.5): BODY[] is all of it, [HEADER]
+# and [TEXT] its two halves, [1], [2.1] its parts, [2.MIME] a part's own header, and [HEADER.
+# FIELDS (SUBJECT)] chosen header lines; <0.100> cuts out a range. Every size and range is of
+# the message with CRLF line endings: the stored file itself when SMTP delivered it (that is the
+# usual case), else a converted copy.
+
+RFC822_TYPES = ("message/rfc822", "message/global")
+
+
+@contextlib.contextmanager
+def imap_view(store: Store, summary: Summary):
+    """The message as IMAP sends it: bytes (or a map) with CRLF line endings."""
+    with store.open_file(summary.key) as file, message_bytes(file) as buffer:
+        if summary.crlf_size == len(buffer):
+            yield buffer
+        else:
+            yield with_crlf(bytes(buffer))
+
+
+def parse_section(text: str) -> tuple[tuple[int, ...], str, tuple[str, ...]]:
+    """A section specification: ("1.2.HEADER.FIELDS (FROM TO)") -> ((1, 2), "HEADER.FIELDS",
+    ("FROM", "TO"))."""
+    fields = ()
+    if found := re.fullmatch(r"(.*?)\s*\((.*)\)", text, re.DOTALL):
+        text = found.group(1)
+        fields = tuple(name.strip('"').upper() for name in found.group(2).split())
+    words = text.split(".") if text else []
+    numbers = []
+    while words and words[0].isdigit() and words[0].isascii() and int(words[0]) > 0:
+        numbers.append(int(words.pop(0)))
+    kind = ".".join(words).upper()
+    valid = {"": False, "HEADER": False, "TEXT": False, "MIME": False,
+             "HEADER.FIELDS": True, "HEADER.FIELDS.NOT": True}
+    if kind not in valid or valid[kind] != bool(fields) or kind == "MIME" and not numbers:
+        raise BadCommand(f"[{text}] is not a section")
+    return tuple(numbers), kind, fields
+
+
+def section_children(part: MimePart, top: bool) -> list[MimePart]:
+    """The parts numbered under a part: a multipart's, those of the message in a message/rfc822
+    part, or (for a message of one part) the part itself, which is its part 1."""
+    if part.content_type.startswith("multipart/") and part.parts:
+        return part.parts
+    if part.content_type in RFC822_TYPES and part.parts and not top:
+        inner = part.parts[0]
+        return inner.parts if inner.content_type.startswith("multipart/") and inner.parts else [inner]
+    return [part] if top else []
+
+
+def section_bytes(buffer, root: MimePart, numbers: tuple[int, ...], kind: str,
+                  fields: tuple[str, ...]) -> bytes | None:
+    """The bytes a section names; None where the message has no such part."""
+    node = root
+    for depth, number in enumerate(numbers):
+        children = section_children(node, depth == 0)
+        if not 0 < number <= len(children):
+            return None
+        node = children[number - 1]
+    if kind == "MIME":
+        return bytes(buffer[node.start:node.body_start])
+    if kind in ("HEADER", "HEADER.FIELDS", "HEADER.FIELDS.NOT", "TEXT"):
+        message = node if not numbers else node.parts[0] if (
+            node.content_type in RFC822_TYPES and node.parts) else None
+        if message is None:
+            return None
+        if kind == "TEXT":
+            return bytes(buffer[message.body_start:message.end])
+        header = bytes(buffer[message.start:message.body_start])
+        return header if kind == "HEADER" else header_fields(header, fields,
+                                                             keep=kind == "HEADER.FIELDS")
+    return bytes(buffer[node.body_start:node.end]) if numbers else bytes(buffer[:])
+
+
+def header_fields(header: bytes, names: tuple[str, ...], keep: bool) -> bytes:
+    """The header lines (with their continuations) named, or all but those; then the blank
+    line, as RFC 3501 section 6.4.5 asks."""
+    wanted, chosen, taking = {name.lower() for name in names}, [], False
+    for line in header.split(b"\r\n"):
+        if not line:
+            continue
+        if line[:1] not in (b" ", b"\t"):
+            name = line.split(b":", 1)[0].strip().decode("latin-1").lower()
+            taking = (name in wanted) == keep
+        if taking:
+            chosen.append(line + b"\r\n")
+    return b"".join(chosen) + b"\r\n"
+
+
+def count_lines(buffer, start: int, end: int) -> int:
+    lines = count_in(buffer, b"\n", start, end)
+    return lines + (end > start and buffer[end - 1:end] != b"\n")
+
+
+def body_structure(buffer, part: MimePart, extended: bool = True) -> bytes:
+    """BODYSTRUCTURE (extended) or BODY (RFC 3501 section 7.4.2), from the outline."""
+    if part.content_type.startswith("multipart/") and part.parts:
+        fields = [imap_string(part.content_type.split("/", 1)[1].upper())]
+        if extended:
+            fields += [parameter_list(part.parameters), disposition_of(part), b"NIL", b"NIL"]
+        children = b"".join(body_structure(buffer, child, extended) for child in part.parts)
+        return b"(" + children + b" " + b" ".join(fields) + b")"
+    maintype, subtype = part.content_type.split("/", 1)
+    headers = part.headers
+    fields = [imap_string(maintype.upper()), imap_string(subtype.upper()),
+              parameter_list(part.parameters),
+              imap_string(one_line(headers.get("Content-ID"))),
+              imap_string(one_line(headers.get("Content-Description"))),
+              imap_string(part.transfer_encoding.upper()),
+              str(part.end - part.body_start).encode()]
+    if maintype == "text":
+        fields.append(str(count_lines(buffer, part.body_start, part.end)).encode())
+    elif part.content_type in RFC822_TYPES and part.parts:
+        fields += [envelope_of(part.parts[0]), body_structure(buffer, part.parts[0], extended),
+                   str(count_lines(buffer, part.body_start, part.end)).encode()]
+    if extended:
+        fields += [imap_string(one_line(headers.get("Content-MD5"))), disposition_of(part),
+                   b"NIL", b"NIL"]
+    return imap_list(fields)
+
+
+def parameter_list(parameters: dict[str, str]) -> bytes:
+    if not parameters:
+        return b"NIL"
+    return imap_list(imap_string(text) for name, value in parameters.items()
+                     for text in (name.upper(), value))
+
+
+def disposition_of(part: MimePart) -> bytes:
+    if part.disposition is None:
+        return b"NIL"
+    return imap_list([imap_string(part.disposition.upper()),
+                      parameter_list(part.disposition_parameters)])
+
+
+def one_line(value) -> str | None:
+    """A raw header value on one line (IMAP strings have none), or None if absent."""
+    return None if value is None else re.sub(r"\r?\n[ \t]*", " ", str(value)).strip()
+
+
+def envelope_of(message: MimePart) -> bytes:
+    """ENVELOPE: date, subject, from, sender, reply-to, to, cc, bcc, in-reply-to and
+    message-id, from the raw header values; Sender and Reply-To default to From."""
+    headers = message.headers
+
+    def addresses(name: str) -> bytes:
+        values = [one_line(value) for value in headers.get_all(name, [])]
+        found = [(person, address) for person, address in email.utils.getaddresses(values)
+                 if address]
+        if not found:
+            return b"NIL"
+        return imap_list(imap_list([imap_string(person or None), b"NIL",
+                                    imap_string(address.rpartition("@")[0] or address),
+                                    imap_string(address.rpartition("@")[2] or None)])
+                         for person, address in found)
+    from_ = addresses("From")
+    return imap_list([imap_string(one_line(headers.get("Date"))),
+                      imap_string(one_line(headers.get("Subject"))), from_,
+                      addresses("Sender") if headers.get("Sender") else from_,
+                      addresses("Reply-To") if headers.get("Reply-To") else from_,
+                      addresses("To"), addresses("Cc"), addresses("Bcc"),
+                      imap_string(one_line(headers.get("In-Reply-To"))),
+                      imap_string(one_line(headers.get("Message-ID")))])
+
+
+# -- 13.2 SEARCH ---------------------------------------------------------------------------------
+#
+# SEARCH (RFC 3501 section 6.4.4) has its own keys: flags, dates, sizes, and strings that match
+# any part of a header or of the text, case aside. What the index knows (flags, size, arrival,
+# From, To, Cc, Subject) is answered from it; BCC, HEADER, the Date header and the text are
+# read from the message, and only for the messages the other keys left.
+
+@dataclass
+class SearchFacts:
+    """One message, for SEARCH: what the index knows, and what can be read from its file."""
+
+    store: Store
+    number: int  # its sequence number
+    summary: Summary
+    flags: set[str]  # as IMAP names them, keywords and \Recent included
+
+    @functools.cached_property
+    def headers(self) -> email.message.Message:
+        try:
+            with self.store.maildir.read(self.store.locate(self.summary.key)) as buffer:
+                return parse_headers(bytes(buffer[:header_bounds(buffer, 0, len(buffer))[0]]))
+        except (OSError, TypeError):
+            return parse_headers(b"")
+
+    @functools.cached_property
+    def text(self) -> str:
+        """The message's text parts, decoded, lower case: what BODY and TEXT search."""
+        try:
+            with self.store.maildir.read(self.store.locate(self.summary.key)) as buffer:
+                return " ".join(part_text(buffer, part) for part in outline(buffer).leaves()
+                                if part.content_type.startswith("text/")).lower()
+        except (OSError, TypeError):
+            return ""
+
+    def header(self, name: str) -> str:
+        return " ".join(decode_words(str(value)) for value in self.headers.get_all(name, []))
+
+    def sent_on(self) -> datetime.date | None:
+        try:
+            return email.utils.parsedate_to_datetime(self.summary.date).date()
+        except (TypeError, ValueError, IndexError):
+            return None
+
+
+def contains(text: str, wanted) -> bool:
+    """SEARCH's strings match any part of the text, case aside."""
+    wanted = wanted.decode("utf-8", "replace") if isinstance(wanted, bytes) else str(wanted)
+    return wanted.lower() in text.lower()
+
+
+def search_program(arguments: list, largest: int, largest_uid: int):
+    """SEARCH keys as a test of SearchFacts. BadCommand for keys that are wrong."""
+    tests, position = [], 0
+    while position < len(arguments):
+        test, position = search_key(arguments, position, largest, largest_uid)
+        tests.append(test)
+    if not tests:
+        raise BadCommand("SEARCH needs at least one key")
+    return lambda facts: all(test(facts) for test in tests)
+
+
+_FLAG_KEYS = {"SEEN": ("\\Seen", True), "UNSEEN": ("\\Seen", False),
+              "ANSWERED": ("\\Answered", True), "UNANSWERED": ("\\Answered", False),
+              "FLAGGED": ("\\Flagged", True), "UNFLAGGED": ("\\Flagged", False),
+              "DELETED": ("\\Deleted", True), "UNDELETED": ("\\Deleted", False),
+              "DRAFT": ("\\Draft", True), "UNDRAFT": ("\\Draft", False),
+              "RECENT": ("\\Recent", True), "OLD": ("\\Recent", False)}
+_HEADER_KEYS = {"FROM": "from_", "TO": "to", "CC": "cc", "SUBJECT": "subject"}
+
+
+def search_key(arguments: list, position: int, largest: int, largest_uid: int):
+    """One key, from arguments[position]: (its test, where the next key starts)."""
+    def take() -> str | bytes:
+        nonlocal position
+        if position >= len(arguments) or isinstance(arguments[position], list):
+            raise BadCommand(f"{key} needs an argument")
+        position += 1
+        return arguments[position - 1]
+    item = arguments[position]
+    position += 1
+    if isinstance(item, list):  # a parenthesised list: all of them
+        test = search_program(item, largest, largest_uid)
+        return test, position
+    key = str(item).upper() if not isinstance(item, bytes) else ""
+    match key:
+        case "ALL":
+            return (lambda facts: True), position
+        case _ if key in _FLAG_KEYS:
+            flag, wanted = _FLAG_KEYS[key]
+            return (lambda facts: (flag in facts.flags) == wanted), position
+        case "NEW":
+            return (lambda facts: "\\Recent" in facts.flags and "\\Seen" not in facts.flags), position
+        case "KEYWORD" | "UNKEYWORD":
+            keyword, wanted = str(take()).lower(), key == "KEYWORD"
+            return (lambda facts: (keyword in {f.lower() for f in facts.flags}) == wanted), position
+        case _ if key in _HEADER_KEYS:
+            text, field_name = take(), _HEADER_KEYS[key]
+            return (lambda facts: contains(getattr(facts.summary, field_name), text)), position
+        case "BCC":
+            text = take()
+            return (lambda facts: contains(facts.header("Bcc"), text)), position
+        case "HEADER":
+            name, text = str(take()), take()
+            return (lambda facts: name in facts.headers and contains(facts.header(name),
+                                                                     text)), position
+        case "BODY":
+            text = take()
+            return (lambda facts: contains(facts.text, text)), position
+        case "TEXT":
+            text = take()
+            return (lambda facts: contains(facts.text, text) or any(
+                contains(decode_words(str(value)), text) for value in facts.headers.values()
+            )), position
+        case "LARGER" | "SMALLER":
+            size = take()
+            if not (isinstance(size, str) and size.isdigit() and size.isascii()):
+                raise BadCommand(f"{key} takes a number of octets")
+            bigger, size = key == "LARGER", int(size)
+            return (lambda facts: facts.summary.crlf_size > size if bigger
+                    else facts.summary.crlf_size < size), position
+        case "BEFORE" | "ON" | "SINCE" | "SENTBEFORE" | "SENTON" | "SENTSINCE":
+            day = parse_imap_date(str(take()))
+            compare = {"BEFORE": lambda d: d < day, "ON": lambda d: d == day,
+                       "SINCE": lambda d: d >= day}[key.removeprefix("SENT")]
+            if key.startswith("SENT"):
+                return (lambda facts: (sent := facts.sent_on()) is not None
+                        and compare(sent)), position
+            return (lambda facts: compare(datetime.date.fromtimestamp(facts.summary.time))), position
+        case "NOT":
+            test, position = search_key(arguments, position, largest, largest_uid)
+            return (lambda facts: not test(facts)), position
+        case "OR":
+            first, position = search_key(arguments, position, largest, largest_uid)
+            second, position = search_key(arguments, position, largest, largest_uid)
+            return (lambda facts: first(facts) or second(facts)), position
+        case "UID":
+            ranges = sequence_set(str(take()), largest_uid)
+            return (lambda facts: in_ranges(facts.summary.uid, ranges)), position
+        case _ if re.fullmatch(r"[\d:*,]+", key):
+            ranges = sequence_set(key, largest)
+            return (lambda facts: in_ranges(facts.number, ranges)), position
+    raise BadCommand(f"{str(item)[:40]!r} is not a SEARCH key")
+
+
+# -- 13.3 The session ------------------------------------------------------------------------------
+
+class ImapState(enum.Enum):
+    NOT_AUTHENTICATED = "waiting for LOGIN or AUTHENTICATE"
+    AUTHENTICATED = "logged in"
+    SELECTED = "a mailbox selected"
+    LOGOUT = "closed"
+
+
+class RecentMessages:
+    """\\Recent (RFC 3501 section 2.3.2): a message is recent in the first session that sees
+    it. Shared by the IMAP sessions of a server: the highest UID each mailbox has shown."""
+
+    def __init__(self) -> None:
+        self._seen: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def claim(self, mailbox: str, uids) -> set[int]:
+        with self._lock:
+            seen = self._seen.get(mailbox, 0)
+            if uids:
+                self._seen[mailbox] = max(seen, max(uids))
+            return {uid for uid in uids if uid > seen}
+
+
+@dataclass(eq=False)
+class Selected:
+    """The mailbox a session has selected: message n is UID uids[n - 1]."""
+
+    mailbox: ImapMailbox
+    uids: array.array
+    read_only: bool
+    modseq: int  # the store's, when this session last looked for changes
+    event: int  # the store's last event, then
+    recent: set[int] = field(default_factory=set)
+    keywords: dict[int, set[str]] = field(default_factory=dict)  # flags of this session only
+    expunged: set[int] = field(default_factory=set)  # by others, not told yet (section 7.4.1)
+    own: dict[int, int] = field(default_factory=dict)  # UID -> modseq of this session's changes
+
+    def number(self, uid: int) -> int | None:
+        at = bisect.bisect_left(self.uids, uid)
+        return at + 1 if at < len(self.uids) and self.uids[at] == uid else None
+
+
+@dataclass
+class ImapSession:
+    """One IMAP conversation: bytes in, replies out (some of them Streamed from files)."""
+
+    store: Store
+    locks: RecentMessages
+    users: dict[str, str] | None = None  # as for SMTP AUTH: None accepts any user and password
+    tls_available: bool = False
+    tls_required: bool = False  # no LOGIN before STARTTLS: LOGINDISABLED (RFC 3501 6.2.3)
+    max_size: int = DEFAULT_MAX_SIZE
+    peer: str = ""
+    state: ImapState = ImapState.NOT_AUTHENTICATED
+    user: str | None = None
+    tls: str | None = None
+    tls_requested: bool = False
+    selected: Selected | None = None
+    idling: str | None = None  # the tag of the IDLE command in progress
+    closing_note: str = ""
+    delay: float = 0.0
+    unknown_commands: int = 0
+    auth_failures: int = 0
+    _buffer: bytes = b""
+    _pieces: list = field(default_factory=list)  # the command so far: text, literal, text...
+    _literal_left: int = 0
+    _literal_parts: list[bytes] = field(default_factory=list)
+    _literal_writer: object = None  # APPEND's message goes straight to the store
+    _discarding: bool = False  # a refused non-synchronising literal: read and dropped
+    _refusal: ImapReply | None = None  # what to answer once the refused command has ended
+    _authenticating: str | None = None  # the tag of an AUTHENTICATE waiting for its response
+    _overlong: bool = False
+
+    fault_notes: list[str] = field(default_factory=list)  # (the handler reads these)
+
+    def greeting(self) -> ImapReply:
+        return untagged(f"OK [CAPABILITY {self.capabilities()}] sheesh IMAP4rev1 ready")
+
+    def goodbye(self, reason: str) -> ImapReply:
+        return untagged({"timeout": "BYE autologout: idle for too long",
+                         "shutdown": "BYE [UNAVAILABLE] server shutting down",
+                         "busy": "BYE [UNAVAILABLE] too many connections, try again later",
+                         "error": "BYE [SERVERBUG] internal server error"}[reason])
+
+    @property
+    def closed(self) -> bool:
+        return self.state is ImapState.LOGOUT
+
+    @property
+    def busy(self) -> bool:
+        """A command (or a literal) has begun to arrive and not yet ended."""
+        return bool(self._buffer or self._pieces or self._literal_left) or self._overlong
+
+    @property
+    def in_data(self) -> bool:
+        return self._literal_writer is not None  # an APPEND's message is arriving
+
+    @property
+    def tick_interval(self) -> float | None:
+        """While IDLE, the handler asks tick() this often for changes to push."""
+        return IMAP_IDLE_TICK if self.idling is not None else None
+
+    def tick(self) -> list[ImapReply]:
+        return self.updates() if self.idling is not None else []
+
+    def capabilities(self) -> str:
+        words = ["IMAP4rev1", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE", "NAMESPACE",
+                 "UNSELECT", "UIDPLUS", "CHILDREN"]
+        if self.state is ImapState.NOT_AUTHENTICATED:
+            if self.tls_available and self.tls is None:
+                words.append("STARTTLS")
+            if self.tls_required and self.tls is None:
+                words.append("LOGINDISABLED")
+            else:
+                words.append("AUTH=PLAIN")
+        return " ".join(words)
+
+    # -- reading commands: lines, and literals between them
+
+    def receive(self, data: bytes) -> list:
+        """Bytes in; the replies they call for, in order (commands may be pipelined)."""
+        self._buffer += data
+        replies = []
+        while self._buffer and not self.closed and not self.tls_requested:
+            if self._literal_left:
+                replies += self.take_literal()
+                continue
+            end = self._buffer.find(b"\n")
+            if end < 0:
+                if len(self._buffer) > IMAP_LINE_LIMIT:
+                    self._buffer, self._overlong = b"", True  # dropped until its end comes
+                    replies.append(self.too_long())
+                break
+            line, self._buffer = self._buffer[:end + 1], self._buffer[end + 1:]
+            if self._overlong:
+                self._overlong = False  # the end of a line already answered
+                continue
+            replies += self.handle_line(line.rstrip(b"\r\n"))
+        if self.closed or self.tls_requested:
+            self._buffer = b""  # RFC 3501 section 6.2.1: nothing sent before TLS is used
+        return replies
+
+    def too_long(self) -> ImapReply:
+        self.abort_append(self._pieces)
+        self._pieces = []
+        return untagged("BAD command line too long")
+
+    def handle_line(self, line: bytes) -> list:
+        if self.idling is not None:
+            tag, self.idling = self.idling, None
+            if line.strip().upper() != b"DONE":
+                return [tagged(tag, "BAD", "expected DONE to end IDLE")]
+            return self.updates() + [tagged(tag, "OK", "IDLE terminated")]
+        if self._authenticating is not None:
+            return self.finish_authenticate(line)
+        if sum(map(len, self._pieces[::2])) + len(line) > IMAP_LINE_LIMIT:
+            return [self.too_long()]
+        if found := re.search(rb"\{(\d{1,12})(\+?)\}$", line):
+            self._pieces.append(line[:found.start()])
+            return self.start_literal(int(found.group(1)), synchronizing=not found.group(2))
+        pieces, self._pieces = self._pieces + [line], []
+        refusal, self._refusal = self._refusal, None
+        return [refusal] if refusal is not None else self.handle_command(pieces)
+
+    def start_literal(self, size: int, synchronizing: bool) -> list:
+        """A literal of `size` bytes follows (RFC 3501 section 4.3; RFC 7888 for {n+}): say
+        "go ahead", or refuse it before it is sent; APPEND's message goes to the store."""
+        tag, verb = self.command_start()
+        refusal, self._literal_left = None, size
+        if verb == "APPEND" and self.append_message_follows():
+            refusal = self.begin_append(tag, size)
+        elif size > IMAP_LITERAL_LIMIT:
+            refusal = tagged(tag, "BAD", f"literal too big: at most {IMAP_LITERAL_LIMIT} octets")
+        if refusal is None:
+            return [go_ahead("ready for the literal")] if synchronizing else []
+        if synchronizing:  # the client waits for "+": it will not send the literal
+            self._pieces, self._literal_left = [], 0
+            return [refusal]
+        if size > max(self.max_size, IMAP_LITERAL_LIMIT) * 2:
+            self.state, self.closing_note = ImapState.LOGOUT, "a literal far too big"
+            return [refusal, untagged("BYE literal too big")]
+        self._discarding, self._refusal = True, refusal
+        return []
+
+    def take_literal(self) -> list:
+        piece = self._buffer[:self._literal_left]
+        self._buffer, self._literal_left = self._buffer[len(piece):], self._literal_left - len(piece)
+        if self._literal_writer is not None and not isinstance(self._literal_writer, OSError):
+            try:
+                self._literal_writer.write(piece)
+            except OSError as error:
+                self._literal_writer = error  # answered when the command ends
+        elif not self._discarding:
+            self._literal_parts.append(piece)
+        if self._literal_left:
+            return []
+        if self._literal_writer is not None:
+            self._pieces.append(self._literal_writer)
+            self._literal_writer = None
+        elif not self._discarding:
+            self._pieces.append(b"".join(self._literal_parts))
+        else:
+            self._pieces.append(b"")
+        self._literal_parts, self._discarding = [], False
+        return []
+
+    def command_start(self) -> tuple[str, str]:
+        found = re.match(rb"([^\s(){%*\"\\\]]+) +([A-Za-z]+)", self._pieces[0] or b"")
+        return (found.group(1).decode("ascii", "replace"), found.group(2).decode().upper()
+                ) if found else ("*", "")
+
+    def handle_command(self, pieces: list) -> list:
+        found = re.match(rb"([^\s(){%*\"\\\]]+) +([A-Za-z]+)(?: +|$)", pieces[0])
+        if not found:
+            return self.unknown("*", "cannot read a tag and a command")
+        tag, verb = found.group(1).decode("ascii", "replace"), found.group(2).decode().upper()
+        try:
+            arguments = parse_imap_arguments([pieces[0][found.end():], *pieces[1:]])
+            if verb == "UID":
+                return self.uid_command(tag, arguments)
+            return self.dispatch(tag, verb, arguments)
+        except BadCommand as problem:
+            self.abort_append(pieces)
+            return [tagged(tag, "BAD", str(problem))]
+
+    def unknown(self, tag: str, text: str) -> list:
+        self.unknown_commands += 1
+        if self.unknown_commands > MAX_UNKNOWN_COMMANDS:
+            self.state, self.closing_note = ImapState.LOGOUT, "too many bad commands"
+            return [untagged("BYE too many bad commands")]
+        return [tagged(tag, "BAD", text)]
+
+    # -- the commands
+
+    def dispatch(self, tag: str, verb: str, arguments: list) -> list:
+        """One command: the heart of IMAP. Each state allows its own (RFC 3501 section 6)."""
+        authenticated = self.state in (ImapState.AUTHENTICATED, ImapState.SELECTED)
+        selected = self.state is ImapState.SELECTED
+        match verb:
+            case "CAPABILITY":
+                return [untagged(f"CAPABILITY {self.capabilities()}"),
+                        tagged(tag, "OK", "CAPABILITY completed")]
+            case "NOOP" | "CHECK" if verb == "NOOP" or selected:
+                return self.updates() + [tagged(tag, "OK", f"{verb} completed")]
+            case "LOGOUT":
+                self.state = ImapState.LOGOUT
+                return [untagged("BYE sheesh IMAP server signing off"),
+                        tagged(tag, "OK", "LOGOUT completed")]
+            case "ID":
+                return [untagged(b"ID " + imap_list([b'"name"', b'"sheesh"', b'"version"',
+                                                    imap_string(__version__)])),
+                        tagged(tag, "OK", "ID completed")]
+            case "STARTTLS" if not authenticated:
+                return self.starttls(tag)
+            case "LOGIN" if not authenticated:
+                return self.login(tag, arguments)
+            case "AUTHENTICATE" if not authenticated:
+                return self.authenticate(tag, arguments)
+            case "ENABLE" if authenticated:
+                return [untagged("ENABLED"), tagged(tag, "OK", "nothing to enable")]
+            case "NAMESPACE" if authenticated:
+                return [untagged('NAMESPACE (("" "/")) NIL NIL'),
+                        tagged(tag, "OK", "NAMESPACE completed")]
+            case "LIST" | "LSUB" if authenticated:
+                return self.list_mailboxes(tag, verb, arguments)
+            case "SUBSCRIBE" | "UNSUBSCRIBE" if authenticated:
+                return [tagged(tag, "OK", f"{verb} completed (every mailbox is subscribed)")]
+            case "STATUS" if authenticated:
+                return self.status(tag, arguments)
+            case "SELECT" | "EXAMINE" if authenticated:
+                return self.select(tag, verb, arguments)
+            case "CREATE" | "DELETE" | "RENAME" if authenticated:
+                return [tagged(tag, "NO", "[CANNOT] the mailboxes are sheesh's recipients: "
+                                          "they cannot be created, deleted or renamed")]
+            case "APPEND" if authenticated:
+                return self.append(tag, arguments)
+            case "IDLE" if authenticated:
+                self.idling = tag
+                return [go_ahead("idling")] + self.updates()
+            case "CLOSE" | "UNSELECT" if selected:
+                if verb == "CLOSE" and not self.selected.read_only:
+                    self.expunge_deleted(None)  # silently (RFC 3501 section 6.4.2)
+                self.selected, self.state = None, ImapState.AUTHENTICATED
+                return [tagged(tag, "OK", f"{verb} completed")]
+            case "EXPUNGE" if selected:
+                return self.expunge(tag, None)
+            case "SEARCH" if selected:
+                return self.search(tag, arguments, by_uid=False)
+            case "FETCH" if selected:
+                return self.fetch(tag, arguments, by_uid=False)
+            case "STORE" if selected:
+                return self.store_flags(tag, arguments, by_uid=False)
+            case "COPY" if selected:
+                return self.copy(tag, arguments, by_uid=False)
+            case _ if verb in IMAP_COMMANDS:
+                return [tagged(tag, "BAD", f"{verb} is not allowed: {self.state.value}")]
+            case _:
+                return self.unknown(tag, f"unknown command {verb[:20]}")
+
+    def uid_command(self, tag: str, arguments: list) -> list:
+        """UID FETCH, STORE, SEARCH, COPY, EXPUNGE: the same, with UIDs for numbers."""
+        if self.state is not ImapState.SELECTED:
+            return [tagged(tag, "BAD", "UID needs a selected mailbox")]
+        verb = str(arguments[0]).upper() if arguments else ""
+        rest = arguments[1:]
+        match verb:
+            case "FETCH":
+                return self.fetch(tag, rest, by_uid=True)
+            case "STORE":
+                return self.store_flags(tag, rest, by_uid=True)
+            case "SEARCH":
+                return self.search(tag, rest, by_uid=True)
+            case "COPY":
+                return self.copy(tag, rest, by_uid=True)
+            case "EXPUNGE" if rest:  # RFC 4315 section 2.1
+                ranges = sequence_set(str(rest[0]), self.largest_uid())
+                return self.expunge(tag, ranges)
+        return [tagged(tag, "BAD", "UID takes FETCH, STORE, SEARCH, COPY or EXPUNGE")]
+
+    # -- logging in
+
+    def starttls(self, tag: str) -> list:
+        if not self.tls_available or self.tls is not None:
+            return [tagged(tag, "NO" if self.tls is None else "BAD",
+                           "TLS is not available" if self.tls is None else "TLS is already on")]
+        self.tls_requested = True
+        return [tagged(tag, "OK", "begin TLS negotiation now")]
+
+    def tls_started(self, description: str) -> None:
+        self.tls, self.tls_requested = description, False
+
+    def login(self, tag: str, arguments: list) -> list:
+        if self.tls_required and self.tls is None:
+            return [tagged(tag, "NO", "[PRIVACYREQUIRED] use STARTTLS first")]
+        if len(arguments) != 2 or isinstance(arguments[0], list) or isinstance(arguments[1], list):
+            raise BadCommand("usage: LOGIN user password")
+        user, password = (a.decode("utf-8", "replace") if isinstance(a, bytes) else str(a)
+                          for a in arguments)
+        return self.check_login(tag, user, password.encode("utf-8", "surrogateescape"))
+
+    def authenticate(self, tag: str, arguments: list) -> list:
+        """AUTHENTICATE PLAIN (RFC 4616), with the response in the command (SASL-IR, RFC
+        4959) or after a "+"."""
+        if self.tls_required and self.tls is None:
+            return [tagged(tag, "NO", "[PRIVACYREQUIRED] use STARTTLS first")]
+        if not arguments or str(arguments[0]).upper() != "PLAIN":
+            return [tagged(tag, "NO", "[CANNOT] only AUTHENTICATE PLAIN is supported")]
+        if len(arguments) > 1:
+            return self.plain_response(tag, str(arguments[1]).encode())
+        self._authenticating = tag
+        return [go_ahead()]
+
+    def finish_authenticate(self, line: bytes) -> list:
+        tag, self._authenticating = self._authenticating, None
+        if line.strip() == b"*":
+            return [tagged(tag, "BAD", "AUTHENTICATE cancelled")]
+        return self.plain_response(tag, line.strip())
+
+    def plain_response(self, tag: str, response: bytes) -> list:
+        try:
+            parts = base64.b64decode(response, validate=True).split(b"\0")
+        except (ValueError, binascii.Error):
+            parts = []
+        if len(parts) != 3:
+            return [tagged(tag, "BAD", "cannot decode the response")]
+        return self.check_login(tag, parts[1].decode("utf-8", "replace"), parts[2])
+
+    def check_login(self, tag: str, user: str, password: bytes) -> list:
+        if self.users is not None and not password_matches(self.users, user, password):
+            self.auth_failures += 1
+            self.delay += AUTH_FAILURE_DELAY
+            if self.auth_failures >= MAX_AUTH_FAILURES:
+                self.state, self.closing_note = ImapState.LOGOUT, "too many failed logins"
+                return [tagged(tag, "NO", "[AUTHENTICATIONFAILED] invalid credentials"),
+                        untagged("BYE too many failed logins")]
+            return [tagged(tag, "NO", "[AUTHENTICATIONFAILED] invalid credentials")]
+        self.user, self.state = user, ImapState.AUTHENTICATED
+        return [tagged(tag, "OK", f"[CAPABILITY {self.capabilities()}] logged in")]
+
+    # -- mailboxes
+
+    def mailboxes(self) -> list[ImapMailbox]:
+        """What this user sees: a recipient's own INBOX; or all mail as INBOX, and each
+        recipient's as Recipients/address."""
+        if self.user and "@" in self.user:
+            return [ImapMailbox("INBOX", self.user.lower(), False)]
+        return [ImapMailbox("INBOX", None, False)] + [
+            ImapMailbox(f"{RECIPIENTS_FOLDER}/{box['address']}", box["address"], True)
+            for box in self.store.mailboxes()]
+
+    def find_mailbox(self, argument) -> ImapMailbox | None:
+        name = mutf7_decode(argument.decode("utf-8", "replace") if isinstance(
+            argument, bytes) else str(argument))
+        if name.upper() == "INBOX":
+            return self.mailboxes()[0]
+        if not self.user or "@" not in self.user:
+            folder, _, address = name.partition("/")
+            if folder.lower() == RECIPIENTS_FOLDER.lower() and address:
+                return ImapMailbox(f"{RECIPIENTS_FOLDER}/{address.lower()}", address.lower(),
+                                   True) if self.store.index.counts(address)[0] else None
+        return None
+
+    def list_mailboxes(self, tag: str, verb: str, arguments: list) -> list:
+        if len(arguments) != 2:
+            raise BadCommand(f"usage: {verb} reference mailbox-pattern")
+        reference, pattern = (mutf7_decode(a.decode() if isinstance(a, bytes) else str(a))
+                              for a in arguments)
+        if not pattern:  # RFC 3501 section 6.3.8: the hierarchy delimiter
+            return [untagged('LIST (\\Noselect) "/" ""'), tagged(tag, "OK", f"{verb} completed")]
+        wanted = re.compile("".join(".*" if ch == "*" else "[^/]*" if ch == "%" else re.escape(ch)
+                                    for ch in reference + pattern), re.IGNORECASE)
+        boxes = self.mailboxes()
+        entries = [(box.name, "\\HasNoChildren") for box in boxes]
+        if len(boxes) > 1:
+            entries.insert(1, (RECIPIENTS_FOLDER, "\\Noselect \\HasChildren"))
+        lines = [untagged(f"{verb} ({attributes}) \"/\" ".encode() + imap_string(mutf7_encode(name)))
+                 for name, attributes in entries if wanted.fullmatch(name)]
+        return lines + [tagged(tag, "OK", f"{verb} completed")]
+
+    def status(self, tag: str, arguments: list) -> list:
+        if len(arguments) != 2 or not isinstance(arguments[1], list):
+            raise BadCommand("usage: STATUS mailbox (MESSAGES UIDNEXT ...)")
+        box = self.find_mailbox(arguments[0])
+        if box is None:
+            return [tagged(tag, "NO", "[NONEXISTENT] no such mailbox")]
+        self.store.catch_up()
+        total, unseen = self.store.index.counts(box.address)
+        values = {"MESSAGES": total, "UNSEEN": unseen, "UIDVALIDITY": self.store.uidvalidity,
+                  "UIDNEXT": self.store.index.next_uid(), "RECENT": 0}
+        items = [str(item).upper() for item in arguments[1]]
+        if not all(item in values for item in items):
+            raise BadCommand("STATUS takes MESSAGES, RECENT, UIDNEXT, UIDVALIDITY and UNSEEN")
+        answer = " ".join(f"{item} {values[item]}" for item in items)
+        return [untagged(b"STATUS " + imap_string(mutf7_encode(box.name)) + f" ({answer})".encode()),
+                tagged(tag, "OK", "STATUS completed")]
+
+    def select(self, tag: str, verb: str, arguments: list) -> list:
+        """SELECT (read-write) or EXAMINE (read-only): the mailbox, and what is in it."""
+        if len(arguments) != 1:
+            raise BadCommand(f"usage: {verb} mailbox")
+        self.selected, self.state = None, ImapState.AUTHENTICATED
+        box = self.find_mailbox(arguments[0])
+        if box is None:
+            return [tagged(tag, "NO", "[NONEXISTENT] no such mailbox")]
+        if not self.store.complete(POP3_INDEX_WAIT):
+            return [tagged(tag, "NO", "[UNAVAILABLE] the mailbox is being indexed: try again "
+                                      "in a minute")]
+        modseq, event = self.store.modseq, self.store.last_event
+        uids = array.array("q", self.store.index.uids(mailbox=box.address))
+        read_only = verb == "EXAMINE" or box.read_only
+        self.selected = Selected(box, uids, read_only, modseq, event,
+                                 self.locks.claim(box.name, uids))
+        self.state = ImapState.SELECTED
+        unseen = self.store.index.uids(Query((Condition("seen", value=False),)), box.address)
+        flags = "\\Answered \\Flagged \\Deleted \\Seen \\Draft"
+        replies = [untagged(f"FLAGS ({flags})"),
+                   untagged(f"OK [PERMANENTFLAGS ({'' if read_only else flags})] "
+                            f"{'read-only' if read_only else 'keywords last for the session'}"),
+                   untagged(f"{len(uids)} EXISTS"), untagged(f"{len(self.selected.recent)} RECENT"),
+                   untagged(f"OK [UIDVALIDITY {self.store.uidvalidity}] UIDs valid"),
+                   untagged(f"OK [UIDNEXT {self.store.index.next_uid()}] predicted next UID")]
+        if unseen:
+            replies.append(untagged(f"OK [UNSEEN {self.selected.number(unseen[0])}] first unseen"))
+        access = "READ-ONLY" if read_only else "READ-WRITE"
+        return replies + [tagged(tag, "OK", f"[{access}] {verb} completed")]
+
+    # -- what changed meanwhile (RFC 3501 section 5.2: EXISTS, EXPUNGE, FETCH FLAGS)
+
+    def updates(self, expunges: bool = True) -> list:
+        """What other sessions and programs changed in the selected mailbox since this
+        session last looked. No EXPUNGE while answering FETCH, STORE or SEARCH (RFC 3501
+        section 7.4.1): those removals wait, their numbers still in place."""
+        s = self.selected
+        if s is None or (s.event == self.store.last_event and not (expunges and s.expunged)):
+            return []
+        s.event = self.store.last_event
+        self.store.catch_up()
+        modseq = self.store.modseq
+        flagged, removed = self.store.index.changes(s.modseq, s.mailbox.address)
+        if s.modseq < self.store.index.meta("expunged_floor", 0):  # the list was trimmed
+            current = set(self.store.index.uids(mailbox=s.mailbox.address))
+            removed = [uid for uid in s.uids if uid not in current]
+        s.expunged.update(uid for uid in removed if s.number(uid) is not None)
+        s.modseq, replies = modseq, []
+        for uid, flags, changed in flagged:  # but this session's own changes
+            number = s.number(uid)
+            if number is not None and uid not in s.expunged and s.own.get(uid) != changed:
+                replies.append(untagged(f"{number} FETCH (FLAGS ({self.flag_names(s, uid, flags)}))"))
+        if expunges and s.expunged:
+            replies += self.forget(s, s.expunged)
+        new = self.store.index.uids(mailbox=s.mailbox.address, after=s.uids[-1] if s.uids else 0)
+        if new:
+            s.uids.extend(new)
+            s.recent |= self.locks.claim(s.mailbox.name, new)
+            replies += [untagged(f"{len(s.uids)} EXISTS"), untagged(f"{len(s.recent)} RECENT")]
+        return replies
+
+    def forget(self, s: Selected, uids: set[int]) -> list:
+        """Take expunged messages out of the numbering; an EXPUNGE for each, highest first,
+        so that no number sent is changed by another before it."""
+        numbers = sorted((s.number(uid) for uid in uids if s.number(uid)), reverse=True)
+        s.uids = array.array("q", (uid for uid in s.uids if uid not in uids))
+        s.expunged -= uids
+        for uid in uids:
+            s.keywords.pop(uid, None)
+            s.recent.discard(uid)
+        return [untagged(f"{number} EXPUNGE") for number in numbers]
+
+    def flag_names(self, s: Selected, uid: int, flags: str) -> str:
+        names = [IMAP_FLAG_NAMES[f] for f in flags if f in IMAP_FLAG_NAMES]
+        names += sorted(s.keywords.get(uid, ()))
+        if uid in s.recent:
+            names.append("\\Recent")
+        return " ".join(names)
+
+    def largest_uid(self) -> int:
+        s = self.selected
+        return s.uids[-1] if s.uids else 0
+
+    def chosen(self, argument, by_uid: bool) -> list[tuple[int, int]]:
+        """The messages a sequence set names, as (number, UID)."""
+        s = self.selected
+        if isinstance(argument, (list, bytes)):
+            raise BadCommand("expected a sequence set")
+        if by_uid:
+            found = []
+            for low, high in sequence_set(str(argument), self.largest_uid()):
+                start, stop = bisect.bisect_left(s.uids, low), bisect.bisect_right(s.uids, high)
+                found += [(number + 1, s.uids[number]) for number in range(start, stop)]
+            return sorted(set(found))
+        ranges = sequence_set(str(argument), len(s.uids))
+        if any(high > len(s.uids) for _, high in ranges):
+            raise BadCommand("no such message (see EXISTS for how many there are)")
+        return sorted({(number, s.uids[number - 1]) for low, high in ranges
+                       for number in range(low, high + 1)})
+
+    # -- FETCH
+
+    def fetch(self, tag: str, arguments: list, by_uid: bool) -> list:
+        """FETCH: the replies are made as they are sent (Streamed), a message at a time, so
+        FETCH 1:* BODY[] of a mailbox of 100,000 messages holds one in memory at most."""
+        if len(arguments) != 2:
+            raise BadCommand("usage: FETCH sequence-set items")
+        items = fetch_items(arguments[1])
+        if by_uid and not any(item.name == "UID" for item in items):
+            items.insert(0, FetchItem("UID"))  # RFC 3501 section 6.4.8
+        chosen = self.chosen(arguments[0], by_uid)
+        replies = self.updates(expunges=by_uid)
+        s, store = self.selected, self.store
+        marks_seen = not s.read_only and any(item.marks_seen for item in items)
+
+        def produce():
+            missing = 0
+            for batch in batched(chosen, 200):
+                found = {summary.uid: summary for summary in store.index.by_uids(
+                    [uid for _, uid in batch])}
+                for number, uid in batch:
+                    summary = found.get(uid)
+                    if summary is not None and marks_seen and not summary.seen:
+                        summary = store.set_flags(summary.key, summary.flags + "S") or summary
+                        s.own[uid] = summary.modseq
+                    try:
+                        yield from self.fetch_one(s, number, summary, items, marks_seen)
+                    except LookupError:  # the message is gone (expunged elsewhere)
+                        missing += 1
+            yield (tagged(tag, "NO", "[EXPUNGEISSUED] some of the messages no longer exist")
+                   if missing else tagged(tag, "OK", "FETCH completed")).wire
+        return replies + [Streamed(produce)]
+
+    def fetch_one(self, s: Selected, number: int, summary: Summary | None,
+                  items: list[FetchItem], marks_seen: bool):
+        """One message's FETCH response, in pieces; a big body is sent from the file."""
+        if summary is None:
+            raise LookupError
+        fields = []
+        needs_file = any(item.needs_file for item in items)
+        with imap_view(self.store, summary) if needs_file else contextlib.nullcontext() as view:
+            root = outline(view) if needs_file else None
+            for item in items:
+                fields.append(fetch_field(item, view, root, summary,
+                                          self.flag_names(s, summary.uid, summary.flags)))
+            if marks_seen and not any(item.name == "FLAGS" for item in items):
+                fields.append([b"FLAGS (" + self.flag_names(
+                    s, summary.uid, summary.flags).encode() + b")"])
+            yield b"* %d FETCH (" % number
+            for position, pieces in enumerate(fields):
+                if position:
+                    yield b" "
+                for piece in pieces:
+                    if isinstance(piece, tuple):  # (start, end) of the view: a MB at a time
+                        for at in range(piece[0], piece[1], 1 << 20):
+                            yield bytes(view[at:min(at + (1 << 20), piece[1])])
+                    else:
+                        yield piece
+            yield b")\r\n"
+
+    # -- STORE, SEARCH, COPY, EXPUNGE, APPEND
+
+    def store_flags(self, tag: str, arguments: list, by_uid: bool) -> list:
+        """STORE n [+-]FLAGS[.SILENT] (flags): system flags are the file's, kept for good;
+        keywords last for the session."""
+        if len(arguments) != 3:
+            raise BadCommand("usage: STORE sequence-set [+-]FLAGS[.SILENT] (flags)")
+        how = str(arguments[1]).upper()
+        if how.removesuffix(".SILENT") not in ("FLAGS", "+FLAGS", "-FLAGS"):
+            raise BadCommand("STORE takes FLAGS, +FLAGS or -FLAGS, optionally .SILENT")
+        names = arguments[2] if isinstance(arguments[2], list) else [arguments[2]]
+        letters = {IMAP_SYSTEM_FLAGS[str(n).lower()] for n in names
+                   if str(n).lower() in IMAP_SYSTEM_FLAGS}
+        keywords = {str(n) for n in names if not str(n).startswith("\\")}
+        if any(str(n).startswith("\\") and str(n).lower() not in IMAP_SYSTEM_FLAGS for n in names):
+            raise BadCommand("\\Recent and unknown system flags cannot be stored")
+        s = self.selected
+        if s.read_only:
+            return [tagged(tag, "NO", "[READ-ONLY] the mailbox is read-only")]
+        chosen = self.chosen(arguments[0], by_uid)
+        replies = self.updates(expunges=by_uid)
+        for batch in batched(chosen, 200):
+            found = {m.uid: m for m in self.store.index.by_uids([uid for _, uid in batch])}
+            for number, uid in batch:
+                summary = found.get(uid)
+                if summary is None:
+                    continue
+                now = set(summary.flags)
+                mine = s.keywords.setdefault(uid, set())
+                if how.startswith("+"):
+                    now |= letters
+                    mine |= keywords
+                elif how.startswith("-"):
+                    now -= letters
+                    mine -= keywords
+                else:
+                    now = letters | (now - set(IMAP_SYSTEM_FLAGS.values()))
+                    mine.clear()
+                    mine |= keywords
+                if now != set(summary.flags):
+                    summary = self.store.set_flags(summary.key, "".join(now)) or summary
+                    s.own[uid] = summary.modseq
+                if not how.endswith(".SILENT"):
+                    replies.append(untagged(f"{number} FETCH (FLAGS ("
+                                            f"{self.flag_names(s, uid, summary.flags)})"
+                                            + (f" UID {uid})" if by_uid else ")")))
+        return replies + [tagged(tag, "OK", "STORE completed")]
+
+    def search(self, tag: str, arguments: list, by_uid: bool) -> list:
+        if len(arguments) >= 2 and str(arguments[0]).upper() == "CHARSET":
+            if str(arguments[1]).upper() not in ("UTF-8", "US-ASCII"):
+                return [tagged(tag, "NO", "[BADCHARSET (UTF-8 US-ASCII)] unknown charset")]
+            arguments = arguments[2:]
+        s = self.selected
+        test = search_program(arguments, len(s.uids), self.largest_uid())
+        replies, found = self.updates(expunges=by_uid), []
+        for batch in batched(list(enumerate(s.uids, start=1)), 500):
+            summaries = {m.uid: m for m in self.store.index.by_uids([uid for _, uid in batch])}
+            for number, uid in batch:
+                summary = summaries.get(uid)
+                if summary is None:
+                    continue
+                flags = set(self.flag_names(s, uid, summary.flags).split())
+                if test(SearchFacts(self.store, number, summary, flags)):
+                    found.append(uid if by_uid else number)
+        return replies + [untagged(" ".join(["SEARCH", *map(str, found)])),
+                          tagged(tag, "OK", "SEARCH completed")]
+
+    def copy(self, tag: str, arguments: list, by_uid: bool) -> list:
+        """COPY into INBOX (or the selected mailbox): a duplicate, byte for byte; COPYUID
+        says which UIDs the copies have (RFC 4315)."""
+        if len(arguments) != 2:
+            raise BadCommand("usage: COPY sequence-set mailbox")
+        target = self.find_mailbox(arguments[1])
+        if target is None:
+            return [tagged(tag, "NO", "[TRYCREATE] no such mailbox")]
+        if target.read_only:
+            return [tagged(tag, "NO", "[CANNOT] a Recipients/ folder is read-only")]
+        chosen = self.chosen(arguments[0], by_uid)
+        replies, sources, copies = self.updates(expunges=by_uid), [], []
+        for _, uid in chosen:
+            [summary] = self.store.index.by_uids([uid]) or [None]
+            copied = self.store.copy(summary.key) if summary is not None else None
+            if copied is not None:
+                sources.append(uid)
+                copies.append(copied.uid)
+        if not copies:
+            return replies + [tagged(tag, "OK", "COPY completed (nothing to copy)")]
+        code = (f"[COPYUID {self.store.uidvalidity} {','.join(map(str, sources))} "
+                f"{','.join(map(str, copies))}]")
+        return replies + self.updates(expunges=by_uid) + [tagged(tag, "OK", f"{code} COPY completed")]
+
+    def expunge(self, tag: str, uid_ranges: list | None) -> list:
+        s = self.selected
+        if s.read_only:
+            return [tagged(tag, "NO", "[READ-ONLY] the mailbox is read-only")]
+        gone = self.expunge_deleted(uid_ranges)
+        return self.updates() + self.forget(s, gone) + [tagged(tag, "OK", "EXPUNGE completed")]
+
+    def expunge_deleted(self, uid_ranges: list | None) -> set[int]:
+        """Remove the selected mailbox's messages flagged \\Deleted (of those UIDs)."""
+        s, doomed = self.selected, []
+        for batch in batched(list(s.uids), 500):
+            doomed += [m.uid for m in self.store.index.by_uids(batch) if "T" in m.flags and (
+                uid_ranges is None or in_ranges(m.uid, uid_ranges))]
+        self.store.delete_uids(doomed)
+        return set(doomed)
+
+    def append_message_follows(self) -> bool:
+        """Whether the literal announced now is APPEND's message (not a mailbox name)."""
+        try:
+            arguments = parse_imap_arguments([re.sub(rb"^\S+ +\S+ ?", b"", self._pieces[0]),
+                                              *self._pieces[1:]])
+        except BadCommand:
+            return False
+        return len(arguments) >= 1
+
+    def begin_append(self, tag: str, size: int) -> ImapReply | None:
+        """APPEND's message will come: check where it goes and open a writer for it, or say
+        why not (RFC 3501 section 6.3.11)."""
+        if self.state not in (ImapState.AUTHENTICATED, ImapState.SELECTED):
+            return tagged(tag, "BAD", "log in first")
+        if size > self.max_size:
+            return tagged(tag, "NO", f"[TOOBIG] at most {self.max_size} octets")
+        try:
+            arguments = parse_imap_arguments([re.sub(rb"^\S+ +\S+ ?", b"", self._pieces[0]),
+                                              *self._pieces[1:]])
+            target = self.find_mailbox(arguments[0])
+        except BadCommand as problem:
+            return tagged(tag, "BAD", str(problem))
+        if target is None:
+            return tagged(tag, "NO", "[TRYCREATE] no such mailbox")
+        if target.read_only:
+            return tagged(tag, "NO", "[CANNOT] a Recipients/ folder is read-only")
+        # In a recipient's own INBOX the message must name that recipient, or it would not be
+        # in it: it gets trace headers, as a delivery would. In the INBOX of all mail it is
+        # kept byte for byte.
+        envelope = Envelope("", [target.address] if target.address else [], client_name="imap",
+                            peer=self.peer, protocol="IMAP")
+        try:
+            self._literal_writer = self.store.writer(envelope, trace=target.address is not None)
+        except OSError as error:
+            return tagged(tag, "NO", f"[SERVERBUG] {storage_problem(error).lines[0]}")
+        return None
+
+    def abort_append(self, pieces: list) -> None:
+        for piece in pieces:
+            if isinstance(piece, MaildirWriter):
+                piece.abort()
+
+    def append(self, tag: str, arguments: list) -> list:
+        """The APPEND command once its message is stored: flags and date, then APPENDUID."""
+        writer = arguments[-1] if arguments else None
+        if not isinstance(writer, (MaildirWriter, OSError)):
+            raise BadCommand("usage: APPEND mailbox [(flags)] [date-time] {size}")
+        if isinstance(writer, OSError):
+            return [tagged(tag, "NO", f"[SERVERBUG] {storage_problem(writer).lines[0]}")]
+        flags = next((a for a in arguments[1:-1] if isinstance(a, list)), [])
+        letters = "".join(IMAP_SYSTEM_FLAGS.get(str(name).lower(), "") for name in flags)
+        try:
+            key = writer.commit()
+        except OSError as error:
+            return [tagged(tag, "NO", f"[SERVERBUG] {storage_problem(error).lines[0]}")]
+        summary = self.store.summary(key)
+        if summary is not None and letters:
+            summary = self.store.set_flags(key, letters) or summary
+        uid = summary.uid if summary is not None else 0
+        return self.updates() + [tagged(tag, "OK", f"[APPENDUID {self.store.uidvalidity} {uid}] "
+                                                   "APPEND completed")]
+
+    def connection_lost(self) -> None:
+        """However the connection ended: an APPEND half received leaves nothing behind."""
+        if isinstance(self._literal_writer, MaildirWriter):
+            self._literal_writer.abort()
+        self.abort_append(self._pieces)
+        self._literal_writer, self._pieces = None, []
+        self.state = ImapState.LOGOUT
+
+
+IMAP_COMMANDS = {"CAPABILITY", "NOOP", "LOGOUT", "ID", "STARTTLS", "LOGIN", "AUTHENTICATE",
+                 "ENABLE", "NAMESPACE", "LIST", "LSUB", "SUBSCRIBE", "UNSUBSCRIBE", "STATUS",
+                 "SELECT", "EXAMINE", "CREATE", "DELETE", "RENAME", "APPEND", "IDLE", "CHECK",
+                 "CLOSE", "UNSELECT", "EXPUNGE", "SEARCH", "FETCH", "STORE", "COPY", "UID"}
+
+
+# -- 13.4 FETCH items --------------------------------------------------------------------------
+
+@dataclass
+class FetchItem:
+    name: str  # FLAGS, UID, ENVELOPE, BODY[...] ... (RFC822.* become BODY sections)
+    section: tuple | None = None  # (numbers, kind, fields) for BODY[...]
+    section_text: str = ""  # as the client wrote it, for the reply's name
+    partial: tuple[int, int] | None = None  # <start.count>
+    peek: bool = True  # False: fetching it marks the message \Seen
+    reply_name: str = ""
+
+    @property
+    def needs_file(self) -> bool:
+        return self.name not in ("FLAGS", "UID", "INTERNALDATE", "RFC822.SIZE")
+
+    @property
+    def marks_seen(self) -> bool:
+        return self.section is not None and not self.peek
+
+
+_FETCH_SECTION = re.compile(r"(BODY(?:\.PEEK)?)\[([^\]]*)\](?:<(\d+)\.(\d+)>)?", re.IGNORECASE)
+_FETCH_MACROS = {"ALL": ["FLAGS", "INTERNALDATE", "RFC822.SIZE", "ENVELOPE"],
+                 "FAST": ["FLAGS", "INTERNALDATE", "RFC822.SIZE"],
+                 "FULL": ["FLAGS", "INTERNALDATE", "RFC822.SIZE", "ENVELOPE", "BODY"]}
+
+
+def fetch_items(argument) -> list[FetchItem]:
+    """FETCH's items (RFC 3501 section 6.4.5), one or a parenthesised list, or a macro."""
+    names = argument if isinstance(argument, list) else [argument]
+    if len(names) == 1 and str(names[0]).upper() in _FETCH_MACROS:
+        names = _FETCH_MACROS[str(names[0]).upper()]
+    items = []
+    for name in names:
+        if isinstance(name, (list, bytes)):
+            raise BadCommand("cannot read the FETCH items")
+        upper = str(name).upper()
+        if upper in ("FLAGS", "UID", "INTERNALDATE", "RFC822.SIZE", "ENVELOPE",
+                     "BODYSTRUCTURE", "BODY"):
+            items.append(FetchItem(upper))
+        elif upper in ("RFC822", "RFC822.HEADER", "RFC822.TEXT"):
+            kind = {"RFC822": "", "RFC822.HEADER": "HEADER", "RFC822.TEXT": "TEXT"}[upper]
+            items.append(FetchItem("BODY", ((), kind, ()), kind, None,
+                                   peek=upper == "RFC822.HEADER", reply_name=upper))
+        elif found := _FETCH_SECTION.fullmatch(str(name)):
+            partial = (int(found.group(3)), int(found.group(4))) if found.group(3) else None
+            items.append(FetchItem("BODY", parse_section(found.group(2)), found.group(2).upper(),
+                                   partial, peek=found.group(1).upper() == "BODY.PEEK"))
+        else:
+            raise BadCommand(f"{str(name)[:40]!r} is not a FETCH item")
+    return items
+
+
+def fetch_field(item: FetchItem, view, root: MimePart | None, summary: Summary,
+                flags: str) -> list:
+    """One item of a FETCH response, as bytes, or a (start, end) range of the view that the
+    caller sends in pieces."""
+    match item.name:
+        case "UID":
+            return [b"UID %d" % summary.uid]
+        case "FLAGS":
+            return [f"FLAGS ({flags})".encode()]
+        case "INTERNALDATE":
+            return [b"INTERNALDATE " + imap_string(imap_date(summary.time))]
+        case "RFC822.SIZE":
+            return [b"RFC822.SIZE %d" % summary.crlf_size]
+        case "ENVELOPE":
+            return [b"ENVELOPE " + envelope_of(root)]
+        case "BODYSTRUCTURE" | "BODY" if item.section is None:
+            return [item.name.encode() + b" " + body_structure(view, root,
+                                                               item.name == "BODYSTRUCTURE")]
+    numbers, kind, fields = item.section
+    if not numbers and not kind:
+        data = (0, len(view))  # the whole message: sent in pieces
+    else:
+        data = section_bytes(view, root, numbers, kind, fields)
+    name = item.reply_name or f"BODY[{item.section_text}]"
+    if data is None:
+        return [name.encode() + b" NIL"]
+    if item.partial is not None:
+        start, count = item.partial
+        if isinstance(data, tuple):
+            data = (min(data[0] + start, data[1]), min(data[0] + start + count, data[1]))
+        else:
+            data = data[start:start + count]
+        name += f"<{start}>"
+    length = data[1] - data[0] if isinstance(data, tuple) else len(data)
+    header = name.encode() + b" {%d}\r\n" % length
+    return [header + data] if isinstance(data, bytes) else [header, data]
+
+
+# ---------------------------------------------------------------------------------------------
+# 14. The CLI
 # ---------------------------------------------------------------------------------------------
 
 
@@ -5129,6 +6633,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_fault_options(parser.add_argument_group("failing on purpose (see README, Fault "
                                                 "injection)"))
     add_pop3_options(parser.add_argument_group("POP3 (see README, POP3)"))
+    add_imap_options(parser.add_argument_group("IMAP (see README, IMAP)"))
     add_relay_options(parser.add_argument_group("forwarding (see README, Forwarding)"))
     add_tls_options(parser.add_argument_group("TLS and authentication"))
     return parser
@@ -5147,6 +6652,13 @@ def add_pop3_options(pop3) -> None:
                       help="also serve the Maildir over POP3 here (Mailpit uses 1110)")
     pop3.add_argument("--pop3s-port", type=port_number, metavar="PORT",
                       help="and over POP3 with TLS from the first byte (needs a certificate)")
+
+
+def add_imap_options(imap) -> None:
+    imap.add_argument("--imap-port", type=port_number, metavar="PORT",
+                      help="also serve the mail over IMAP here (1143 is a good choice)")
+    imap.add_argument("--imaps-port", type=port_number, metavar="PORT",
+                      help="and over IMAP with TLS from the first byte (needs a certificate)")
 
 
 def add_relay_options(relay) -> None:
@@ -5240,6 +6752,7 @@ def check_tls_options(options: dict) -> str | None:
         return None
     for option, given in (("--smtps-port", options["smtps_port"] is not None),
                           ("--pop3s-port", options["pop3s_port"] is not None),
+                          ("--imaps-port", options["imaps_port"] is not None),
                           ("--tls-required", options["tls_required"])):
         if given:
             return f"{option} needs --tls-cert and --tls-key, or --tls-self-signed"
@@ -5304,7 +6817,8 @@ def start_failure(server: Server, error: OSError | ValueError) -> str:
         reason = getattr(error, "reason", None) or getattr(error, "strerror", None) or error
         return f"cannot set up TLS{files}: {reason}"
     ports = " or ".join(str(port) for port in (config.port, config.smtps_port, config.pop3_port,
-                                               config.pop3s_port) if port is not None)
+                                               config.pop3s_port, config.imap_port,
+                                               config.imaps_port) if port is not None)
     return f"cannot listen on {config.host} port {ports}: {error.strerror or error}"
 
 

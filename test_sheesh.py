@@ -3282,6 +3282,438 @@ def test_cli_pop3_ports_are_announced(cli, tmp_path):
     assert run_cli("--pop3s-port", "0").returncode == 2
 
 
+
+# ---------------------------------------------------------------------------------------------
+# IMAP
+# ---------------------------------------------------------------------------------------------
+
+
+def multipart_message(subject="Report", attachment=b"\x00\x01\x02 binary \xff"):
+    """Text and HTML alternatives and an attachment: the message every FETCH test reads."""
+    message = EmailMessage()
+    message["From"], message["To"] = "Alice Example <alice@b.test>", "Carl <c@d.test>"
+    message["Subject"], message["Date"] = subject, "Mon, 30 Nov 2026 12:00:00 +0000"
+    message["Message-ID"] = "<report@b.test>"
+    message.set_content("Plain text, line one.\n.line with a leading dot\n")
+    message.add_alternative("<p>The <b>HTML</b> part</p>", subtype="html")
+    message.add_attachment(attachment, maintype="application", subtype="pdf",
+                           filename="report.pdf")
+    return message.as_bytes(policy=message.policy.clone(linesep="\r\n"))
+
+
+@pytest.fixture
+def imap_store(tmp_path):
+    """A store with two messages: the multipart one for c@d.test (and bcc@d.test), and a
+    short one for ann@d.test."""
+    store = open_store(tmp_path / "mail")
+    store.keys = [deliver(store.maildir, multipart_message(), recipients=("c@d.test", "bcc@d.test")),
+                  deliver(store.maildir, b"Subject: short\r\n\r\nhello\r\n",
+                          recipients=("ann@d.test",))]
+    yield store
+    store.close()
+
+
+def imap(store, **options):
+    return sheesh.ImapSession(store, sheesh.RecentMessages(), **options)
+
+
+def converse(session, *lines):
+    """Send command lines (CRLF added) in one write; return the replies' bytes."""
+    data = b"".join((line.encode() if isinstance(line, str) else line) + b"\r\n"
+                    for line in lines)
+    return b"".join(wire(reply) for reply in session.receive(data))
+
+
+def test_imap_session_reads_like_rfc_3501_section_8(imap_store):
+    """The example session of RFC 3501 section 8, against sheesh's own two messages."""
+    session = imap(imap_store)
+    assert session.greeting().wire.startswith(b"* OK [CAPABILITY IMAP4rev1 ")
+    assert converse(session, "a001 login mrc secret") == (
+        b"a001 OK [CAPABILITY " + session.capabilities().encode() + b"] logged in\r\n")
+    selected = converse(session, "a002 select inbox")
+    assert b"* 2 EXISTS\r\n* 2 RECENT\r\n" in selected
+    assert b"* FLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft)\r\n" in selected
+    assert f"* OK [UIDVALIDITY {imap_store.uidvalidity}] UIDs valid".encode() in selected
+    assert b"* OK [UIDNEXT 3] predicted next UID\r\n" in selected
+    assert selected.endswith(b"a002 OK [READ-WRITE] SELECT completed\r\n")
+    assert converse(session, "a003 fetch 2 (flags rfc822.size)") == (
+        f"* 2 FETCH (FLAGS (\\Recent) RFC822.SIZE "
+        f"{len((imap_store.path / 'new' / imap_store.keys[1]).read_bytes())})\r\n"
+        "a003 OK FETCH completed\r\n").encode()
+    body = converse(session, "a004 fetch 2 body[header]")
+    assert body.startswith(b"* 2 FETCH (BODY[HEADER] {")  # fetching the body marks it \Seen:
+    assert body.endswith(b"Subject: short\r\n\r\n FLAGS (\\Seen \\Recent))\r\n"
+                         b"a004 OK FETCH completed\r\n")
+    assert converse(session, "a005 store 1 +flags \\deleted") == (
+        b"* 1 FETCH (FLAGS (\\Deleted \\Recent))\r\na005 OK STORE completed\r\n")
+    assert converse(session, "a006 logout") == (
+        b"* BYE sheesh IMAP server signing off\r\na006 OK LOGOUT completed\r\n")
+    assert session.closed
+
+
+def test_imap_session_states_and_bad_commands(imap_store):
+    session = imap(imap_store)
+    assert converse(session, "a1 SELECT INBOX") == (
+        b"a1 BAD SELECT is not allowed: waiting for LOGIN or AUTHENTICATE\r\n")
+    assert converse(session, "a2 FETCH 1 FLAGS") == (
+        b"a2 BAD FETCH is not allowed: waiting for LOGIN or AUTHENTICATE\r\n")
+    assert converse(session, "what") == b"* BAD cannot read a tag and a command\r\n"
+    assert converse(session, "a3 XYZZY") == b"a3 BAD unknown command XYZZY\r\n"
+    converse(session, "a4 LOGIN u p", "a5 SELECT INBOX")
+    assert converse(session, "a6 FETCH 9 FLAGS") == (
+        b"a6 BAD no such message (see EXISTS for how many there are)\r\n")
+    assert converse(session, 'a7 FETCH 1 (BODY[4.X])') == b"a7 BAD [4.X] is not a section\r\n"
+    assert converse(session, "a8 FETCH 1 (FLAGS") == b"a8 BAD a ( without its )\r\n"
+    assert converse(session, "a9 CREATE Drafts").startswith(b"a9 NO [CANNOT] ")
+    assert converse(session, "a10 SEARCH SMELLS") == b"a10 BAD 'SMELLS' is not a SEARCH key\r\n"
+    converse(session, *[f"b{n} NOPE" for n in range(18)])  # 20 bad ones, with the two above
+    assert converse(session, "c NOPE") == b"* BYE too many bad commands\r\n" and session.closed
+
+
+def test_imap_session_literals_synchronizing_plus_and_bounded(imap_store):
+    session = imap(imap_store)
+    assert converse(session, "a1 LOGIN {4}") == b"+ ready for the literal\r\n"
+    assert converse(session, b'user "pass"').startswith(b"a1 OK ")  # the literal was the name
+    assert session.user == "user"
+    again = imap(imap_store)
+    assert converse(again, b"a1 LOGIN {5+}\r\nuser2 pass") .startswith(b"a1 OK ")  # RFC 7888
+    assert again.user == "user2"
+    big = imap(imap_store)
+    assert converse(big, f"a1 LOGIN {{{sheesh.IMAP_LITERAL_LIMIT + 1}}}") == (
+        f"a1 BAD literal too big: at most {sheesh.IMAP_LITERAL_LIMIT} octets\r\n".encode())
+    assert converse(big, "a2 NOOP") == b"a2 OK NOOP completed\r\n"  # and the session goes on
+    long_line = imap(imap_store)
+    assert converse(long_line, "a1 NOOP " + "x" * sheesh.IMAP_LINE_LIMIT) == (
+        b"* BAD command line too long\r\n")
+    assert converse(long_line, "a2 NOOP") == b"a2 OK NOOP completed\r\n"
+
+
+def test_imap_session_authenticate_plain_and_users(imap_store):
+    token = base64.b64encode(b"\0alice\0correct horse").decode()
+    session = imap(imap_store, users=USERS)
+    assert converse(session, f"a1 AUTHENTICATE PLAIN {token}").startswith(b"a1 OK [CAPABILITY")
+    stepwise = imap(imap_store, users=USERS)
+    assert converse(stepwise, "a1 AUTHENTICATE PLAIN") == b"+\r\n"
+    assert converse(stepwise, token).startswith(b"a1 OK ")
+    wrong = imap(imap_store, users=USERS)
+    assert converse(wrong, "a1 LOGIN alice wrong") == (
+        b"a1 NO [AUTHENTICATIONFAILED] invalid credentials\r\n")
+    assert wrong.delay == sheesh.AUTH_FAILURE_DELAY
+    converse(wrong, "a2 LOGIN alice x", "a3 LOGIN alice y")
+    assert wrong.closed
+    private = imap(imap_store, tls_available=True, tls_required=True)
+    assert "LOGINDISABLED" in private.capabilities() and "STARTTLS" in private.capabilities()
+    assert converse(private, "a1 LOGIN u p") == b"a1 NO [PRIVACYREQUIRED] use STARTTLS first\r\n"
+    assert converse(private, "a2 STARTTLS", "a3 LOGIN injected x") == (
+        b"a2 OK begin TLS negotiation now\r\n")  # what followed STARTTLS is dropped
+    private.tls_started("TLSv1.3 with cipher X")
+    assert "LOGINDISABLED" not in private.capabilities()
+    assert converse(private, "a4 LOGIN u p").startswith(b"a4 OK ")
+
+
+def test_imap_session_mailboxes_per_recipient(imap_store):
+    everyone = imap(imap_store)
+    converse(everyone, "a1 LOGIN anyone x")
+    assert converse(everyone, 'a2 LIST "" "*"') == (
+        b'* LIST (\\HasNoChildren) "/" "INBOX"\r\n'
+        b'* LIST (\\Noselect \\HasChildren) "/" "Recipients"\r\n'
+        b'* LIST (\\HasNoChildren) "/" "Recipients/ann@d.test"\r\n'
+        b'* LIST (\\HasNoChildren) "/" "Recipients/bcc@d.test"\r\n'
+        b'* LIST (\\HasNoChildren) "/" "Recipients/c@d.test"\r\n'
+        b"a2 OK LIST completed\r\n")
+    assert converse(everyone, 'a3 LIST "" "Recipients/%"').count(b"* LIST") == 3
+    assert converse(everyone, "a4 STATUS Recipients/ann@d.test (MESSAGES UNSEEN)") == (
+        b'* STATUS "Recipients/ann@d.test" (MESSAGES 1 UNSEEN 1)\r\na4 OK STATUS completed\r\n')
+    examined = converse(everyone, "a5 SELECT Recipients/bcc@d.test")
+    assert b"* 1 EXISTS" in examined and b"a5 OK [READ-ONLY] SELECT completed" in examined
+    assert converse(everyone, "a6 STORE 1 +FLAGS (\\Seen)") == (
+        b"a6 NO [READ-ONLY] the mailbox is read-only\r\n")
+    ann = imap(imap_store)
+    converse(ann, "a1 LOGIN Ann@d.test x")
+    assert converse(ann, 'a2 LIST "" "*"') == (
+        b'* LIST (\\HasNoChildren) "/" "INBOX"\r\na2 OK LIST completed\r\n')
+    assert b"* 1 EXISTS" in converse(ann, "a3 SELECT INBOX")
+    assert b"Subject: short" in converse(ann, "a4 FETCH 1 BODY.PEEK[HEADER]")
+
+
+def test_imap_session_mailbox_names_in_modified_utf7():
+    assert sheesh.mutf7_encode("Recipients/jörg@d.test") == "Recipients/j&APY-rg@d.test"
+    assert sheesh.mutf7_decode("Recipients/j&APY-rg@d.test") == "Recipients/jörg@d.test"
+    assert sheesh.mutf7_encode("A&B 日本") == "A&-B &ZeVnLA-"
+    assert sheesh.mutf7_decode("A&-B &ZeVnLA-") == "A&B 日本"
+
+
+@pytest.fixture
+def imap_server(tmp_path):
+    with make_server(tmp_path, imap_port=0, http_port=0) as server:
+        with smtplib.SMTP(server.host, server.port) as client:
+            client.sendmail("alice@b.test", ["c@d.test", "bcc@d.test"], multipart_message())
+            client.sendmail("bob@b.test", ["ann@d.test"], b"Subject: short\r\n\r\nhello\r\n")
+        yield server
+
+
+def imap_login(server, user="anyone", port=None):
+    import imaplib
+    client = imaplib.IMAP4(server.host, port or server.imap_port, timeout=10)
+    client.login(user, "anything")
+    return client
+
+
+def test_imaplib_fetches_every_item_of_a_multipart_message(imap_server):
+    client = imap_login(imap_server)
+    assert client.select("INBOX") == ("OK", [b"2"])
+    stored = imap_server.messages()[0].raw
+    _, data = client.fetch("1", "(BODY.PEEK[] RFC822.SIZE UID)")
+    assert data[0][1] == stored  # byte for byte
+    assert re.search(rb"RFC822.SIZE %d" % len(stored), data[0][0] + data[1])
+    header, _, text = stored.partition(b"\r\n\r\n")
+    sections = {"HEADER": header + b"\r\n\r\n", "TEXT": text,
+                "HEADER.FIELDS (SUBJECT FROM)": b"From: Alice Example <alice@b.test>\r\n"
+                                                b"Subject: Report\r\n\r\n",
+                "1.1": b"Plain text, line one.\r\n.line with a leading dot\r\n",
+                "1.2": b"<p>The <b>HTML</b> part</p>\r\n",
+                "2": base64.encodebytes(b"\x00\x01\x02 binary \xff").replace(b"\n", b"\r\n")}
+    for section, expected in sections.items():
+        _, data = client.fetch("1", f"(BODY.PEEK[{section}])")
+        assert data[0][1] == expected, section
+    _, data = client.fetch("1", "(BODY.PEEK[2.MIME] BODY.PEEK[]<10.15>)")
+    assert data[0][1].startswith(b"Content-Type: application/pdf\r\n")
+    assert data[1][1] == stored[10:25] and b"BODY[]<10>" in data[1][0]
+    _, data = client.fetch("1", "(BODY.PEEK[HEADER.FIELDS.NOT (SUBJECT)])")
+    assert b"Subject:" not in data[0][1] and b"From: Alice" in data[0][1]
+    _, data = client.fetch("1", "(ENVELOPE)")
+    assert data[0] == (b'1 (ENVELOPE ("Mon, 30 Nov 2026 12:00:00 +0000" "Report" '
+                       b'(("Alice Example" NIL "alice" "b.test")) (("Alice Example" NIL "alice" '
+                       b'"b.test")) (("Alice Example" NIL "alice" "b.test")) (("Carl" NIL "c" '
+                       b'"d.test")) NIL NIL NIL "<report@b.test>"))')
+    _, data = client.fetch("1", "(BODYSTRUCTURE)")
+    structure = data[0]
+    assert b'("TEXT" "PLAIN" ("CHARSET" "utf-8") NIL NIL "7BIT" 49 2 NIL NIL NIL NIL)' in structure
+    assert b'"APPLICATION" "PDF" NIL NIL NIL "BASE64"' in structure
+    assert b'("ATTACHMENT" ("FILENAME" "report.pdf"))' in structure
+    assert b'"ALTERNATIVE"' in structure and b'"MIXED"' in structure
+    _, data = client.fetch("1", "(BODY)")
+    assert data[0].endswith(b' "MIXED"))') and b"BOUNDARY" not in data[0]  # no extensions
+    _, data = client.fetch("1", "ALL")
+    assert b"INTERNALDATE" in data[0] and b"ENVELOPE" in data[0] and b"FLAGS" in data[0]
+    _, data = client.fetch("1", "FULL")
+    assert b"BODY (" in data[0]
+    _, data = client.fetch("1", "(FLAGS)")
+    assert b"\\Seen" not in data[0]  # BODY.PEEK does not mark it read
+    _, data = client.fetch("1", "(RFC822)")
+    assert data[0][1] == stored and b"\\Seen" in data[1]  # RFC822 does
+    _, data = client.fetch("2", "(RFC822.HEADER RFC822.TEXT)")
+    assert data[0][1] == b"Subject: short\r\n\r\n" or data[0][1].endswith(b"Subject: short\r\n\r\n")
+    assert data[1][1] == b"hello\r\n"
+    client.logout()
+
+
+@pytest.mark.parametrize("criteria, expected", [
+    ("ALL", [1, 2]), ("FROM alice", [1]), ("TO c@d.test", [1]), ("SUBJECT SHORT", [2]),
+    ("BODY leading", [1]), ("TEXT report", [1]), ("HEADER Message-ID report@b.test", [1]),
+    ("BCC nobody", []), ("LARGER 500", [1]), ("SMALLER 500", [2]), ("NOT FROM alice", [2]),
+    ("OR SUBJECT short FROM alice", [1, 2]), ("(FROM alice SUBJECT report)", [1]),
+    ("UNSEEN", [1, 2]), ("SEEN", []), ("RECENT", [1, 2]), ("NEW", [1, 2]), ("OLD", []),
+    ("SENTON 30-Nov-2026", [1]), ("SENTBEFORE 1-Jan-2000", []), ("2", [2]), ("1:*", [1, 2]),
+    ("UID 2", [2]), (f"SINCE {datetime.date.today():%d-%b-%Y}", [1, 2]),
+    ("BEFORE 1-Jan-2000", []), ("CHARSET UTF-8 SUBJECT short", [2]),
+])
+def test_imaplib_search(imap_server, criteria, expected):
+    client = imap_login(imap_server)
+    client.select("INBOX")
+    assert client.search(None, criteria) == ("OK", [" ".join(map(str, expected)).encode()])
+    client.logout()
+
+
+def test_imaplib_store_expunge_and_uid_commands(imap_server):
+    client = imap_login(imap_server)
+    client.select("INBOX")
+    assert client.uid("SEARCH", None, "ALL") == ("OK", [b"1 2"])
+    assert client.uid("FETCH", "2", "(FLAGS)")[1] == [b"2 (UID 2 FLAGS (\\Recent))"]
+    assert client.store("1", "+FLAGS", "(\\Flagged $Important)")[1] == [
+        b"1 (FLAGS (\\Flagged $Important \\Recent))"]
+    assert [p.name.split(":2,")[1] for p in files_in(imap_server.store.path, "cur")] == ["F"]
+    assert client.uid("STORE", "2", "+FLAGS.SILENT", "(\\Deleted \\Seen)") == ("OK", [None])
+    assert client.store("1", "-FLAGS", "(\\Flagged)")[1] == [b"1 (FLAGS ($Important \\Recent))"]
+    assert client.expunge() == ("OK", [b"2"])
+    assert len(imap_server.messages()) == 1
+    typ, data = client.uid("COPY", "1", "INBOX")
+    assert typ == "OK"
+    assert client.response("COPYUID")[1] == [b"%d 1 3" % imap_server.store.uidvalidity]
+    client.noop()
+    assert client.uid("SEARCH", None, "ALL") == ("OK", [b"1 3"])
+    assert imap_server.messages()[1].raw == imap_server.messages()[0].raw  # a duplicate
+    client.uid("STORE", "1,3", "+FLAGS", "(\\Deleted)")
+    assert client.uid("EXPUNGE", "3")[0] == "OK"  # UIDPLUS: only UID 3
+    assert client.response("EXPUNGE") == ("EXPUNGE", [b"2"])
+    assert [m.uid for m in imap_server.messages()] == [1]
+    client.logout()
+
+
+def test_imaplib_append_stores_a_new_message(imap_server):
+    client = imap_login(imap_server)
+    typ, data = client.append("INBOX", "(\\Seen)", None, b"Subject: appended\r\n\r\nnew\r\n")
+    assert typ == "OK" and data[0].startswith(b"[APPENDUID %d 3]" % imap_server.store.uidvalidity)
+    appended = imap_server.messages()[-1]
+    assert appended.raw == b"Subject: appended\r\n\r\nnew\r\n" and appended.summary.seen
+    ann = imap_login(imap_server, "ann@d.test")
+    ann.append("INBOX", None, None, b"Subject: for ann\r\n\r\nx\r\n")
+    ann.select("INBOX")
+    assert ann.search(None, "SUBJECT", '"for ann"') == ("OK", [b"2"])  # in her own INBOX
+    assert client.append("Recipients/ann@d.test", None, None, b"x\r\n")[0] == "NO"
+    client.logout()
+    ann.logout()
+
+
+def test_imaplib_idle_is_told_of_new_mail_within_a_second(imap_server):
+    client = imap_login(imap_server)
+    client.select("INBOX")
+    tag = client._new_tag().decode()
+    client.send(f"{tag} IDLE\r\n".encode())
+    assert client.readline() == b"+ idling\r\n"
+    sent = time.monotonic()
+    with smtplib.SMTP(imap_server.host, imap_server.port) as smtp:
+        smtp.sendmail("a@b.test", ["c@d.test"], b"Subject: while idling\r\n\r\nx\r\n")
+    assert client.readline() == b"* 3 EXISTS\r\n"
+    assert time.monotonic() - sent < 5  # pushed, not found at the next 30-second poll
+    assert client.readline() == b"* 3 RECENT\r\n"  # the two at SELECT, and this one
+    client.send(b"DONE\r\n")
+    assert client.readline() == f"{tag} OK IDLE terminated\r\n".encode()
+    client.logout()
+
+
+def test_imaplib_two_sessions_see_each_others_flags_and_expunges(imap_server):
+    first, second = imap_login(imap_server), imap_login(imap_server)
+    first.select("INBOX")
+    second.select("INBOX")
+    first.store("2", "+FLAGS", "(\\Answered)")
+    second.noop()
+    assert second.response("FETCH")[1] == [b"2 (FLAGS (\\Answered))"]
+    first.store("1", "+FLAGS", "(\\Deleted)")
+    first.expunge()
+    second.fetch("1", "(FLAGS)")  # RFC 3501 7.4.1: no EXPUNGE while answering a FETCH
+    assert second.response("EXPUNGE") == ("EXPUNGE", [None])
+    second.noop()
+    assert second.response("EXPUNGE")[1] == [b"1"]
+    assert second.fetch("1", "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])")[1][0][1] == (
+        b"Subject: short\r\n\r\n")  # the numbers closed up
+    first.logout()
+    second.logout()
+
+
+def test_imap_sees_the_web_inbox_mark_a_message_read(imap_server):
+    client = imap_login(imap_server)
+    client.select("INBOX")
+    key = imap_server.messages()[1].key
+    assert http(imap_server, f"/api/messages/{key}/seen", "PUT")[0] == 200
+    client.noop()
+    assert client.response("FETCH")[1] == [b"2 (FLAGS (\\Seen \\Recent))"]
+    client.logout()
+
+
+def test_imap_starttls_and_imaps(tmp_path, certificates):
+    import imaplib
+    with make_server(tmp_path, imap_port=0, imaps_port=0, tls_cert=str(certificates.cert),
+                     tls_key=str(certificates.key), tls_required=True) as server:
+        with smtplib.SMTP(server.host, server.port) as client:
+            client.starttls(context=client_context(certificates))
+            client.sendmail("a@b.test", ["c@d.test"], b"Subject: secret\r\n\r\nx\r\n")
+        plain = imaplib.IMAP4(server.host, server.imap_port, timeout=10)
+        assert "LOGINDISABLED" in plain.capabilities
+        with pytest.raises(imaplib.IMAP4.error, match="PRIVACYREQUIRED"):
+            plain.login("u", "p")
+        plain.starttls(ssl_context=client_context(certificates))
+        plain.login("u", "p")
+        assert plain.select("INBOX") == ("OK", [b"1"])
+        plain.logout()
+        secure = imaplib.IMAP4_SSL(server.host, server.imaps_port,
+                                   ssl_context=client_context(certificates), timeout=10)
+        secure.login("c@d.test", "p")
+        secure.select("INBOX")
+        assert b"Subject: secret" in secure.fetch("1", "(BODY.PEEK[HEADER])")[1][0][1]
+        secure.logout()
+
+
+def test_imap_idle_timeout_and_a_vanished_client(tmp_path, monkeypatch):
+    monkeypatch.setattr(sheesh, "IMAP_TIMEOUT", 0.5)
+    with make_server(tmp_path, imap_port=0) as server:
+        sock = socket.create_connection((server.host, server.imap_port), timeout=5)
+        reader = sock.makefile("rb")
+        assert reader.readline().startswith(b"* OK [CAPABILITY")
+        sock.sendall(b"a1 LOGIN u p\r\na2 SELECT INBOX\r\na3 IDLE\r\n")
+        lines = []
+        while not lines or lines[-1] != b"+ idling\r\n":
+            lines.append(reader.readline())
+        assert reader.readline() == b"* BYE autologout: idle for too long\r\n"  # even in IDLE
+        assert reader.readline() == b""
+        sock.close()
+        half = socket.create_connection((server.host, server.imap_port), timeout=5)
+        half.sendall(b"a1 LOGIN u p\r\na2 APPEND INBOX {100+}\r\nonly part of it")
+        half.close()  # gone mid-APPEND: nothing is stored, nothing is left in tmp/
+        wait_until(lambda: active_sessions(server) == 0)
+        assert server.messages() == [] and files_in(server.store.path, "tmp") == []
+
+
+def test_curl_lists_and_fetches_over_imap(imap_server):
+    import shutil
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed (.ci/run installs it)")
+    url = f"imap://{imap_server.host}:{imap_server.imap_port}"
+    listing = subprocess.run(["curl", "-s", "-u", "any:thing", url + "/"], capture_output=True,
+                             timeout=20)
+    assert b'"INBOX"' in listing.stdout and b'"Recipients/c@d.test"' in listing.stdout
+    fetched = subprocess.run(["curl", "-s", "-u", "any:thing", url + "/INBOX;UID=1"],
+                             capture_output=True, timeout=20)
+    assert fetched.stdout == imap_server.messages()[0].raw
+
+
+def test_mbsync_pulls_the_inbox_byte_for_byte(imap_server, tmp_path):
+    import shutil
+    if shutil.which("mbsync") is None:
+        pytest.skip("mbsync is not installed (.ci/run installs Debian's isync)")
+    local = tmp_path / "synced"
+    local.mkdir()
+    config = tmp_path / "mbsyncrc"
+    config.write_text(f"IMAPAccount sheesh\nHost {imap_server.host}\nPort {imap_server.imap_port}"
+                      f"\nUser anyone\nPass anything\nSSLType None\nAuthMechs LOGIN\n\n"
+                      f"IMAPStore remote\nAccount sheesh\n\nMaildirStore local\nPath {local}/"
+                      f"\nInbox {local}/INBOX\n\nChannel inbox\nFar :remote:INBOX\n"
+                      f"Near :local:\nSync Pull\nCreate Near\nSyncState *\n")
+    result = subprocess.run(["mbsync", "-c", str(config), "inbox"], capture_output=True,
+                            timeout=30, env={**os.environ, "HOME": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    # mbsync keeps a Maildir with Unix line endings, and marks each message it stores with
+    # an X-TUID header line of its own: those apart, byte for byte
+    synced = sorted(re.sub(rb"(?m)^X-TUID: .*\n", b"", (local / "INBOX" / sub / name).read_bytes())
+                    for sub in ("new", "cur") for name in os.listdir(local / "INBOX" / sub))
+    assert synced == sorted(m.raw.replace(b"\r\n", b"\n") for m in imap_server.messages())
+
+
+def test_fetchmail_over_imap(imap_server, tmp_path):
+    import shutil
+    if shutil.which("fetchmail") is None:
+        pytest.skip("fetchmail is not installed (.ci/run installs it)")
+    rc = tmp_path / "fetchmailrc"
+    out = tmp_path / "fetched"
+    out.mkdir()
+    rc.write_text(f'poll {imap_server.host} protocol IMAP port {imap_server.imap_port} '
+                  f'user "c@d.test" password "x" keep fetchall mda "cat > {out}/%T-$$.eml"\n')
+    rc.chmod(0o600)
+    result = subprocess.run(["fetchmail", "-f", str(rc), "--nosslcertck"], capture_output=True,
+                            timeout=60, env={**os.environ, "HOME": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    [fetched] = [path.read_bytes() for path in out.iterdir()]
+    # fetchmail adds a Received line of its own and writes Unix line endings
+    sent = sheesh.strip_trace_headers(imap_server.messages("c@d.test")[0].raw)
+    assert fetched.endswith(sent.replace(b"\r\n", b"\n"))
+
+
+def test_cli_imap_ports_are_announced(cli):
+    sheesh_process = cli("--imap-port", "0")
+    assert re.search(r"\(IMAP on port \d+\)", sheesh_process.first_line)
+    assert run_cli("--imaps-port", "0").returncode == 2
+
+
 @pytest.mark.parametrize("mode", ["starttls", "tls"])
 def test_relay_over_tls_checks_the_certificate_and_logs_in(tmp_path, certificates, monkeypatch,
                                                            mode):
