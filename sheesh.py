@@ -12,7 +12,8 @@ file and uses only the standard library of Python 3.11 or later, on Linux, macOS
 It speaks SMTP as RFC 5321 describes it, with the extensions that clients look for:
 SIZE (RFC 1870), 8BITMIME (RFC 6152), PIPELINING (RFC 2920), SMTPUTF8 (RFC 6531),
 ENHANCEDSTATUSCODES (RFC 2034, codes from RFC 3463), AUTH (RFC 4954) and STARTTLS (RFC 3207),
-and implicit TLS on a second port (RFC 8314).
+and implicit TLS on a second port (RFC 8314). The mail it keeps can be read in a web inbox,
+with a JSON API, over POP3 (RFC 1939) and over IMAP (RFC 3501).
 
 The file reads top to bottom, the way one message travels through it:
 
@@ -22,13 +23,15 @@ The file reads top to bottom, the way one message travels through it:
     4. DATA          finding the end of a message and removing dot-stuffing
     5. The session   the SMTP state machine: bytes in, replies out; no sockets, files or clocks
     6. Faults        failures injected on purpose, so apps can test their retries
-    7. The store     a Maildir: written in tmp/, renamed into new/
+    7. The store     a Maildir (written in tmp/, renamed into new/) and the index every
+                     reader shares: SQLite beside it, UIDs, search, mailboxes
     8. The handler   the only code that reads from or writes to a connection
     9. The server    threads, the connection limit, a clean stop, and the in-process API
    10. The web inbox a page and a JSON API over the same Maildir, with http.server
    11. Forwarding    relay and release to a real SMTP server; the sendmail entry point
    12. POP3          the same Maildir, for mail clients (RFC 1939)
-   13. The CLI       main()
+   13. IMAP          the same Maildir, live, for mail clients (RFC 3501)
+   14. The CLI       main()
 """
 
 from __future__ import annotations
