@@ -57,7 +57,9 @@ import functools
 import hashlib
 import heapq
 import hmac
+import http.client
 import http.server
+import ipaddress
 import json
 import itertools
 import logging
@@ -125,6 +127,10 @@ DEFAULT_TIMEOUT = 300.0
 # As Postfix's smtp-sink. One more connection than this is told 421 and closed at once.
 DEFAULT_MAX_CONNECTIONS = 256
 
+# From one client address, on all ports together: so that one peer cannot hold every slot.
+# A test suite opens a handful; a load test of a thousand connections raises it.
+DEFAULT_MAX_CONNECTIONS_PER_IP = 100
+
 # RFC 5321 section 4.5.3.1.4 allows a command line of 512 octets, and section 4.5.3.1.2 lets each
 # extension lengthen it: SIZE= adds 26 (RFC 1870), AUTH= adds 500 (RFC 4954), and an SMTPUTF8 path
 # of 256 characters may take 1,024 octets of UTF-8 (RFC 6531). 4 KiB holds all of those at once,
@@ -135,6 +141,14 @@ COMMAND_LINE_LIMIT = 4096
 # AUTH waits this long before its 535, and the third failure in a session ends it.
 AUTH_FAILURE_DELAY = 1.0
 MAX_AUTH_FAILURES = 3
+
+# Failed logins from one client address, across every session and protocol: at most so many in
+# so long, then refused until the oldest age out. A person who mistypes fails a few times; a
+# guesser, at three a connection and a thousand connections a minute, would try thousands.
+LOGIN_FAILURES_ALLOWED = 10
+LOGIN_FAILURE_WINDOW = 600.0
+LOGIN_LOG_INTERVAL = 60.0  # an address's failures are logged once a minute, not each one
+LOGIN_ADDRESSES_KEPT = 10_000  # addresses remembered; the oldest are forgotten first
 
 # aiosmtpd closes a session after 20 unrecognised commands: a client that sends more is not
 # speaking SMTP (it may be an HTTP client, or an attack that smuggles HTTP through SMTP).
@@ -232,10 +246,14 @@ STORAGE_FULL = reply(452, "4.3.1 Error: insufficient system storage")
 STORAGE_FAILED = reply(451, "4.3.0 Error: local error in processing, try again later")
 TOO_MANY_UNKNOWN = reply(421, "4.7.0 Error: too many unrecognized commands, goodbye")
 TOO_MANY_AUTH_FAILURES = reply(421, "4.7.0 Error: too many failed authentications, goodbye")
+# RFC 4954 section 6: 454 is a temporary failure of authentication
+TOO_MANY_LOGIN_FAILURES = reply(454, "4.7.0 Error: too many failed logins from your address, "
+                                "try again later")
 TLS_ON_PLAIN_PORT = reply(421, "4.7.0 Error: this port speaks plain SMTP first, use STARTTLS")
 # Not a reply: what an injected "disconnect" fault returns, so the handler hangs up instead.
 HANG_UP = Reply(0, ("(the connection is closed without a reply)",))
 TOO_MANY_CONNECTIONS = reply(421, "4.7.0 Error: too many connections, try again later")
+CROWDED = reply(421, "4.7.0 Error: too many connections from your address, try again later")
 TIMEOUT = reply(421, "4.4.2 Error: timeout exceeded, goodbye")
 SHUTTING_DOWN = reply(421, "4.3.2 Service shutting down, goodbye")
 INTERNAL_ERROR = reply(421, "4.3.0 Error: internal server error, goodbye")
@@ -351,6 +369,16 @@ MAIL_USAGE = usage("MAIL FROM:<address> [SIZE=n] [BODY=7BIT|8BITMIME] [SMTPUTF8]
 RCPT_USAGE = usage("RCPT TO:<address>")
 
 
+def whole_number(text: str, digits: int = 15) -> int | None:
+    """A number a client sent, read strictly: ASCII digits only, at most `digits` of them.
+    str.isdigit() also takes "²" and "٣", which int() refuses or reads; a number of forty
+    digits is nobody's message size. None when the text is not such a number."""
+    text = text.strip()
+    if 0 < len(text) <= digits and text.isascii() and text.isdigit():
+        return int(text)
+    return None
+
+
 def parse_command(line: str) -> Command:
     """Turn one command line (without its CRLF) into a command."""
     verb, _, argument = line.partition(" ")
@@ -401,8 +429,8 @@ def parse_mail(argument: str) -> Mail | Invalid:
     size, body, smtputf8 = None, "7BIT", False
     for keyword, value in parameters:
         match keyword, value:
-            case "SIZE", str() if value.isdigit() and value.isascii():
-                size = int(value)
+            case "SIZE", str() if whole_number(value, 100) is not None:  # any size: too big
+                size = whole_number(value, 100)  # is 552, not a syntax error (test suites try)
             case "BODY", str() if value.upper() in ("7BIT", "8BITMIME"):
                 body = value.upper()
             case "SMTPUTF8", None:
@@ -607,6 +635,7 @@ class Session:
     auth_failures: int = 0
     closing_note: str = ""  # why the session closed itself, for the log
     faults: FaultPlan | None = None  # failures to inject on purpose (--fail)
+    logins: LoginGuard | None = None  # failed logins by client address, across sessions
     fault_notes: list[str] = field(default_factory=list)  # injected faults, for the log
     delay: float = 0.0  # seconds the handler should wait before sending the next replies
     _unread: bytes = b""  # the start of a command line whose end has not arrived
@@ -865,9 +894,10 @@ class Session:
 
     def goodbye(self, reason: str) -> Reply:
         """The last reply when the handler ends the connection: "timeout", "shutdown",
-        "busy" (too many connections) or "error" (a bug, whose details stay in the log)."""
+        "busy" (too many connections), "crowded" (too many from this client's address) or
+        "error" (a bug, whose details stay in the log)."""
         return {"timeout": TIMEOUT, "shutdown": SHUTTING_DOWN, "busy": TOO_MANY_CONNECTIONS,
-                "error": INTERNAL_ERROR}[reason]
+                "crowded": CROWDED, "error": INTERNAL_ERROR}[reason]
 
     def close(self, last_reply: Reply, note: str) -> Reply:
         """End the session from our side, with a last reply and a note for the log."""
@@ -942,21 +972,27 @@ class Session:
                 return self.check_cram_md5(user, digest.lower().encode())
 
     def check_password(self, user: str, password: bytes) -> Reply:
+        if self.logins is not None and self.logins.refuses(self.peer):
+            return TOO_MANY_LOGIN_FAILURES  # even a right password: the guessing stops here
         if self.policy.users is None or password_matches(self.policy.users, user, password):
             return self.authenticated(user)
-        return self.auth_failed()
+        return self.auth_failed(user)
 
     def check_cram_md5(self, user: str, digest: bytes) -> Reply:
+        if self.logins is not None and self.logins.refuses(self.peer):
+            return TOO_MANY_LOGIN_FAILURES
         known = self.policy.users.get(user)
         expected = hmac.new((known or "\0 unknown").encode(), self._auth_challenge, "md5")
         same = hmac.compare_digest(digest, expected.hexdigest().encode())
-        return self.authenticated(user) if same and known is not None else self.auth_failed()
+        return self.authenticated(user) if same and known is not None else self.auth_failed(user)
 
     def authenticated(self, user: str) -> Reply:
         self.auth_user = user
         return AUTH_OK
 
-    def auth_failed(self) -> Reply:
+    def auth_failed(self, user: str) -> Reply:
+        if self.logins is not None:
+            self.logins.failed(self.peer, user, "SMTP")
         self.auth_failures += 1
         self.delay += AUTH_FAILURE_DELAY  # slows down guessing; only this client waits
         if self.auth_failures >= MAX_AUTH_FAILURES:
@@ -967,6 +1003,47 @@ class Session:
         """The connection ended, however it ended: a message not yet acknowledged leaves no trace."""
         self.reset_transaction()
         self.state = State.CLOSED
+
+
+class LoginGuard:
+    """Failed logins, counted by client address across every session and protocol (SMTP,
+    POP3, IMAP and the web), so that a guesser who opens a new connection every three
+    guesses gets no further: past LOGIN_FAILURES_ALLOWED in LOGIN_FAILURE_WINDOW, logins from
+    that address are refused, right password or not, until the oldest failures age out.
+    Each address's failures are logged once a minute, as a warning (seen even with --quiet)."""
+
+    def __init__(self) -> None:
+        self._failures: collections.OrderedDict[str, collections.deque] = collections.OrderedDict()
+        self._unlogged: dict[str, list] = {}  # address -> [failures, user names, last logged]
+        self._lock = threading.Lock()
+
+    def refuses(self, peer: str) -> bool:
+        with self._lock:
+            failures = self._failures.get(peer)
+            if failures is None:
+                return False
+            while failures and failures[0] < time.monotonic() - LOGIN_FAILURE_WINDOW:
+                failures.popleft()
+            return len(failures) >= LOGIN_FAILURES_ALLOWED
+
+    def failed(self, peer: str, user: str, protocol: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            failures = self._failures.setdefault(peer, collections.deque(
+                maxlen=LOGIN_FAILURES_ALLOWED))
+            failures.append(now)
+            self._failures.move_to_end(peer)
+            while len(self._failures) > LOGIN_ADDRESSES_KEPT:
+                forgotten, _ = self._failures.popitem(last=False)
+                self._unlogged.pop(forgotten, None)
+            count, users, logged = self._unlogged.get(peer, [0, set(), -math.inf])
+            count, users = count + 1, users | {user}
+            if now - logged < LOGIN_LOG_INTERVAL:
+                self._unlogged[peer] = [count, users, logged]
+                return
+            self._unlogged[peer] = [0, set(), now]
+        log.warning("%d failed login%s from %s (%s as %s)", count, "s" * (count > 1), peer,
+                    protocol, escape_for_log(", ".join(sorted(users))[:200]))
 
 
 def password_matches(users: dict[str, str], user: str, password: bytes) -> bool:
@@ -1039,7 +1116,11 @@ def parse_fault(text: str) -> FaultRule:
     if rule.pattern and rule.stage not in ("mail", "rcpt"):
         raise ValueError(f"{text!r}: only mail and rcpt rules take an address pattern")
     action, frequency = tail.strip(), "always"
-    if found := re.search(r",\s*(always|\d+(?:\.\d+)?%|first\s+\d+)\s*$", action, re.I):
+    # Numbers in ASCII digits only, and of a sane size; a reply's text in printable ASCII (a
+    # CR in it would end the reply line early and write whatever follows as another reply).
+    found = re.search(r",\s*(always|[0-9]{1,3}(?:\.[0-9]{1,6})?%|first\s+[0-9]{1,9})\s*$",
+                      action, re.I)
+    if found:
         action, frequency = action[:found.start()].strip(), found.group(1).lower()
     if frequency.endswith("%"):
         rule.probability = min(float(frequency[:-1]) / 100, 1.0)
@@ -1047,9 +1128,9 @@ def parse_fault(text: str) -> FaultRule:
         rule.times_left = int(frequency.split()[1])
     if action.lower() == "disconnect":
         rule.disconnect = True
-    elif found := re.fullmatch(r"delay\s+(\d+(?:\.\d+)?)", action, re.I):
+    elif found := re.fullmatch(r"delay\s+([0-9]{1,9}(?:\.[0-9]{1,6})?)", action, re.I):
         rule.delay = float(found.group(1))
-    elif found := re.fullmatch(r"([45]\d\d)(?:\s+(\S.*))?", action):
+    elif found := re.fullmatch(r"([45][0-9][0-9])(?:\s+([!-~][ -~]*))?", action):
         rule.reply = reply(int(found.group(1)), found.group(2) or "Error: failure injected")
     else:
         raise ValueError(f"{text!r}: the action must be a 4xx or 5xx reply, "
@@ -1070,16 +1151,27 @@ def fault_from_json(value) -> FaultRule:
 
 
 class FaultPlan:
-    """The rules in force, shared by every session; replaced at run time through the API."""
+    """The rules in force, shared by every session; replaced at run time through the API. A
+    delay may be at most max_delay (the server's --timeout): a client would have hung up
+    long before, and its connection slot held for nothing."""
 
-    def __init__(self, rules: list[FaultRule] = (), seed: int | None = None) -> None:
+    def __init__(self, rules: list[FaultRule] = (), seed: int | None = None,
+                 max_delay: float = DEFAULT_TIMEOUT) -> None:
         self._lock = threading.Lock()
+        self.max_delay = max_delay
+        self.generation = 0  # bumped by every replace(): a delay under way ends with its rule
         self.replace(rules, seed)
 
     def replace(self, rules: list[FaultRule], seed: int | None = None) -> None:
+        """Put these rules in force; ValueError (and nothing changed) if one cannot run."""
+        for rule in rules:
+            if rule.delay > self.max_delay:
+                raise ValueError(f"{rule.text!r}: a delay is at most {self.max_delay:g} seconds "
+                                 "(the --timeout): the client would have gone by then")
         with self._lock:
             self.rules, self.seed = list(rules), seed
             self._random = random.Random(seed)  # a seed makes a run of chances repeatable
+            self.generation += 1
 
     def decide(self, stage: str, subject: str = "") -> FaultRule | None:
         if not self.rules:
@@ -1270,6 +1362,38 @@ class Maildir:
 
     # The files, by location: "new/KEY" or "cur/KEY:2,FLAGS".
 
+    def remove_leftovers(self) -> int:
+        """Remove files in tmp/ that no delivery will finish, and say how many: those older
+        than 36 hours (the Maildir convention), and those of a sheesh on this host whose
+        process has gone (killed mid-delivery: its key carries its pid)."""
+        removed, now = 0, time.time()
+        with os.scandir(self._tmp) as entries:
+            for entry in entries:
+                try:
+                    abandoned = now - entry.stat().st_mtime > TMP_ABANDONED_AFTER
+                except OSError:
+                    continue
+                if abandoned or self.orphaned(entry.name):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(entry.path)
+                        removed += 1
+        return removed
+
+    def orphaned(self, name: str) -> bool:
+        found = re.fullmatch(r"[0-9]+\.M[0-9]+P([0-9]+)Q[0-9]+\.(.*?)(?:\.probe)?", name)
+        if not found or found.group(2) != self._name_host or os.name != "posix":
+            return False  # another host's, or Windows (where os.kill cannot just ask)
+        pid = int(found.group(1))
+        if pid == self._pid:
+            return False
+        try:
+            os.kill(pid, 0)  # signal 0: only asks whether the process is there
+        except ProcessLookupError:
+            return True
+        except OSError:
+            pass  # there, but another user's
+        return False
+
     def file_path(self, location: str) -> str:
         return os.path.join(self._root, location)
 
@@ -1320,6 +1444,7 @@ class Maildir:
 
 
 _O_BINARY = getattr(os, "O_BINARY", 0)  # Windows would otherwise turn LF into CRLF
+TMP_ABANDONED_AFTER = 36 * 3600  # the Maildir convention: a file in tmp/ this old is dead
 
 
 class MaildirWriter:
@@ -1755,10 +1880,12 @@ def message_parts(root: MimePart) -> MessageParts:
 
 
 def attachment_name(part: MimePart, number: int) -> str:
-    """An attachment's file name, fit to be a download's name: its last path component only,
-    without control characters."""
-    name = re.sub(r"[\x00-\x1f\x7f]", "", (part.filename or "").replace("\\", "/").rpartition(
-        "/")[2])
+    """An attachment's file name, fit to be shown and to be a download's name: its last path
+    component only, without control characters, nor Unicode's format characters (category
+    Cf), which can turn "invoice\u202efdp.exe" into what looks like "invoiceexe.pdf"."""
+    name = (part.filename or "").replace("\\", "/").rpartition("/")[2]
+    name = "".join(ch for ch in name if ch >= " " and ch != "\x7f"
+                   and unicodedata.category(ch) != "Cf")
     return name or f"attachment-{number + 1}"
 
 
@@ -2809,6 +2936,10 @@ class Store:
     def open(self) -> None:
         """Create the Maildir if needed, open (or make) the index and start keeping it."""
         self.maildir.create()
+        if removed := self.maildir.remove_leftovers():
+            log.warning("removed %d unfinished file%s from %s (deliveries cut off by a crash "
+                        "or left for 36 hours)", removed, "s" * (removed > 1),
+                        self.path / "tmp")
         if self.persistent:
             self.index = SqlIndex(self.path / INDEX_FILE)
             if (problem := self.index.open()) is not None:
@@ -3514,11 +3645,26 @@ class ConnectionHandler(socketserver.StreamRequestHandler):
             log.warning("injected fault for %s: %s", self.client_address[0], escape_for_log(note))
         session.fault_notes.clear()
         if session.delay:
-            time.sleep(session.delay)
+            self.pause(session.delay)
             session.delay = 0.0
         if session.closed and replies and replies[-1] is HANG_UP:
             replies = replies[:-1]  # the session stopped there: nothing follows it
         self.send(replies)
+
+    def pause(self, seconds: float) -> None:
+        """Wait before answering (after a failed login, for an injected delay), but no longer
+        than the client stays, sheesh runs, or the fault rules stay as they were: a waiting
+        connection holds a slot that others may need."""
+        faults = getattr(self.session, "faults", None)
+        generation = faults.generation if faults is not None else 0
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0 and not self.server.stopping:
+            if faults is not None and faults.generation != generation:
+                return
+            if self.poller is not None and self.poller.poll(min(left, 0.25) * 1000):
+                if not self.connection.recv(1, socket.MSG_PEEK):
+                    raise ConnectionResetError("the client hung up while it was kept waiting")
+            time.sleep(min(left, 0.25) if self.poller is None else min(left, 0.05))
 
     def send(self, replies: list) -> None:
         """Write replies in one write; a Streamed one (a message over POP3) piece by piece."""
@@ -3575,6 +3721,7 @@ class Config:
     max_size: int = DEFAULT_MAX_SIZE
     max_recipients: int = DEFAULT_MAX_RECIPIENTS
     max_connections: int = DEFAULT_MAX_CONNECTIONS
+    max_connections_per_ip: int = DEFAULT_MAX_CONNECTIONS_PER_IP
     timeout: float = DEFAULT_TIMEOUT
     grace: float = SHUTDOWN_GRACE
     fsync: bool = True
@@ -3587,6 +3734,9 @@ class Config:
     auth_required: bool = False
     users: dict[str, str] | None = None  # user name -> password; None accepts any credentials
     http_port: int | None = None  # the web inbox and API; None: off (the CLI's default is 8025)
+    http_host: str | None = None  # where the web inbox listens; None: where SMTP does
+    http_users: dict[str, str] | None = None  # its HTTP Basic users; None: those of users
+    http_allowed_hosts: tuple[str, ...] = ()  # Host names it answers beside IP literals
     faults: tuple[str, ...] = ()  # rules for failing on purpose (section 6)
     fail_seed: int | None = None  # makes the chances in those rules repeatable
     relay: str | None = None  # "host:port" of a real SMTP server to forward to (section 11)
@@ -3624,8 +3774,10 @@ class Listener(socketserver.ThreadingTCPServer):
     serving = False  # set when a thread runs serve_forever(): shutdown() waits for that thread
 
     def __init__(self, config: Config, port: int, make_session, tls_context=None,
-                 implicit_tls: bool = False, idle_timeout: float | None = None) -> None:
+                 implicit_tls: bool = False, idle_timeout: float | None = None,
+                 addresses: ConnectionsByAddress | None = None) -> None:
         self.config, self.make_session = config, make_session
+        self.addresses = addresses or ConnectionsByAddress(config.max_connections_per_ip)
         self.tls_context, self.implicit_tls = tls_context, implicit_tls
         self.idle_timeout = config.timeout if idle_timeout is None else idle_timeout
         self.address_family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
@@ -3643,6 +3795,8 @@ class Listener(socketserver.ThreadingTCPServer):
                 log.warning("refused a connection from %s: already %d connections",
                             handler.client_address[0], len(self._handlers))
                 return "busy"
+            if not self.addresses.take(handler.client_address[0]):
+                return "crowded"
             self._handlers.add(handler)
             return None
 
@@ -3652,7 +3806,9 @@ class Listener(socketserver.ThreadingTCPServer):
 
     def release(self, handler: ConnectionHandler) -> None:
         with self._changed:
-            self._handlers.discard(handler)
+            if handler in self._handlers:
+                self._handlers.discard(handler)
+                self.addresses.give(handler.client_address[0])
             self._changed.notify_all()
 
     def stop_accepting(self) -> None:
@@ -3679,6 +3835,35 @@ class Listener(socketserver.ThreadingTCPServer):
     def handle_error(self, request, client_address) -> None:
         """An exception outside a session (setting up a connection): log it, keep serving."""
         log.exception("error on a connection from %s", client_address[0])
+
+
+class ConnectionsByAddress:
+    """How many connections each client address has open, on every port at once (SMTP,
+    POP3, IMAP and the web): one peer cannot take every slot (--max-connections-per-ip).
+    The first refusal in a minute from an address is logged."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._open: collections.Counter[str] = collections.Counter()
+        self._logged: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def take(self, peer: str) -> bool:
+        with self._lock:
+            if self._open[peer] < self.limit:
+                self._open[peer] += 1
+                return True
+            if time.monotonic() - self._logged.get(peer, -math.inf) >= LOGIN_LOG_INTERVAL:
+                self._logged[peer] = time.monotonic()
+                log.warning("refused connections from %s: it has %d open already "
+                            "(--max-connections-per-ip)", peer, self._open[peer])
+            return False
+
+    def give(self, peer: str) -> None:
+        with self._lock:
+            self._open[peer] -= 1
+            if self._open[peer] <= 0:
+                del self._open[peer]
 
 
 def make_tls_context(config: Config):
@@ -3742,10 +3927,12 @@ class Server:
         self.ports: dict[str, int] = {}  # "smtp", "smtps", "pop3", "imap"...: the real ports
         self.pop3_locks = MaildropLocks()
         self.imap_recent = RecentMessages()
+        self.logins = LoginGuard()
+        self.addresses = ConnectionsByAddress(self.config.max_connections_per_ip)
         self.tls_context = None
         self.web: WebServer | None = None
         self.faults = FaultPlan([parse_fault(rule) for rule in self.config.faults],
-                                self.config.fail_seed)
+                                self.config.fail_seed, max_delay=self.config.timeout)
         self.relay = Relay(self.config, self.store) if self.config.relay else None
         self.policy = self.config.policy()
         self._relay_match = re.compile(self.config.relay_match) if self.config.relay_match else None
@@ -3767,13 +3954,14 @@ class Server:
                     ("imaps", config.imaps_port, self.imap_session, IMAP_TIMEOUT)]:
                 if port is not None:
                     listener = Listener(config, port, make_session, context,
-                                        implicit_tls=name.endswith("s"), idle_timeout=idle_timeout)
+                                        implicit_tls=name.endswith("s"), idle_timeout=idle_timeout,
+                                        addresses=self.addresses)
                     self._listeners.append(listener)
                     self.ports[name] = listener.server_address[1]
             if self.config.http_port is not None:
-                self.web = WebServer(self.config.host, self.config.http_port,
-                                     WebApp(self.store, self.faults, self.allowed_hosts(),
-                                            self.relay))
+                self.web = WebServer(self.web_host, self.config.http_port,
+                                     WebApp(self.store, self.faults, self.relay, self.web_policy()),
+                                     self.config.max_connections, self.addresses)
         except OSError:
             self.stop()
             raise
@@ -3789,25 +3977,35 @@ class Server:
         return self
 
     def smtp_session(self, peer: str) -> Session:
-        return Session(self.maildir, self.config.hostname, peer, self.policy, faults=self.faults)
+        return Session(self.maildir, self.config.hostname, peer, self.policy, faults=self.faults,
+                       logins=self.logins)
 
     def pop3_session(self, peer: str) -> Pop3Session:
         return Pop3Session(self.store, self.pop3_locks, self.config.users,
-                           tls_available=self.tls_context is not None, peer=peer)
+                           tls_available=self.tls_context is not None, peer=peer,
+                           logins=self.logins)
 
     def imap_session(self, peer: str) -> ImapSession:
         return ImapSession(self.store, self.imap_recent, self.config.users,
                            tls_available=self.tls_context is not None,
                            tls_required=self.config.tls_required,
-                           max_size=self.config.max_size, peer=peer)
+                           max_size=self.config.max_size, peer=peer, logins=self.logins)
 
-    def allowed_hosts(self) -> frozenset[str] | None:
-        """The Host headers the web inbox answers: its own names, when it listens on loopback.
-        Anything else is a page of another site that renamed itself (DNS rebinding)."""
-        if not is_loopback(self.config.host):
-            return None
-        return frozenset({"localhost", "127.0.0.1", "[::1]", self.config.host,
-                          self.config.hostname.lower()})
+    @property
+    def web_host(self) -> str:
+        return self.config.http_host or self.config.host
+
+    def web_policy(self) -> WebPolicy:
+        """The web inbox answers Host headers that are IP addresses, localhost, its own name
+        and the names given it: anything else is a page of another site that renamed itself
+        (DNS rebinding). Its users are --http-users, or else --users."""
+        config = self.config
+        return WebPolicy(
+            users=config.http_users if config.http_users is not None else config.users,
+            host_names=frozenset({config.hostname.lower(),
+                                  *(name.lower() for name in config.http_allowed_hosts)}),
+            exposed=not is_loopback(self.web_host), relay_match=self._relay_match,
+            max_recipients=config.max_recipients, logins=self.logins)
 
     @property
     def web_url(self) -> str | None:
@@ -3952,6 +4150,10 @@ def describe_delivery(delivery: Delivery) -> str:
 # ---------------------------------------------------------------------------------------------
 
 PAGE_LIMIT_MAX = 500  # the most messages one API call lists
+WEB_REQUEST_TIMEOUT = 30.0  # a request must arrive whole within this (the wait for it included)
+WEB_HEAD_LIMIT = 16 * 1024  # the bytes of a request's first line and headers together
+WEB_WRITE_TIMEOUT = 60.0  # a client must read what it asked for within this
+WEB_STREAM_LIMIT = 64  # event streams and waits open at once, beside ordinary requests
 WAIT_TIMEOUT_MAX = 300.0  # the longest /api/messages/wait may hold a request
 EVENT_KEEPALIVE = 15.0  # seconds between keep-alive comments on an idle event stream
 REQUEST_BODY_LIMIT = 64 * 1024
@@ -3992,38 +4194,94 @@ HTML_PART_POLICY = ("default-src 'none'; style-src 'unsafe-inline' data:; img-sr
                     "allow-popups-to-escape-sandbox")
 
 
+@dataclass(frozen=True)
+class WebPolicy:
+    """Who may use the web inbox, and how much of the relay it may use."""
+
+    users: dict[str, str] | None = None  # HTTP Basic; None: no password asked
+    host_names: frozenset[str] = frozenset()  # names that Host may give, beside IP literals
+    exposed: bool = False  # listening beyond loopback
+    relay_match: re.Pattern | None = None  # release only to recipients that match
+    max_recipients: int = DEFAULT_MAX_RECIPIENTS  # and to at most so many
+    logins: LoginGuard | None = None
+
+
 class WebApp:
     """The web inbox's routes: a request in, a Response out."""
 
-    def __init__(self, store: Store, faults: FaultPlan | None = None,
-                 allowed_hosts: frozenset[str] | None = None, relay: Relay | None = None) -> None:
+    def __init__(self, store: Store, faults: FaultPlan | None = None, relay: Relay | None = None,
+                 policy: WebPolicy = WebPolicy()) -> None:
         self.store, self.faults, self.relay = store, faults or FaultPlan(), relay
-        self.allowed_hosts = allowed_hosts  # None: any Host header (listening beyond loopback)
+        self.policy = policy
 
-    def respond(self, method: str, target: str, headers=None,
-                body: bytes = b"") -> Response | EventStream:
+    def respond(self, method: str, target: str, headers=None, body: bytes = b"",
+                peer: str = "127.0.0.1") -> Response | EventStream:
         headers = headers or {}
-        if (refusal := self.refuse_foreign(method, headers)) is not None:
+        refusal = self.refuse_foreign(method, headers) or self.refuse_stranger(headers, peer)
+        if refusal is not None:
             return refusal
         url = urllib.parse.urlsplit(target)
-        query = dict(urllib.parse.parse_qsl(url.query))
+        query = dict(urllib.parse.parse_qsl(url.query, keep_blank_values=True))
         parts = [urllib.parse.unquote(p) for p in url.path.strip("/").split("/") if p]
+        if self.policy.exposed and self.policy.users is None and not is_loopback(peer) and (
+                parts[-1:] == ["release"] or (method, parts) == ("PUT", ["api", "faults"])):
+            return json_error(403, "the web inbox listens beyond loopback without --users or "
+                                   "--http-users: releasing mail and changing the fault rules "
+                                   "are allowed only from loopback")
         try:
             return self.route(method, parts, query, body)
         except (BadRequest, BadQuery) as problem:
             return json_error(400, str(problem))
+        except OSError as error:  # the Maildir moved away, or a disk failing: say so, no more
+            log.error("the web inbox cannot read %s: %s", self.store.path,
+                      error.strerror or error)
+            return json_error(503, f"the Maildir cannot be read: {error.strerror or error}")
 
     def refuse_foreign(self, method: str, headers) -> Response | None:
         """Requests another web site makes the browser send are refused: a Host that is not
         ours (DNS rebinding), or a change of state asked for by a page of another origin."""
-        host = (headers.get("Host") or "").rpartition(":")[0] or headers.get("Host") or ""
-        if self.allowed_hosts is not None and host.lower() not in self.allowed_hosts:
-            return json_error(403, "unknown Host")
+        name = host_name(headers.get("Host") or "")
+        if name and not self.host_allowed(name):
+            return json_error(403, f"unknown Host {name!r}: to answer it, start sheesh with "
+                                   f"--http-allowed-host {name}")
         if method not in ("GET", "HEAD") and (headers.get("Sec-Fetch-Site") == "cross-site" or (
                 headers.get("Origin") and urllib.parse.urlsplit(
                     headers["Origin"]).netloc != headers.get("Host"))):
             return json_error(403, "cross-origin requests cannot change the mail")
         return None
+
+    def host_allowed(self, name: str) -> bool:
+        """A Host of ours: an IP address (which no other site can take over, unlike a name:
+        DNS rebinding), localhost and its subdomains, --hostname, --http-allowed-host."""
+        try:
+            ipaddress.ip_address(name)
+            return True
+        except ValueError:
+            return (name in ("localhost", *self.policy.host_names)
+                    or name.endswith(".localhost"))
+
+    def refuse_stranger(self, headers, peer: str) -> Response | None:
+        """With users (--users or --http-users), HTTP Basic authentication (RFC 7617), and
+        the same throttle on failures as SMTP, POP3 and IMAP."""
+        if self.policy.users is None:
+            return None
+        logins = self.policy.logins
+        if logins is not None and logins.refuses(peer):
+            return json_error(429, "too many failed logins from your address: try again later")
+        scheme, _, token = (headers.get("Authorization") or "").partition(" ")
+        if scheme.lower() == "basic":
+            try:
+                user, _, password = base64.b64decode(token.strip(), validate=True).partition(b":")
+            except (ValueError, binascii.Error):
+                user, password = b"", b""
+            user = user.decode("utf-8", "replace")
+            if password_matches(self.policy.users, user, password):
+                return None
+            if logins is not None:
+                logins.failed(peer, user, "HTTP")
+        response = json_error(401, "log in with a user name and password of --users")
+        response.headers["WWW-Authenticate"] = 'Basic realm="sheesh", charset="UTF-8"'
+        return response
 
     def route(self, method: str, parts: list[str], query: dict, body: bytes):
         match method, parts:
@@ -4094,6 +4352,13 @@ class WebApp:
         if not isinstance(recipients, list) or not all(
                 isinstance(r, str) and is_valid_address(r, null_allowed=False) for r in recipients):
             raise BadRequest('"to" must be a list of addresses')
+        if len(recipients) > self.policy.max_recipients:
+            raise BadRequest(f"at most {self.policy.max_recipients} recipients "
+                             "(--max-recipients)")
+        if self.policy.relay_match is not None and (refused := [
+                r for r in recipients if not self.policy.relay_match.search(r)]):
+            return json_error(403, f"--relay-match {self.policy.relay_match.pattern} does not "
+                                   f"allow {', '.join(refused[:5])}")
         if not self.relay.submit(key, summary.sender, recipients):
             return json_error(503, "the relay queue is full, try again later")
         return json_response({"queued": True, "to": recipients}, 202)
@@ -4106,9 +4371,9 @@ class WebApp:
             seed = request.get("seed")
             if seed is not None and not isinstance(seed, int):
                 raise ValueError("seed must be a whole number or null")
+            self.faults.replace(rules, seed)  # ValueError for a rule that cannot run
         except (ValueError, AttributeError) as error:  # json.JSONDecodeError is a ValueError
             raise BadRequest(str(error)) from None
-        self.faults.replace(rules, seed)
         log.warning("fault rules replaced through the API: %s",
                     escape_for_log("; ".join(rule.text for rule in rules) or "none"))
         return json_response(self.faults.public())
@@ -4190,7 +4455,8 @@ class WebApp:
             file = resources.enter_context(stored.open())
             buffer = resources.enter_context(message_bytes(file))
             attachments = message_parts(outline(buffer)).attachments
-            if not number_text.isdigit() or int(number_text) >= len(attachments):
+            number = whole_number(number_text)
+            if number is None or number >= len(attachments):
                 resources.close()
                 return json_error(404, "no such attachment")
         except LookupError:
@@ -4199,8 +4465,8 @@ class WebApp:
         except BaseException:
             resources.close()
             raise
-        part = attachments[int(number_text)]
-        name = attachment_name(part, int(number_text))
+        part = attachments[number]
+        name = attachment_name(part, number)
         ascii_name = name.encode("ascii", "replace").decode().replace('"', "'").replace("\\", "_")
         disposition = (f"attachment; filename=\"{ascii_name}\"; "
                        f"filename*=UTF-8''{urllib.parse.quote(name)}")  # RFC 6266
@@ -4241,9 +4507,17 @@ def number(query: dict, name: str, default: int) -> int:
     text = query.get(name)
     if text is None:
         return default
-    if not text.isdigit() or len(text) > 15:
+    if (value := whole_number(text)) is None:
         raise BadRequest(f"{name} must be a whole number, not {text[:20]!r}")
-    return int(text)
+    return value
+
+
+def host_name(host: str) -> str:
+    """The name in a Host header, without its port: "[::1]:8025" -> "::1"."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:host.find("]")] if "]" in host else host
+    return host.rpartition(":")[0] if host.count(":") == 1 else host
 
 
 def mailbox(query: dict) -> str | None:
@@ -4251,12 +4525,96 @@ def mailbox(query: dict) -> str | None:
     return query.get("mailbox") or None
 
 
+class RequestReader:
+    """What a web handler reads from its connection: every read ends at the request's
+    deadline, and a request's head (its first line and its headers) may take only so many
+    bytes. A client that sends a header a minute (slowloris), or megabytes of headers, costs
+    a known amount, for a known time."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock, self.buffer = sock, b""
+        self.deadline: float | None = None
+        self.head_left: int | None = None
+
+    def start(self, seconds: float, head_limit: int) -> None:
+        self.deadline, self.head_left = time.monotonic() + seconds, head_limit
+
+    def stop(self) -> None:
+        """The request is read: the response may take its time (event streams, waits)."""
+        self.deadline = self.head_left = None
+
+    def receive(self) -> bool:
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("the request took too long")
+            self.sock.settimeout(left)
+        data = self.sock.recv(READ_SIZE)
+        self.buffer += data
+        return bool(data)
+
+    def readline(self, limit: int = -1) -> bytes:
+        while (end := self.buffer.find(b"\n")) < 0 and (limit < 0 or len(self.buffer) < limit):
+            if self.head_left is not None and len(self.buffer) > self.head_left:
+                raise http.client.LineTooLong("the request's head")
+            if not self.receive():
+                break
+        cut = end + 1 if end >= 0 else len(self.buffer)
+        line, self.buffer = self.buffer[:cut if limit < 0 else min(cut, limit)], self.buffer[
+            cut if limit < 0 else min(cut, limit):]
+        if self.head_left is not None:
+            self.head_left -= len(line)
+            if self.head_left < 0:
+                raise http.client.LineTooLong("the request's head")
+        return line
+
+    def read(self, size: int) -> bytes:
+        while len(self.buffer) < size and self.receive():
+            pass
+        data, self.buffer = self.buffer[:size], self.buffer[size:]
+        return data
+
+    def close(self) -> None:
+        pass
+
+
 class WebHandler(http.server.BaseHTTPRequestHandler):
     """The only code that reads or writes a web connection."""
 
     server_version = f"sheesh/{__version__}"
     protocol_version = "HTTP/1.1"
-    timeout = 60  # an idle keep-alive connection is closed after a minute
+    timeout = WEB_WRITE_TIMEOUT  # for writes: a client must read what it asked for
+    stream = False  # an event stream or a wait: counted apart from ordinary requests
+
+    def setup(self) -> None:
+        super().setup()
+        self.rfile = RequestReader(self.connection)
+
+    def handle(self) -> None:
+        """One connection: admitted within the server's limits, or refused at once with 503."""
+        refusal = self.server.admit(self)
+        if refusal is not None:
+            body = json.dumps({"error": refusal}).encode()
+            with contextlib.suppress(OSError):
+                self.wfile.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: "
+                                 b"application/json\r\nRetry-After: 1\r\nConnection: close\r\n"
+                                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            return
+        try:
+            super().handle()
+        finally:
+            self.server.release(self)
+
+    def handle_one_request(self) -> None:
+        """One request, which must arrive whole within WEB_REQUEST_TIMEOUT (the wait for it on
+        a kept-alive connection included) and have a head of at most WEB_HEAD_LIMIT bytes."""
+        self.rfile.start(WEB_REQUEST_TIMEOUT, WEB_HEAD_LIMIT)
+        try:
+            super().handle_one_request()
+        except http.client.HTTPException:  # the request line alone was too long
+            self.connection.settimeout(self.timeout)
+            self.send_error(431, "the request's head is too long")
+            self.close_connection = True
 
     def do_GET(self) -> None:
         self.answer("GET")
@@ -4274,15 +4632,23 @@ class WebHandler(http.server.BaseHTTPRequestHandler):
         self.answer("POST")
 
     def answer(self, method: str) -> None:
-        length = self.headers.get("Content-Length", "0")
-        if not length.isdigit() or int(length) > REQUEST_BODY_LIMIT:
+        length = whole_number(self.headers.get("Content-Length", "0"))
+        if length is None or length > REQUEST_BODY_LIMIT:
             self.send(json_error(413, "request body too large"))
             self.close_connection = True
             return
-        body = self.rfile.read(int(length))
+        body = self.rfile.read(length)
+        self.rfile.stop()
+        self.connection.settimeout(self.timeout)
+        if self.path.startswith(("/api/events", "/api/messages/wait")) and (
+                not self.server.make_stream(self)):
+            self.send(json_error(503, f"too many event streams and waits open (at most "
+                                      f"{WEB_STREAM_LIMIT}): try again later"))
+            self.close_connection = True
+            return
         try:
             response = self.server.app.respond("GET" if method == "HEAD" else method, self.path,
-                                               self.headers, body)
+                                               self.headers, body, self.client_address[0])
         except Exception:
             log.exception("error answering %s", escape_for_log(self.path))
             response = json_error(500, "internal error")
@@ -4335,14 +4701,47 @@ class WebHandler(http.server.BaseHTTPRequestHandler):
 
 
 class WebServer(http.server.ThreadingHTTPServer):
+    """http.server with the limits SMTP has: a deep listen backlog, a cap on connections (and
+    on connections from one address), and event streams and waits counted apart, so that
+    they cannot take the slots ordinary requests need."""
+
     daemon_threads = True
     block_on_close = False
+    request_queue_size = 1024  # as Listener's
     serving = False  # as Listener.serving
 
-    def __init__(self, host: str, port: int, app: WebApp) -> None:
+    def __init__(self, host: str, port: int, app: WebApp, max_connections: int,
+                 addresses: ConnectionsByAddress) -> None:
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.app = app
+        self.app, self.max_connections, self.addresses = app, max_connections, addresses
+        self._open, self._streams = set(), set()
+        self._lock = threading.Lock()
         super().__init__((host, port), WebHandler)
+
+    def admit(self, handler: WebHandler) -> str | None:
+        with self._lock:
+            if len(self._open) >= self.max_connections:
+                return "too many connections to the web inbox: try again later"
+            if not self.addresses.take(handler.client_address[0]):
+                return "too many connections from your address: try again later"
+            self._open.add(handler)
+            return None
+
+    def make_stream(self, handler: WebHandler) -> bool:
+        """A connection becomes a long-lived stream: out of the ordinary count, into its own."""
+        with self._lock:
+            if len(self._streams) >= WEB_STREAM_LIMIT:
+                return False
+            self._open.discard(handler)
+            self._streams.add(handler)
+            return True
+
+    def release(self, handler: WebHandler) -> None:
+        with self._lock:
+            if handler in self._open or handler in self._streams:
+                self._open.discard(handler)
+                self._streams.discard(handler)
+                self.addresses.give(handler.client_address[0])
 
     def handle_error(self, request, client_address) -> None:
         if not isinstance(sys.exc_info()[1], OSError):  # a browser closing a tab is no error
@@ -4949,6 +5348,7 @@ class Pop3Session:
     users: dict[str, str] | None = None  # as for SMTP AUTH: None accepts any user and password
     tls_available: bool = False
     peer: str = ""
+    logins: LoginGuard | None = None
     state: Pop3State = Pop3State.AUTHORIZATION
     user: str | None = None
     tls: str | None = None
@@ -4975,6 +5375,7 @@ class Pop3Session:
         return pop3_error({"timeout": "[SYS/TEMP] timeout, goodbye",
                            "shutdown": "[SYS/TEMP] server shutting down, goodbye",
                            "busy": "[SYS/TEMP] too many connections, try again later",
+                           "crowded": "[SYS/TEMP] too many connections from your address",
                            "error": "[SYS/TEMP] internal server error, goodbye"}[reason])
 
     @property
@@ -5030,9 +5431,9 @@ class Pop3Session:
                 return self.retrieve(argument, None)
             case "TOP" if logged_in:
                 number, _, lines = argument.partition(" ")
-                if not lines.strip().isdigit():
+                if whole_number(lines) is None:
                     return pop3_error("usage: TOP message lines")
-                return self.retrieve(number, int(lines))
+                return self.retrieve(number, whole_number(lines))
             case "DELE" if logged_in:
                 return self.delete(argument)
             case "RSET" if logged_in:
@@ -5071,8 +5472,12 @@ class Pop3Session:
     def password(self, password: str) -> Pop3Reply:
         if self.user is None:
             return pop3_error("send USER first")
+        if self.logins is not None and self.logins.refuses(self.peer):
+            return pop3_error("[AUTH] too many failed logins from your address: try again later")
         if self.users is not None and not password_matches(self.users, self.user,
                                                            password.encode()):
+            if self.logins is not None:
+                self.logins.failed(self.peer, self.user, "POP3")
             self.auth_failures += 1
             self.delay += AUTH_FAILURE_DELAY
             if self.auth_failures >= MAX_AUTH_FAILURES:
@@ -5103,11 +5508,12 @@ class Pop3Session:
 
     def message(self, number_text: str) -> int | Pop3Reply:
         """The message number asked for, or the error to send."""
-        if not number_text.isdigit() or not 0 < int(number_text) <= len(self.uids):
+        number = whole_number(number_text)
+        if number is None or not 0 < number <= len(self.uids):
             return pop3_error("no such message")
-        if int(number_text) in self.deleted:
+        if number in self.deleted:
             return pop3_error("message already deleted")
-        return int(number_text)
+        return number
 
     def keys(self, numbers: list[int]) -> dict[int, str]:
         """The Maildir keys of these messages, by number."""
@@ -5766,6 +6172,7 @@ class ImapSession:
     tls_required: bool = False  # no LOGIN before STARTTLS: LOGINDISABLED (RFC 3501 6.2.3)
     max_size: int = DEFAULT_MAX_SIZE
     peer: str = ""
+    logins: LoginGuard | None = None
     state: ImapState = ImapState.NOT_AUTHENTICATED
     user: str | None = None
     tls: str | None = None
@@ -5795,6 +6202,7 @@ class ImapSession:
         return untagged({"timeout": "BYE autologout: idle for too long",
                          "shutdown": "BYE [UNAVAILABLE] server shutting down",
                          "busy": "BYE [UNAVAILABLE] too many connections, try again later",
+                         "crowded": "BYE [UNAVAILABLE] too many connections from your address",
                          "error": "BYE [SERVERBUG] internal server error"}[reason])
 
     @property
@@ -6081,7 +6489,12 @@ class ImapSession:
         return self.check_login(tag, parts[1].decode("utf-8", "replace"), parts[2])
 
     def check_login(self, tag: str, user: str, password: bytes) -> list:
+        if self.logins is not None and self.logins.refuses(self.peer):
+            return [tagged(tag, "NO", "[UNAVAILABLE] too many failed logins from your address: "
+                                      "try again later")]
         if self.users is not None and not password_matches(self.users, user, password):
+            if self.logins is not None:
+                self.logins.failed(self.peer, user, "IMAP")
             self.auth_failures += 1
             self.delay += AUTH_FAILURE_DELAY
             if self.auth_failures >= MAX_AUTH_FAILURES:
@@ -6668,6 +7081,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="most recipients in one message")
     parser.add_argument("--max-connections", type=positive(int),
                         default=DEFAULT_MAX_CONNECTIONS, help="most connections at once")
+    parser.add_argument("--max-connections-per-ip", type=positive(int),
+                        default=DEFAULT_MAX_CONNECTIONS_PER_IP,
+                        help="most connections at once from one client address, on all ports")
     parser.add_argument("--timeout", type=positive(float), default=DEFAULT_TIMEOUT,
                         help="seconds a client may stay silent, or take over one command")
     parser.add_argument("--grace", type=positive(float), default=SHUTDOWN_GRACE,
@@ -6687,6 +7103,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="port of the web inbox and JSON API (the port Mailpit uses)")
     parser.add_argument("--no-http", dest="http_port", action="store_const", const=None,
                         help="no web inbox")
+    parser.add_argument("--http-host", metavar="ADDRESS",
+                        help="address of the web inbox (default: --host's)")
+    parser.add_argument("--http-users", metavar="FILE", type=read_users,
+                        help="user:password lines for the web inbox and API (HTTP Basic); "
+                        "without it, those of --users, if given, else none asked")
+    parser.add_argument("--http-allowed-host", dest="http_allowed_hosts", metavar="NAME",
+                        action="append", default=[],
+                        help="a Host name the web inbox answers (repeatable; IP addresses, "
+                        "localhost and --hostname always are): a reverse proxy's name, or a "
+                        "container's")
     parser.add_argument("--max-messages", type=positive(int), metavar="N",
                         help="keep at most N messages: the oldest are removed as new ones "
                         "arrive (default: keep all)")
@@ -6837,9 +7263,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
                         format="%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
     options["faults"] = tuple(options["faults"])
+    options["http_allowed_hosts"] = tuple(options["http_allowed_hosts"])
     if options["relay_password"] is None:  # from the environment: never shown by --help
         options["relay_password"] = os.environ.get("SHEESH_RELAY_PASSWORD")
-    server = Server(Config(**options))
+    try:
+        server = Server(Config(**options))
+    except ValueError as error:  # a fault rule that cannot run with these options
+        parser.error(str(error))
     try:
         cpu = pin_to_one_cpu(cpu_choice_)
     except (OSError, ValueError) as error:
@@ -6870,6 +7300,13 @@ def main(argv: list[str] | None = None) -> int:
     if not is_loopback(server.host):
         log.warning("warning: %s is not a loopback address: anyone who can reach it can "
                     "send mail here", server.host)
+    policy = server.web_policy()
+    if server.web is not None and policy.exposed and policy.users is None:
+        log.warning("WARNING: the web inbox listens on %s, beyond loopback, without --users or "
+                    "--http-users: anyone who can reach it can read and delete the mail. "
+                    "Releasing mail and changing fault rules are refused but from loopback. "
+                    "Give it --http-users FILE, or keep it on loopback with --http-host "
+                    "127.0.0.1.", server.web_host)
     return serve_until_stopped(server)
 
 
@@ -6892,7 +7329,15 @@ def fail(message: str) -> int:
 
 
 def is_loopback(host: str) -> bool:
-    return host == "localhost" or host.startswith("127.") or host == "::1"
+    """localhost, 127.0.0.0/8, ::1, or ::ffff:127.x (an IPv4 peer on an IPv6 socket)."""
+    if host == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return address.is_loopback or mapped is not None and mapped.is_loopback
 
 
 def serve_until_stopped(server: Server) -> int:

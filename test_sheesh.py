@@ -1478,7 +1478,7 @@ def test_connection_over_the_cap_gets_421_and_the_others_carry_on(tmp_path):
 
 
 def test_two_hundred_clients_connecting_at_once_are_all_greeted(tmp_path):
-    with make_server(tmp_path) as server:
+    with make_server(tmp_path, max_connections_per_ip=200) as server:
         sockets = []
         for _ in range(200):  # connect all before reading any greeting
             sock = socket.socket()
@@ -1495,7 +1495,7 @@ def test_two_hundred_clients_connecting_at_once_are_all_greeted(tmp_path):
 
 
 def test_thousand_idle_connections_do_not_stop_a_new_client(tmp_path):
-    with make_server(tmp_path, max_connections=1100) as server:
+    with make_server(tmp_path, max_connections=1100, max_connections_per_ip=1100) as server:
         idle = []
         try:
             for _ in range(1000):
@@ -1512,7 +1512,7 @@ def test_thousand_idle_connections_do_not_stop_a_new_client(tmp_path):
 
 
 def test_load_two_hundred_clients_five_messages_each_nothing_lost(tmp_path):
-    with make_server(tmp_path, fsync=False) as server:
+    with make_server(tmp_path, fsync=False, max_connections_per_ip=200) as server:
         sent, errors = {}, []
 
         def client(number):
@@ -2285,7 +2285,7 @@ def open_store(path, **options):
 def web(tmp_path):
     """A WebApp over a fresh Maildir, driven without sockets."""
     store = open_store(tmp_path / "mail")
-    app = sheesh.WebApp(store, allowed_hosts=frozenset({"127.0.0.1", "localhost"}))
+    app = sheesh.WebApp(store)
     app.maildir = store.maildir
     yield app
     store.close()
@@ -2638,6 +2638,333 @@ def test_browser_shows_new_mail_without_reload_and_escapes_it(web_server, tmp_pa
         browser.wait_for("document.title === 'sheesh'", "the opened message marked read")
     finally:
         browser.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Safe when exposed: who may use the web inbox, and the limits every surface keeps
+# ---------------------------------------------------------------------------------------------
+
+
+def web_request(server, path, method="GET", headers=None, body=None, source=None):
+    """An HTTP request from a chosen local address (127.0.0.2 is another client, as far as
+    sheesh can tell), with any headers: (status, headers, body)."""
+    import http.client
+    host, port = server.web.server_address[:2]
+    connection = http.client.HTTPConnection(host, port, timeout=10,
+                                            source_address=(source, 0) if source else None)
+    connection.request(method, path, body=body, headers=headers or {})
+    response = connection.getresponse()
+    result = response.status, dict(response.getheaders()), response.read()
+    connection.close()
+    return result
+
+
+def basic(user, password):
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+def test_users_protect_the_web_inbox_with_http_basic(tmp_path):
+    with make_server(tmp_path, http_port=0, users=USERS) as server:
+        status, headers, _ = web_request(server, "/api/messages")
+        assert status == 401 and headers["WWW-Authenticate"].startswith('Basic realm="sheesh"')
+        assert web_request(server, "/", headers=basic("alice", "wrong"))[0] == 401
+        assert web_request(server, "/api/messages", headers=basic("alice", "correct horse"))[0] == 200
+        assert web_request(server, "/", headers=basic("bob", "pa:ss:word"))[0] == 200
+
+
+def test_http_users_can_differ_from_the_smtp_users(tmp_path):
+    with make_server(tmp_path, http_port=0, users=USERS, http_users={"viewer": "eyes"}) as server:
+        assert web_request(server, "/api/health", headers=basic("alice", "correct horse"))[0] == 401
+        assert web_request(server, "/api/health", headers=basic("viewer", "eyes"))[0] == 200
+        with smtplib.SMTP(server.host, server.port) as client:  # SMTP keeps --users
+            client.login("alice", "correct horse")
+
+
+def exposed_app(tmp_path, **policy):
+    store = open_store(tmp_path / "mail")
+    return store, sheesh.WebApp(store, policy=sheesh.WebPolicy(exposed=True, **policy))
+
+
+def test_exposed_without_users_refuses_release_and_fault_changes_from_afar(tmp_path):
+    store, app = exposed_app(tmp_path)
+    try:
+        key = deliver(store.maildir, b"Subject: x\r\n\r\nx\r\n")
+        faults = json.dumps({"rules": ["connect: 421 4.3.2 down"]}).encode()
+        far = app.respond("PUT", "/api/faults", {"Host": "203.0.113.9:8025"}, faults,
+                          peer="203.0.113.50")
+        assert far.status == 403 and b"only from loopback" in far.body
+        assert app.respond("POST", f"/api/messages/{key}/release", {"Host": "203.0.113.9"},
+                           b"{}", peer="203.0.113.50").status == 403
+        near = app.respond("PUT", "/api/faults", {"Host": "127.0.0.1:8025"}, faults,
+                           peer="127.0.0.1")
+        assert near.status == 200 and app.faults.rules
+        assert app.respond("GET", "/api/messages", {"Host": "203.0.113.9"},
+                           peer="203.0.113.50").status == 200  # reading stays open: it says so
+    finally:
+        store.close()
+
+
+def test_cli_warns_loudly_when_the_web_inbox_is_exposed_without_users(cli):
+    sheesh_process = cli("--http-port", "0", "--http-host", "0.0.0.0", "--quiet")
+    lines = [sheesh_process.first_line] + [sheesh_process.proc.stderr.readline()
+                                           for _ in range(2)]
+    assert any("WARNING: the web inbox listens on 0.0.0.0, beyond loopback, without --users"
+               in line for line in lines), lines
+
+
+@pytest.mark.parametrize("host, status", [
+    ("[::1]", 200), ("[::1]:8025", 200), ("127.0.0.1", 200), ("192.0.2.10:8025", 200),
+    ("localhost:8025", 200), ("inbox.localhost", 200), ("sink.test:8025", 200),
+    ("proxy.test", 200), ("evil.test:8025", 403), ("localhost.evil.test", 403),
+])
+def test_the_host_check_stays_on_whatever_the_bind_address(tmp_path, host, status):
+    store, app = exposed_app(tmp_path, host_names=frozenset({"sink.test", "proxy.test"}))
+    try:
+        response = app.respond("GET", "/api/health", {"Host": host})
+        assert response.status == status
+        if status == 403:
+            assert b"--http-allowed-host" in response.body
+    finally:
+        store.close()
+
+
+def test_http_host_binds_the_web_inbox_apart_from_smtp(tmp_path):
+    try:
+        server = make_server(tmp_path, http_port=0, http_host="127.0.0.2").start()
+    except OSError as error:
+        pytest.skip(f"cannot listen on 127.0.0.2 here: {error}")
+    try:
+        assert server.web_url.startswith("http://127.0.0.2:") and server.host == "127.0.0.1"
+        assert json.loads(http(server, "/api/health")[2])["status"] == "ok"
+    finally:
+        server.stop()
+
+
+def test_release_obeys_relay_match_and_the_recipient_limit(tmp_path, upstream):
+    with relaying(tmp_path, upstream, relay_match=r"@allowed\.test$", max_recipients=3) as server:
+        with smtplib.SMTP(server.host, server.port) as client:
+            client.sendmail("a@b.test", ["x@allowed.test"], b"Subject: x\r\n\r\nx\r\n")
+        key = server.wait_for_message().key
+        status, answer = release(server, key, ["someone@elsewhere.test"])
+        assert status == 403 and "someone@elsewhere.test" in answer["error"]
+        status, answer = release(server, key, [f"r{n}@allowed.test" for n in range(4)])
+        assert status == 400 and "at most 3 recipients" in answer["error"]
+        assert release(server, key, ["y@allowed.test"])[0] == 202
+
+
+def test_fault_delays_are_bounded_and_checked_when_set(tmp_path):
+    with make_server(tmp_path, http_port=0, timeout=30) as server:
+        for rule, complaint in [("connect: delay 99999999", b"at most 30 seconds"),
+                                ("connect: delay 99999999999999999999999", b"the action must be"),
+                                ("rcpt: 550 5.1.1 \u00b2", b"the action must be")]:
+            status, _, body = web_request(server, "/api/faults", "PUT",
+                                          {"Host": "127.0.0.1"}, json.dumps({"rules": [rule]}))
+            assert status == 400 and complaint in body, rule
+        assert server.faults.rules == []
+    assert run_cli("--fail", "connect: delay 600", "--timeout", "60").returncode == 2
+
+
+def test_a_delayed_connection_ends_when_the_client_hangs_up(tmp_path):
+    with make_server(tmp_path, faults=("connect: delay 20",)) as server:
+        for _ in range(5):
+            socket.create_connection((server.host, server.port)).close()
+        wait_until(lambda: active_sessions(server) == 0, timeout=3,
+                   what="the delayed connections to end with their clients")
+
+
+def test_a_delay_ends_when_its_rule_is_replaced(tmp_path):
+    with make_server(tmp_path, faults=("connect: delay 20",)) as server:
+        sock = socket.create_connection((server.host, server.port), timeout=5)
+        wait_until(lambda: active_sessions(server) == 1)
+        server.faults.replace([])
+        assert sock.recv(100).startswith(b"220 ")  # greeted now, not in 20 seconds
+        sock.close()
+
+
+def test_a_delay_does_not_hold_up_a_stop(tmp_path):
+    server = make_server(tmp_path, faults=("connect: delay 20",)).start()
+    sock = socket.create_connection((server.host, server.port))
+    wait_until(lambda: active_sessions(server) == 1)
+    stopping = threading.Thread(target=server.stop)
+    stopping.start()
+    stopping.join(timeout=5)
+    assert not stopping.is_alive()
+    sock.close()
+
+
+def test_web_request_heads_are_bounded(web_server):
+    sock = socket.create_connection(web_server.web.server_address[:2], timeout=10)
+    sock.sendall(b"GET /api/health HTTP/1.1\r\nHost: 127.0.0.1\r\n" + b"".join(
+        b"X-Filler-%d: %s\r\n" % (n, b"a" * 4000) for n in range(5)))  # 20 KB of head
+    answer = sock.recv(200)
+    assert answer.startswith(b"HTTP/1.0 431") or answer.startswith(b"HTTP/1.1 431"), answer
+    sock.close()
+
+
+def test_a_slow_web_request_is_cut_off_at_its_deadline(tmp_path, monkeypatch):
+    monkeypatch.setattr(sheesh, "WEB_REQUEST_TIMEOUT", 1.0)
+    with make_server(tmp_path, http_port=0) as server:
+        sock = socket.create_connection(server.web.server_address[:2], timeout=10)
+        started = time.monotonic()
+        sock.sendall(b"GET /api/health HTTP/1.1\r\n")
+        with pytest.raises(OSError):
+            for _ in range(20):  # a header every 0.3 s: each read is quick, the whole is not
+                sock.sendall(b"X-Slow: 1\r\n")
+                time.sleep(0.3)
+                if sock.recv(1, socket.MSG_DONTWAIT) == b"":
+                    raise ConnectionResetError("closed")
+        assert time.monotonic() - started < 4
+        sock.close()
+
+
+def test_web_connections_are_capped_and_streams_cannot_starve_requests(tmp_path, monkeypatch):
+    monkeypatch.setattr(sheesh, "WEB_STREAM_LIMIT", 2)
+    with make_server(tmp_path, http_port=0, max_connections=4) as server:
+        streams = [urllib.request.urlopen(server.web_url + "api/events", timeout=10)
+                   for _ in range(2)]
+        assert http(server, "/api/events")[0] == 503  # the third stream
+        idle = [socket.create_connection(server.web.server_address[:2]) for _ in range(4)]
+        wait_until(lambda: len(server.web._open) == 4, what="four ordinary connections")
+        status, _, body = http(server, "/api/health")  # a fifth ordinary one
+        assert status == 503 and b"too many connections" in body
+        for sock in idle:
+            sock.close()
+        wait_until(lambda: http(server, "/api/health")[0] == 200,
+                   what="a slot for an ordinary request, with both streams still open")
+        for stream in streams:
+            stream.close()
+
+
+def test_failed_logins_are_throttled_by_address_across_sessions_and_protocols(tmp_path, caplog):
+    token = base64.b64encode(b"\0alice\0nope").decode()
+    with caplog.at_level(logging.WARNING, logger="sheesh"):
+        with make_server(tmp_path, users=USERS, pop3_port=0, imap_port=0, http_port=0) as server:
+            for _ in range(5):  # two guesses a connection, each a new one
+                client = RawClient(server)
+                client.send(b"EHLO x\r\n")
+                client.reply()
+                for _ in range(2):
+                    client.send(f"AUTH PLAIN {token}\r\n".encode())
+                    assert client.reply().startswith(b"535 ")
+                client.sock.close()
+            right = base64.b64encode(b"\0alice\0correct horse").decode()
+            client = RawClient(server)
+            client.send(b"EHLO x\r\n")
+            client.reply()
+            client.send(f"AUTH PLAIN {right}\r\n".encode())
+            assert client.reply() == (b"454 4.7.0 Error: too many failed logins from your "
+                                      b"address, try again later\r\n")  # right, but refused
+            import poplib
+            pop = poplib.POP3(server.host, server.pop3_port, timeout=10)
+            pop.user("alice")
+            with pytest.raises(poplib.error_proto, match="too many failed logins"):
+                pop.pass_("correct horse")
+            imap = RawClient(sock=socket.create_connection((server.host, server.imap_port), 10))
+            imap.sock.recv(1000)
+            imap.send(b'a1 LOGIN alice "correct horse"\r\n')
+            assert b"a1 NO [UNAVAILABLE] too many failed logins" in imap.sock.recv(1000)
+            assert web_request(server, "/api/health",
+                               headers=basic("alice", "correct horse"))[0] == 429
+            other = socket.create_connection((server.host, server.port), timeout=10,
+                                             source_address=("127.0.0.2", 0))  # another client
+            reader = other.makefile("rb")
+            reader.readline()
+            other.sendall(f"EHLO x\r\nAUTH PLAIN {right}\r\n".encode())
+            while not (line := reader.readline()).startswith(b"250 "):
+                pass
+            assert reader.readline().startswith(b"235 ")
+            other.close()
+    logged = [r.getMessage() for r in caplog.records if "failed login" in r.getMessage()]
+    assert logged == ["1 failed login from 127.0.0.1 (SMTP as alice)"]  # once a minute
+
+
+def test_cli_logs_failed_logins_even_with_quiet(cli, tmp_path):
+    users = tmp_path / "users"
+    users.write_text("alice:secret\n")
+    sheesh_process = cli("--users", str(users), "--quiet")
+    with smtplib.SMTP("127.0.0.1", sheesh_process.port) as client:
+        with pytest.raises(smtplib.SMTPAuthenticationError):
+            client.login("alice", "guess")
+    assert "1 failed login from 127.0.0.1 (SMTP as alice)" in sheesh_process.proc.stderr.readline()
+
+
+def test_connections_per_address_are_capped_on_every_port(tmp_path):
+    with make_server(tmp_path, max_connections_per_ip=3, pop3_port=0, http_port=0) as server:
+        held = [RawClient(server) for _ in range(2)]
+        held.append(socket.create_connection((server.host, server.pop3_port), timeout=10))
+        wait_until(lambda: active_sessions(server) == 3)
+        crowded = RawClient(server)
+        assert crowded.greeting == (b"421 4.7.0 Error: too many connections from your address, "
+                                    b"try again later\r\n")
+        assert web_request(server, "/api/health")[0] == 503
+        other = socket.create_connection((server.host, server.port), timeout=10,
+                                         source_address=("127.0.0.2", 0))
+        assert other.recv(100).startswith(b"220 ")  # another address is served
+        other.close()
+        for client in held:
+            (client.sock if isinstance(client, RawClient) else client).close()
+
+
+@pytest.mark.parametrize("target, status", [
+    ("/api/messages?limit=\u00b2", 400), ("/api/messages?offset=", 400),
+    ("/api/messages/wait?timeout=", 400), ("/api/messages?limit=%D9%A3", 400),
+])
+def test_web_numbers_must_be_ascii_digits(web, target, status):
+    assert get(web, target).status == status
+
+
+def test_unicode_digits_never_reach_int(web):
+    key = deliver(web.maildir, rich_message())
+    assert get(web, f"/api/messages/{key}/attachments/\u00b2").status == 404
+    session = pop3(web.store)
+    tell(session, "USER x", "PASS y")
+    assert tell(session, "RETR \u00b2", "TOP 1 \u00b2", "LIST 1") == (
+        b"-ERR no such message\r\n-ERR usage: TOP message lines\r\n"
+        + f"+OK 1 {web.store.messages()[0].summary.crlf_size}\r\n".encode())
+
+
+def test_web_answers_503_without_a_traceback_when_the_maildir_is_gone(web_server, caplog):
+    with smtplib.SMTP(web_server.host, web_server.port) as client:
+        client.sendmail("a@b.test", ["c@d.test"], rich_message())
+    key = web_server.wait_for_message().key
+    os.rename(web_server.store.path, web_server.store.path.with_name("moved"))
+    try:
+        with caplog.at_level(logging.ERROR, logger="sheesh"):
+            status, _, body = http(web_server, f"/api/messages/{key}")
+        assert status == 503 and b"the Maildir cannot be read" in body
+        assert not any(record.exc_info for record in caplog.records)
+    finally:
+        os.rename(web_server.store.path.with_name("moved"), web_server.store.path)
+
+
+def test_attachment_names_lose_their_bidi_controls(web):
+    message = EmailMessage()
+    message.set_content("see attached")
+    message.add_attachment(b"MZ", maintype="application", subtype="octet-stream",
+                           filename="invoice\u202efdp.exe")
+    key = deliver(web.maildir, message.as_bytes())
+    [attachment] = get_json(web, f"/api/messages/{key}")[1]["attachments"]
+    assert attachment["filename"] == "invoicefdp.exe"
+    disposition = get(web, attachment["url"]).headers["Content-Disposition"]
+    assert "%E2%80%AE" not in disposition and "invoicefdp.exe" in disposition
+
+
+def test_unfinished_files_in_tmp_are_removed_at_start(tmp_path, caplog):
+    maildir = sheesh.Maildir(tmp_path / "mail")
+    maildir.create()
+    host = maildir._name_host
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid that no process has now
+    files = {"old": "1000000000.M1P1Q1.elsewhere", "crashed": f"1790000000.M1P{gone.pid}Q1.{host}",
+             "running": f"1790000000.M1P{os.getpid()}Q1.{host}"}
+    for name in files.values():
+        (tmp_path / "mail" / "tmp" / name).write_bytes(b"partial")
+    os.utime(tmp_path / "mail" / "tmp" / files["old"], (0, time.time() - 40 * 3600))
+    with caplog.at_level(logging.WARNING, logger="sheesh"):
+        with make_server(tmp_path):
+            pass
+    assert [p.name for p in files_in(tmp_path / "mail", "tmp")] == [files["running"]]
+    assert any("removed 2 unfinished files" in r.getMessage() for r in caplog.records)
 
 
 # ---------------------------------------------------------------------------------------------
