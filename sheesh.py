@@ -226,6 +226,9 @@ NEED_EHLO = reply(503, "5.5.1 Error: send EHLO first")
 NESTED_MAIL = reply(503, "5.5.1 Error: nested MAIL command")
 NEED_MAIL = reply(503, "5.5.1 Error: need MAIL command")
 NEED_RCPT = reply(503, "5.5.1 Error: need RCPT command")
+MIXED_WITH_BDAT = reply(503, "5.5.1 Error: BDAT and DATA or RCPT cannot be mixed in one "
+                        "transaction")  # RFC 3030 section 2
+BINARYMIME_NEEDS_BDAT = reply(503, "5.5.1 Error: BODY=BINARYMIME needs BDAT, not DATA")
 ALREADY_AUTHENTICATED = reply(503, "5.5.1 Error: already authenticated")
 TLS_ALREADY_ACTIVE = reply(503, "5.5.1 Error: TLS already active")
 NEED_TLS = reply(530, "5.7.0 Must issue a STARTTLS command first")  # RFC 3207 section 4
@@ -296,19 +299,31 @@ class Ehlo:
 class Mail:
     sender: str  # the reverse-path; "" is the null sender <> used by bounces
     size: int | None = None  # SIZE=, what the client says the message will weigh (RFC 1870)
-    body: str = "7BIT"  # BODY=7BIT or BODY=8BITMIME (RFC 6152)
+    body: str = "7BIT"  # BODY=7BIT, 8BITMIME (RFC 6152) or BINARYMIME (RFC 3030)
     smtputf8: bool = False  # SMTPUTF8 (RFC 6531)
     has_parameters: bool = False
+    ret: str | None = None  # DSN (RFC 3461): RET=FULL or HDRS, what a notice should carry
+    envid: str | None = None  # and ENVID=, the sender's name for the transaction (xtext)
 
 
 @dataclass(frozen=True)
 class Rcpt:
     recipient: str  # a forward-path
+    notify: tuple[str, ...] = ()  # DSN: NOTIFY=NEVER, or SUCCESS, FAILURE, DELAY
+    orcpt: str | None = None  # DSN: ORCPT=addr-type;xtext, the original recipient
 
 
 @dataclass(frozen=True)
 class Data:
     pass
+
+
+@dataclass(frozen=True)
+class Bdat:
+    """BDAT size [LAST] (RFC 3030): exactly `size` octets of message follow the line."""
+
+    size: int
+    last: bool
 
 
 @dataclass(frozen=True)
@@ -362,11 +377,14 @@ class Invalid:
     reply: Reply
 
 
-Command = (Helo | Ehlo | Mail | Rcpt | Data | Rset | Noop | Vrfy | Help | Quit | Auth
+Command = (Helo | Ehlo | Mail | Rcpt | Data | Bdat | Rset | Noop | Vrfy | Help | Quit | Auth
            | StartTls | NotImplemented_ | Unknown | Invalid)
 
-MAIL_USAGE = usage("MAIL FROM:<address> [SIZE=n] [BODY=7BIT|8BITMIME] [SMTPUTF8] [AUTH=x]")
-RCPT_USAGE = usage("RCPT TO:<address>")
+MAIL_USAGE = usage("MAIL FROM:<address> [SIZE=n] [BODY=7BIT|8BITMIME|BINARYMIME] [SMTPUTF8] "
+                   "[AUTH=x] [RET=FULL|HDRS] [ENVID=xtext]")
+RCPT_USAGE = usage("RCPT TO:<address> [NOTIFY=NEVER|SUCCESS,FAILURE,DELAY] "
+                   "[ORCPT=addr-type;xtext]")
+BDAT_USAGE = usage("BDAT size [LAST]")
 
 
 def whole_number(text: str, digits: int = 15) -> int | None:
@@ -394,6 +412,11 @@ def parse_command(line: str) -> Command:
             return parse_rcpt(argument)
         case "DATA":
             return Invalid(usage("DATA")) if argument else Data()
+        case "BDAT":
+            size, _, last = argument.partition(" ")
+            if whole_number(size, 20) is None or last.strip(" ").upper() not in ("", "LAST"):
+                return Invalid(BDAT_USAGE)
+            return Bdat(whole_number(size, 20), bool(last.strip(" ")))
         case "RSET":
             return Invalid(usage("RSET")) if argument else Rset()
         case "NOOP":
@@ -422,26 +445,32 @@ def parse_mail(argument: str) -> Mail | Invalid:
     if parsed is None:
         return Invalid(MAIL_USAGE)
     sender, parameters = parsed
-    if not is_valid_address(sender, null_allowed=True):
-        return Invalid(BAD_SENDER)
+    if (problem := address_problem(sender, sender=True)) is not None:
+        return Invalid(problem)
     if not parameters:
         return Mail(sender)
-    size, body, smtputf8 = None, "7BIT", False
+    if len({keyword for keyword, _ in parameters}) < len(parameters):
+        return Invalid(usage_with("a parameter is given twice", MAIL_USAGE))
+    size, body, smtputf8, ret, envid = None, "7BIT", False, None, None
     for keyword, value in parameters:
         match keyword, value:
             case "SIZE", str() if whole_number(value, 100) is not None:  # any size: too big
                 size = whole_number(value, 100)  # is 552, not a syntax error (test suites try)
-            case "BODY", str() if value.upper() in ("7BIT", "8BITMIME"):
+            case "BODY", str() if value.upper() in ("7BIT", "8BITMIME", "BINARYMIME"):
                 body = value.upper()
             case "SMTPUTF8", None:
                 smtputf8 = True
             case "AUTH", str():
                 pass  # RFC 4954 section 5: the submitter's identity; senders commonly send AUTH=<>
-            case ("SIZE" | "BODY" | "SMTPUTF8" | "AUTH"), _:
+            case "RET", str() if value.upper() in ("FULL", "HDRS"):  # RFC 3461 section 4.3
+                ret = value.upper()
+            case "ENVID", str() if is_xtext(value) and len(value) <= 100:  # 4.4: 100 at most
+                envid = value
+            case ("SIZE" | "BODY" | "SMTPUTF8" | "AUTH" | "RET" | "ENVID"), _:
                 return Invalid(MAIL_USAGE)
             case _:
                 return Invalid(UNKNOWN_PARAMETER)
-    return Mail(sender, size, body, smtputf8, has_parameters=True)
+    return Mail(sender, size, body, smtputf8, has_parameters=True, ret=ret, envid=envid)
 
 
 def parse_rcpt(argument: str) -> Rcpt | Invalid:
@@ -452,22 +481,61 @@ def parse_rcpt(argument: str) -> Rcpt | Invalid:
     if parsed is None:
         return Invalid(RCPT_USAGE)
     recipient, parameters = parsed
-    if not is_valid_address(recipient, null_allowed=False):
-        return Invalid(BAD_RECIPIENT)
-    if parameters:
-        return Invalid(UNKNOWN_PARAMETER)
-    return Rcpt(recipient)
+    if (problem := address_problem(recipient, sender=False)) is not None:
+        return Invalid(problem)
+    if len({keyword for keyword, _ in parameters}) < len(parameters):
+        return Invalid(usage_with("a parameter is given twice", RCPT_USAGE))
+    notify, orcpt = (), None
+    for keyword, value in parameters:
+        match keyword, value:
+            case "NOTIFY", str():  # RFC 3461 section 4.1: NEVER, or a list of the others
+                notify = tuple(word.upper() for word in value.split(","))
+                if not notify_valid(notify):
+                    return Invalid(usage_with("NOTIFY takes NEVER, or SUCCESS, FAILURE and "
+                                              "DELAY separated by commas", RCPT_USAGE))
+            case "ORCPT", str() if orcpt_valid(value):  # section 4.2: addr-type ";" xtext
+                orcpt = value
+            case "ORCPT", _:
+                return Invalid(usage_with("ORCPT takes addr-type;xtext, as rfc822;user%2Bx@y",
+                                          RCPT_USAGE))
+            case _:
+                return Invalid(UNKNOWN_PARAMETER)
+    return Rcpt(recipient, notify, orcpt)
+
+
+def is_xtext(text: str) -> bool:
+    """RFC 3461 section 4: xtext, printable ASCII in which "+" and "=" are written +2B, +3D."""
+    return re.fullmatch(r"(?:[!-*,-<>-~]|\+[0-9A-F]{2})*", text) is not None
+
+
+def notify_valid(words: tuple[str, ...]) -> bool:
+    if words == ("NEVER",):
+        return True
+    return bool(words) and len(set(words)) == len(words) and set(words) <= {
+        "SUCCESS", "FAILURE", "DELAY"}
+
+
+def orcpt_valid(value: str) -> bool:
+    kind, semicolon, address = value.partition(";")
+    return (bool(semicolon) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9-]*", kind) is not None
+            and bool(address) and is_xtext(address) and len(value) <= 500)
+
+
+def usage_with(problem: str, syntax: Reply) -> Reply:
+    """A 501 that says what was wrong, then the syntax."""
+    return reply(501, f"5.5.4 Error: {problem}", *syntax.lines)
 
 
 def parse_path(text: str) -> tuple[str, list[tuple[str, str | None]]] | None:
     """Split "<address> KEY=VALUE ..." into the address and its parameters, or None.
 
     The address may come in angle brackets, as RFC 5321 requires, or bare, as many clients
-    send it. A source route ("<@relay:user@host>") is accepted and ignored (RFC 5321 appendix C).
+    send it. A source route ("<@relay:user@host>") is accepted and ignored (RFC 5321 section
+    4.1.2 and appendix C). A quoted local part may hold spaces and ">" ("john doe"@x).
     """
     text = text.lstrip(" ")  # "MAIL FROM: <a@b>" is wrong but common
     if text.startswith("<"):
-        end = text.find(">")
+        end = path_end(text)
         if end < 0:
             return None
         address, rest = text[1:end], text[end + 1:]
@@ -477,8 +545,10 @@ def parse_path(text: str) -> tuple[str, list[tuple[str, str | None]]] | None:
         address, _, rest = text.partition(" ")
         if not address:
             return None  # only "<>" is the null sender
-    if address.startswith("@"):
-        address = address.partition(":")[2]
+    route, colon, mailbox = address.partition(":")
+    if address.startswith("@") and colon and all(  # A-d-l ":" Mailbox
+            AT_DOMAIN.fullmatch(hop) for hop in route.split(",")):
+        address = mailbox  # (anything else that starts with "@" fails as a Mailbox)
     parameters = []
     for word in rest.split():
         keyword, equals, value = word.partition("=")
@@ -489,13 +559,84 @@ def parse_path(text: str) -> tuple[str, list[tuple[str, str | None]]] | None:
     return address, parameters
 
 
-def is_valid_address(address: str, *, null_allowed: bool) -> bool:
-    """Whether an address is safe to keep. Refusing control characters (CR and LF above all)
-    keeps a client from writing extra header lines into a stored message; isprintable() also
-    refuses bytes that were not UTF-8, which surrogateescape turned into lone surrogates."""
+def path_end(text: str) -> int:
+    """Where the ">" that closes a path is, passing over quoted strings; if a stray quote
+    hides every ">", the first one (the address will then fail as a Mailbox); -1 if none."""
+    quoted = escaped = False
+    for at, ch in enumerate(text[1:], start=1):
+        if escaped:
+            escaped = False
+        elif quoted and ch == "\\":
+            escaped = True
+        elif ch == '"':
+            quoted = not quoted
+        elif ch == ">" and not quoted:
+            return at
+    return text.find(">")
+
+
+# The grammar of an address, with RFC 5321 section 4.1.2's names, and RFC 6531's additions for
+# SMTPUTF8: atext, qtext and sub-domains may hold any character above ASCII (UTF8-non-ascii;
+# never a lone surrogate, which is how a byte that was not UTF-8 arrives here).
+_NON_ASCII = "\u0080-\ud7ff\ue000-\U0010ffff"
+ATEXT = f"[A-Za-z0-9!#$%&'*+/=?^_`{{|}}~\\-{_NON_ASCII}]"
+DOT_STRING = f"{ATEXT}+(?:\\.{ATEXT}+)*"
+QUOTED_STRING = f'"(?:[ !#-\\[\\]-~{_NON_ASCII}]|\\\\[ -~])*"'  # qtextSMTP / quoted-pairSMTP
+LOCAL_PART = f"(?:{DOT_STRING}|{QUOTED_STRING})"
+LET_DIG = f"[A-Za-z0-9{_NON_ASCII}]"
+SUB_DOMAIN = f"{LET_DIG}(?:[A-Za-z0-9\\-{_NON_ASCII}]*{LET_DIG})?"  # Let-dig [Ldh-str]
+DOMAIN = f"{SUB_DOMAIN}(?:\\.{SUB_DOMAIN})*"
+ADDRESS_LITERAL = r"\[[^\[\]\\]*\]"  # its inside is checked by address_literal_valid()
+MAILBOX = re.compile(f"({LOCAL_PART})@({DOMAIN}|{ADDRESS_LITERAL})")
+AT_DOMAIN = re.compile(f"@{DOMAIN}")
+
+
+def address_literal_valid(inside: str) -> bool:
+    """The inside of [...]: an IPv4 address, "IPv6:" and an IPv6 address, or a General-address-
+    literal (a tag, a colon, and dcontent: printable ASCII but [ \\ ])."""
+    try:
+        if inside[:5].upper() == "IPV6:":
+            ipaddress.IPv6Address(inside[5:])
+            return True
+        if re.fullmatch(r"[0-9.]+", inside):
+            ipaddress.IPv4Address(inside)
+            return True
+    except ValueError:
+        return False
+    return re.fullmatch(r"[A-Za-z0-9-]*[A-Za-z0-9]:[!-Z^-~]+", inside) is not None
+
+
+# RFC 5321 section 4.5.3.1: a local part of at most 64 octets, a domain of 255, a path (with
+# its angle brackets) of 256. With SMTPUTF8 (RFC 6531) the limits stay, and stay in octets:
+# sheesh counts the UTF-8 bytes, as a relay's buffers would, so a path of 256 ASCII
+# characters passes and one of 100 Chinese characters (300 octets) does not.
+PATH_LIMITS = (("local part", 64, "4.5.3.1.1"), ("domain", 255, "4.5.3.1.2"),
+               ("path", 256, "4.5.3.1.3"))
+
+
+def address_problem(address: str, *, sender: bool) -> Reply | None:
+    """What is wrong with an address, as RFC 5321 section 4.1.2 writes it, or None. The null
+    sender <> is a sender only; Postmaster without a domain, a recipient only (4.1.1.3)."""
+    refused = BAD_SENDER if sender else BAD_RECIPIENT
     if not address:
-        return null_allowed
-    return address.isprintable() and not any(ch in address for ch in " <>")
+        return None if sender else refused
+    if not sender and address.lower() == "postmaster":
+        return None
+    found = MAILBOX.fullmatch(address)
+    if found is None or found.group(2).startswith("[") and not address_literal_valid(
+            found.group(2)[1:-1]):
+        return refused
+    code = "5.1.7" if sender else "5.1.3"
+    for (name, limit, section), part in zip(PATH_LIMITS, (*found.groups(), f"<{address}>")):
+        if len(part.encode("utf-8")) > limit:
+            return reply(501, f"{code} Error: the {name} is longer than {limit} octets "
+                              f"(RFC 5321 section {section})")
+    return None
+
+
+def is_valid_address(address: str, *, null_allowed: bool) -> bool:
+    """Whether an address is one a message may be sent to (or from, with null_allowed)."""
+    return address_problem(address, sender=null_allowed) is None
 
 
 def parse_auth(argument: str) -> Auth | Invalid:
@@ -584,6 +725,7 @@ class State(enum.Enum):
     MAIL = "have the sender, waiting for RCPT"
     RCPT = "have recipients, waiting for more RCPT or DATA"
     DATA = "reading the message"
+    CHUNKS = "have chunks of the message (BDAT), waiting for more"
     AUTH = "in the middle of AUTH"
     CLOSED = "closed"
 
@@ -602,6 +744,12 @@ class Envelope:
     protocol: str = "SMTP"  # SMTP, ESMTP, ESMTPS, ESMTPA, ESMTPSA (RFC 3848)
     auth_user: str | None = None
     tls: str | None = None  # the TLS version and cipher, when the session used TLS
+    # What the client asked of delivery status notifications (RFC 3461); sheesh sends none,
+    # but records them, so that a test can see its app asked:
+    dsn_ret: str | None = None  # RET=FULL or HDRS
+    dsn_envid: str | None = None  # ENVID=
+    dsn_recipients: dict[str, tuple[tuple[str, ...], str | None]] = field(
+        default_factory=dict)  # recipient -> (NOTIFY words, ORCPT)
 
 
 @dataclass(frozen=True)
@@ -644,6 +792,10 @@ class Session:
     _writer: object = None  # the store's writer for the message in DATA
     _message_size: int = 0
     _data_problem: Reply | None = None  # why the message in DATA will not be stored
+    _chunk_left: int = 0  # octets of a BDAT chunk still to come
+    _chunk_last: bool = False  # ...and whether it is the message's last
+    _chunk_refusal: Reply | None = None  # what to answer once a refused chunk has been read
+    notes: list[str] = field(default_factory=list)  # refusals, for the log
     _auth_mechanism: str = ""
     _auth_username: str | None = None
     _auth_challenge: bytes = b""
@@ -660,12 +812,13 @@ class Session:
 
     @property
     def in_data(self) -> bool:
-        return self.state is State.DATA
+        return self.state in (State.DATA, State.CHUNKS) or self._chunk_left > 0
 
     @property
     def busy(self) -> bool:
-        """Whether a command line or a message has begun to arrive and not yet ended."""
-        return self.state is State.DATA or bool(self._unread) or self._overlong
+        """Whether a command line or a message has begun to arrive and not yet ended: a
+        message, in DATA or in chunks, must arrive whole within one timeout."""
+        return self.in_data or bool(self._unread) or self._overlong
 
     def receive(self, data: bytes) -> list[Reply]:
         """Take the bytes the client sent; return the replies they call for, in order.
@@ -683,11 +836,19 @@ class Session:
                     reply_, buffer = done
                     replies.append(reply_)
                 continue
+            if self._chunk_left:  # BDAT: so many octets, exactly, whatever they hold
+                chunk = buffer[position:position + self._chunk_left]
+                position += len(chunk)
+                if (reply_ := self.handle_chunk(chunk)) is not None:
+                    replies.append(reply_)
+                continue
             end = buffer.find(b"\n", position)
             if end < 0:
                 break
-            replies.append(self.handle_raw_line(buffer[position:end]))
+            reply_ = self.handle_raw_line(buffer[position:end])
             position = end + 1
+            if reply_ is not None:  # BDAT answers once its chunk has come
+                replies.append(reply_)
         self._unread = self._hold_partial_line(buffer[position:])
         return replies
 
@@ -695,7 +856,7 @@ class Session:
         # After STARTTLS, what the client sent before the handshake is dropped, never read as
         # commands: a man in the middle could have put it there (RFC 3207 section 4.2, and
         # CVE-2011-0411, "STARTTLS command injection").
-        if self.closed or self.state is State.DATA or self.tls_requested:
+        if self.closed or self.state is State.DATA or self._chunk_left or self.tls_requested:
             return b""
         if len(partial) >= COMMAND_LINE_LIMIT:
             self._overlong = True  # drop it, and answer once its end arrives
@@ -723,10 +884,12 @@ class Session:
                 return self.hello(name, extended=isinstance(hello, Ehlo))
             case Mail() as mail:
                 return self.mail(mail)
-            case Rcpt(recipient):
-                return self.rcpt(recipient)
+            case Rcpt() as rcpt:
+                return self.rcpt(rcpt)
             case Data():
                 return self.data()
+            case Bdat(size, last):
+                return self.bdat(size, last)
             case Rset():
                 self.reset_transaction()
                 return OK
@@ -752,9 +915,9 @@ class Session:
 
     def hello(self, client_name: str, *, extended: bool) -> Reply:
         # RFC 5321 section 4.1.4: a second HELO or EHLO resets the transaction, as RSET does.
+        self.reset_transaction()  # a message in chunks (BDAT) included
         self.client_name, self.extended = client_name, extended
         self.state = State.GREETED
-        self.envelope = Envelope()
         if not extended:
             return reply(250, self.hostname)
         return reply(250, self.hostname, *self.extensions())
@@ -762,7 +925,7 @@ class Session:
     def extensions(self) -> list[str]:
         """What EHLO advertises (RFC 5321 section 4.1.1.1), one keyword per line."""
         extensions = ["PIPELINING", f"SIZE {self.policy.max_size}", "8BITMIME", "SMTPUTF8",
-                      "ENHANCEDSTATUSCODES"]
+                      "ENHANCEDSTATUSCODES", "CHUNKING", "BINARYMIME", "DSN"]
         if self.policy.tls_available and self.tls is None:
             extensions.append("STARTTLS")
         if self.tls is not None or not self.policy.tls_required:  # no passwords in the clear
@@ -777,40 +940,60 @@ class Session:
     def mail(self, mail: Mail) -> Reply:
         if self.state is State.CONNECTED:
             return NEED_HELO
-        if self.state in (State.MAIL, State.RCPT):
+        if self.state in (State.MAIL, State.RCPT, State.CHUNKS):
             return NESTED_MAIL
         if self.policy.tls_required and self.tls is None:
-            return NEED_TLS
+            return self.refuse(NEED_TLS, "MAIL before STARTTLS, with --tls-required")
         if self.policy.auth_required and self.auth_user is None:
-            return NEED_AUTH
+            return self.refuse(NEED_AUTH, "MAIL before AUTH, with --auth-required")
         if mail.has_parameters and not self.extended:
             return UNKNOWN_PARAMETER  # parameters are ESMTP: a HELO client cannot use them
         if mail.size is not None and mail.size > self.policy.max_size:
-            return MESSAGE_TOO_BIG  # RFC 1870 section 6.1: refuse it before it is sent
+            # RFC 1870 section 6.1: refuse it before it is sent
+            return self.refuse(MESSAGE_TOO_BIG, f"SIZE={mail.size} is over --max-size "
+                                                f"{self.policy.max_size}, from <{mail.sender}>")
         if (fault := self.inject("mail", mail.sender)) is not None:
             return fault
-        self.envelope = Envelope(sender=mail.sender, body=mail.body, smtputf8=mail.smtputf8)
+        self.envelope = Envelope(sender=mail.sender, body=mail.body, smtputf8=mail.smtputf8,
+                                 dsn_ret=mail.ret, dsn_envid=mail.envid)
         self.state = State.MAIL
         return SENDER_OK
 
-    def rcpt(self, recipient: str) -> Reply:
+    def rcpt(self, rcpt: Rcpt) -> Reply:
         if self.state not in (State.MAIL, State.RCPT):
-            return NEED_MAIL
+            return NEED_MAIL if self.state is not State.CHUNKS else MIXED_WITH_BDAT
+        if (rcpt.notify or rcpt.orcpt) and not self.extended:
+            return UNKNOWN_PARAMETER
         if len(self.envelope.recipients) >= self.policy.max_recipients:
-            return TOO_MANY_RECIPIENTS
-        if (fault := self.inject("rcpt", recipient)) is not None:
+            return self.refuse(TOO_MANY_RECIPIENTS, f"<{rcpt.recipient}>: over --max-recipients "
+                                                    f"{self.policy.max_recipients}")
+        if (fault := self.inject("rcpt", rcpt.recipient)) is not None:
             return fault  # this recipient only: the others stay in the transaction
-        self.envelope.recipients.append(recipient)
+        self.envelope.recipients.append(rcpt.recipient)
+        if rcpt.notify or rcpt.orcpt:
+            self.envelope.dsn_recipients[rcpt.recipient] = (rcpt.notify, rcpt.orcpt)
         self.state = State.RCPT
         return RECIPIENT_OK
 
     def data(self) -> Reply:
+        if self.state is State.CHUNKS:
+            return MIXED_WITH_BDAT  # RFC 3030 section 2: not both in one transaction
         if self.state is State.MAIL:
             return NEED_RCPT
         if self.state is not State.RCPT:
             return NEED_MAIL if self.state is State.GREETED else NEED_HELO
+        if self.envelope.body == "BINARYMIME":
+            return BINARYMIME_NEEDS_BDAT  # RFC 3030 section 3
         if (fault := self.inject("data")) is not None:
             return fault
+        if (problem := self.begin_message()) is not None:
+            return problem
+        self.state, self._data = State.DATA, DataReader()
+        return START_DATA
+
+    def begin_message(self) -> Reply | None:
+        """The message begins (DATA, or a first BDAT): the envelope takes what the trace
+        headers record, and the store opens its writer; or the storage problem."""
         envelope = self.envelope
         envelope.client_name, envelope.peer, envelope.tls = self.client_name, self.peer, self.tls
         envelope.auth_user = self.auth_user
@@ -820,9 +1003,48 @@ class Session:
             self._writer = self.store.begin(self.envelope)
         except OSError as error:
             return storage_problem(error)
-        self.state, self._data = State.DATA, DataReader()
         self._message_size, self._data_problem = 0, None
-        return START_DATA
+        return None
+
+    def bdat(self, size: int, last: bool) -> Reply | None:
+        """BDAT (RFC 3030): the next `size` octets are the message's, exactly as they are (no
+        dot-stuffing, no end line). They are read whatever the answer, which comes after
+        them; None until then. LAST ends the message; RSET or a failed chunk drops it."""
+        self._chunk_left, self._chunk_last, refusal = size, last, None
+        if self.state is State.CONNECTED:
+            refusal = NEED_HELO
+        elif not self.extended:
+            refusal = NEED_EHLO  # CHUNKING is an extension: a HELO client was not offered it
+        elif self.state in (State.GREETED, State.MAIL):
+            refusal = NEED_MAIL if self.state is State.GREETED else NEED_RCPT
+        elif self.state is State.RCPT:  # the first chunk: the message begins
+            refusal = self.inject("data") or self.begin_message()
+            if refusal is None:
+                self.state = State.CHUNKS
+        self._chunk_refusal = refusal
+        return self.end_chunk() if size == 0 else None
+
+    def handle_chunk(self, data: bytes) -> Reply | None:
+        """Octets of a BDAT chunk; once it has all come, the reply."""
+        self._chunk_left -= len(data)
+        if self._chunk_refusal is None and self._data_problem is None:
+            self._message_size += len(data)
+            if self._message_size > self.policy.max_size:
+                self._drop_message(MESSAGE_TOO_BIG)
+            elif data:
+                try:
+                    self._writer.write(data)
+                except OSError as error:
+                    self._drop_message(storage_problem(error))
+        return None if self._chunk_left else self.end_chunk()
+
+    def end_chunk(self) -> Reply:
+        refusal, self._chunk_refusal = self._chunk_refusal, None
+        if refusal is not None:
+            return refusal  # a BDAT out of place: the transaction, if any, stays as it was
+        if self._data_problem is not None or self._chunk_last:
+            return self.finish_message()
+        return reply(250, f"2.0.0 Ok: {self._message_size} octets so far")
 
     def handle_data(self, data: bytes) -> tuple[Reply, bytes] | None:
         """Bytes of the message. Once its end arrives, return the reply and what followed."""
@@ -849,11 +1071,15 @@ class Session:
             writer.abort()
 
     def finish_message(self) -> Reply:
-        """The final dot arrived: store the message and say so, or say why not."""
+        """The final dot (or BDAT LAST) arrived: store the message and say so, or say why
+        not. A failed chunk ends the transaction too (RFC 3030 section 2)."""
         writer, problem = self._writer, self._data_problem
         self._writer = None
         try:
             if problem is not None:
+                if problem is MESSAGE_TOO_BIG:
+                    self.refuse(problem, f"the message from <{self.envelope.sender}> was over "
+                                         f"--max-size {self.policy.max_size}")
                 return problem
             if (fault := self.inject("end-of-data")) is not None:
                 writer.abort()  # a refused message leaves nothing behind
@@ -867,7 +1093,7 @@ class Session:
     def reset_transaction(self) -> None:
         """RSET, a new HELO, or the end of DATA: forget the transaction, keep the session."""
         self._abort_writer()
-        self.envelope, self._data = Envelope(), None
+        self.envelope, self._data, self._data_problem = Envelope(), None, None
         if self.state not in (State.CONNECTED, State.CLOSED):
             self.state = State.GREETED
 
@@ -876,6 +1102,11 @@ class Session:
         if self.unknown_commands > MAX_UNKNOWN_COMMANDS:
             return self.close(TOO_MANY_UNKNOWN, "too many unrecognized commands")
         return UNKNOWN_COMMAND
+
+    def refuse(self, reply_: Reply, why: str) -> Reply:
+        """A refusal worth a line in the log, as a stored message has one."""
+        self.notes.append(f"{reply_.code} {reply_.lines[0]}: {why}")
+        return reply_
 
     def inject(self, stage: str, subject: str = "") -> Reply | None:
         """A failure configured for this point (--fail), or None to go on as usual. A delay
@@ -932,7 +1163,7 @@ class Session:
         if self.auth_user is not None:
             return ALREADY_AUTHENTICATED
         if self.policy.tls_required and self.tls is None:
-            return NEED_TLS_FOR_AUTH
+            return self.refuse(NEED_TLS_FOR_AUTH, "AUTH before STARTTLS, with --tls-required")
         if mechanism not in self.mechanisms():
             return UNKNOWN_MECHANISM
         if (fault := self.inject("auth")) is not None:
@@ -993,6 +1224,7 @@ class Session:
     def auth_failed(self, user: str) -> Reply:
         if self.logins is not None:
             self.logins.failed(self.peer, user, "SMTP")
+        self.refuse(BAD_CREDENTIALS, f"a wrong password for {user!r}")
         self.auth_failures += 1
         self.delay += AUTH_FAILURE_DELAY  # slows down guessing; only this client waits
         if self.auth_failures >= MAX_AUTH_FAILURES:
@@ -1326,6 +1558,7 @@ class Maildir:
         recipients = envelope.recipients
         lines = [f"Return-Path: <{envelope.sender}>"]
         lines += [f"Delivered-To: {recipient}" for recipient in recipients]
+        lines += dsn_lines(envelope)
         # The client's address as an address literal (RFC 5321 section 4.1.3): [192.0.2.1],
         # or [IPv6:2001:db8::1].
         literal = f"IPv6:{envelope.peer}" if ":" in envelope.peer else envelope.peer
@@ -1513,6 +1746,21 @@ def write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
+
+
+def dsn_lines(envelope: Envelope) -> list[str]:
+    """What the client asked of delivery status notifications (RFC 3461), as trace lines: the
+    transaction's RET and ENVID, and each recipient's NOTIFY and ORCPT. All of it is ASCII
+    that parse_mail and parse_rcpt checked (xtext), so it cannot break a header."""
+    lines = []
+    if envelope.dsn_ret or envelope.dsn_envid:
+        lines.append("X-Sheesh-DSN:" + "".join(
+            f" {name}={value}" for name, value in (("RET", envelope.dsn_ret),
+                                                   ("ENVID", envelope.dsn_envid)) if value))
+    for recipient, (notify, orcpt) in envelope.dsn_recipients.items():
+        lines.append(f"X-Sheesh-DSN: <{recipient}>" + (f" NOTIFY={','.join(notify)}" * bool(
+            notify)) + (f" ORCPT={orcpt}" if orcpt else ""))
+    return lines
 
 
 def header_safe(text: str) -> str:
@@ -1941,7 +2189,7 @@ class StoredMessage:
 
 INDEX_FILE = "sheesh.index"
 INDEX_APPLICATION_ID = 0x73687368  # "shsh", so that a foreign SQLite file is recognised
-INDEX_VERSION = 1
+INDEX_VERSION = 2
 SEARCH_TEXT_LIMIT = 2048  # search sees this many characters of each message's text
 INDEX_HEAD_LIMIT = 64 * 1024  # headers longer than this are not read for the index
 INDEX_BATCH = 500  # messages indexed per transaction while the index is built
@@ -1969,6 +2217,7 @@ class Summary:
     message_id: str = ""
     attachments: list[str] = field(default_factory=list)  # their file names
     modseq: int = 0
+    dsn: dict | None = None  # what the client asked of delivery notifications (RFC 3461)
 
     @property
     def seen(self) -> bool:
@@ -1979,7 +2228,7 @@ class Summary:
                 "sender": self.sender, "recipients": self.recipients, "from": self.from_,
                 "to": self.to, "cc": self.cc, "subject": self.subject, "date": self.date,
                 "message_id": self.message_id, "attachments": len(self.attachments),
-                "seen": self.seen, "flags": self.flags}
+                "seen": self.seen, "flags": self.flags, "dsn": self.dsn}
 
 
 @dataclass
@@ -2005,21 +2254,23 @@ class IndexEntry:
 # every message once, and the email package spends ten times as long on a message's headers
 # (40 microseconds against 4 on the benchmark's messages): for 100,000 messages, seconds.
 _INDEXED_HEADER = re.compile(
-    rb"^(return-path|delivered-to|received|from|to|cc|subject|date|message-id|content-type|"
+    rb"^(return-path|delivered-to|x-sheesh-dsn|received|from|to|cc|subject|date|message-id|"
+    rb"content-type|"
     rb"content-transfer-encoding|content-disposition)[ \t]*:[ \t]*(.*(?:\n[ \t].*)*)",
     re.IGNORECASE | re.MULTILINE)
 
 
 def scan_headers(head: bytes) -> dict[bytes, list[bytes]]:
-    """The indexed headers of a header block, unfolded, by lower-case name. Return-Path and
-    Delivered-To count only above the first Received: they are sheesh's envelope."""
+    """The indexed headers of a header block, unfolded, by lower-case name. Return-Path,
+    Delivered-To and X-Sheesh-DSN count only above the first Received: they are sheesh's
+    envelope."""
     found: dict[bytes, list[bytes]] = {}
     received = False
     for name, value in _INDEXED_HEADER.findall(head):
         name = name.lower()
         if name == b"received":
             received = True
-        elif not (received and name in (b"return-path", b"delivered-to")):
+        elif not (received and name in (b"return-path", b"delivered-to", b"x-sheesh-dsn")):
             if b"\n" in value:
                 value = re.sub(rb"\r?\n[ \t]+", b" ", value)
             found.setdefault(name, []).append(value.strip())
@@ -2044,6 +2295,7 @@ def index_entry(uid: int, key: str, location: str, flags: str, time_: float, buf
                       [address(value) for value in headers.get(b"delivered-to", [])],
                       first(b"from"), first(b"to"), first(b"cc"), first(b"subject"),
                       first(b"date"), first(b"message-id"))
+    summary.dsn = parse_dsn_lines(headers.get(b"x-sheesh-dsn", []))
     content_type = headers.get(b"content-type", [b""])[0].lower()
     disposition = headers.get(b"content-disposition", [b""])[0].lower()
     if content_type.lstrip().startswith(b"multipart/") or disposition.startswith(
@@ -2065,6 +2317,28 @@ def index_entry(uid: int, key: str, location: str, flags: str, time_: float, buf
     if html:
         text = html_to_text(text)
     return IndexEntry(summary, text)
+
+
+def parse_dsn_lines(values: list[bytes]) -> dict | None:
+    """The X-Sheesh-DSN lines back as {"ret", "envid", "recipients": {address: {"notify",
+    "orcpt"}}}; None if the client asked for nothing."""
+    if not values:
+        return None
+    dsn = {"ret": None, "envid": None, "recipients": {}}
+    for value in values:
+        text = value.decode("utf-8", "replace")
+        recipient = None
+        if text.startswith("<"):  # a recipient's line; its address may be quoted ("a b"@c)
+            end = path_end(text)
+            recipient, text = text[1:end], text[end + 1:]
+        fields = dict(word.partition("=")[::2] for word in text.split())
+        if recipient is None:
+            dsn.update((name.lower(), field) for name, field in fields.items())
+        else:
+            dsn["recipients"][recipient] = {
+                "notify": fields["NOTIFY"].split(",") if "NOTIFY" in fields else None,
+                "orcpt": fields.get("ORCPT")}
+    return dsn
 
 
 def html_to_text(html: str) -> str:
@@ -2217,15 +2491,16 @@ def phrase_in(words: tuple[str, ...], tokens: list[str]) -> bool:
 
 _SUMMARY_COLUMNS = ", ".join(f"messages.{name}" for name in (
     "uid key location flags time size crlf_size sender recipients from_ to_ cc subject date "
-    "message_id attachments modseq".split()))
+    "message_id attachments modseq dsn".split()))
 
 
 def _summary(row) -> Summary:
     (uid, key, location, flags, time_, size, crlf, sender, recipients, from_, to, cc, subject,
-     date, message_id, attachments, modseq) = row
+     date, message_id, attachments, modseq, dsn) = row
     return Summary(uid, key, location, flags, time_, size, crlf, sender,
                    recipients.split("\n") if recipients else [], from_, to, cc, subject, date,
-                   message_id, attachments.split("\n") if attachments else [], modseq)
+                   message_id, attachments.split("\n") if attachments else [], modseq,
+                   json.loads(dsn) if dsn else None)
 
 
 # What a condition of the search syntax is in SQL; the words go to SQLite's full-text index.
@@ -2255,7 +2530,7 @@ class SqlIndex:
             from_ TEXT NOT NULL DEFAULT '', to_ TEXT NOT NULL DEFAULT '',
             cc TEXT NOT NULL DEFAULT '', subject TEXT NOT NULL DEFAULT '',
             date TEXT NOT NULL DEFAULT '', message_id TEXT NOT NULL DEFAULT '',
-            attachments TEXT NOT NULL DEFAULT '');
+            attachments TEXT NOT NULL DEFAULT '', dsn TEXT);
         CREATE INDEX messages_unindexed ON messages (uid) WHERE NOT indexed;
         CREATE INDEX messages_modseq ON messages (modseq);
         CREATE INDEX messages_time ON messages (time);
@@ -2437,9 +2712,10 @@ class SqlIndex:
         db.executemany(
             "UPDATE messages SET indexed = 1, size = ?, crlf_size = ?, sender = ?, "
             "recipients = ?, from_ = ?, to_ = ?, cc = ?, subject = ?, date = ?, "
-            "message_id = ?, attachments = ? WHERE uid = ?",
+            "message_id = ?, attachments = ?, dsn = ? WHERE uid = ?",
             [(s.size, s.crlf_size, s.sender, "\n".join(s.recipients), s.from_, s.to, s.cc,
-              s.subject, s.date, s.message_id, "\n".join(s.attachments), s.uid)
+              s.subject, s.date, s.message_id, "\n".join(s.attachments),
+              json.dumps(s.dsn) if s.dsn else None, s.uid)
              for s in (entry.summary for entry in stored)])
         db.executemany("INSERT OR IGNORE INTO recipients VALUES (?, ?)",
                        [(address.lower(), entry.summary.uid) for entry in stored
@@ -3630,7 +3906,7 @@ class ConnectionHandler(socketserver.StreamRequestHandler):
             tls = self.server.tls_context.wrap_socket(self.connection, server_side=True)
         except OSError as error:  # ssl.SSLError and timeouts are OSErrors too
             log.info("TLS handshake with %s failed: %s", self.client_address[0],
-                     escape_for_log(str(error)))
+                     tls_failure(error))
             return False
         self.request = tls
         self.setup()  # rfile and wfile over TLS now
@@ -3644,6 +3920,9 @@ class ConnectionHandler(socketserver.StreamRequestHandler):
         for note in session.fault_notes:
             log.warning("injected fault for %s: %s", self.client_address[0], escape_for_log(note))
         session.fault_notes.clear()
+        for note in session.notes:
+            log.info("refused %s: %s", self.client_address[0], escape_for_log(note))
+        session.notes.clear()
         if session.delay:
             self.pause(session.delay)
             session.delay = 0.0
@@ -3882,6 +4161,19 @@ def make_tls_context(config: Config):
     log.warning("using a self-signed certificate for %s, SHA-256 fingerprint %s",
                 config.hostname, fingerprint)
     return context
+
+
+def tls_failure(error: OSError) -> str:
+    """Why a TLS handshake failed, for the log. A client that does not trust the certificate
+    (Nodemailer's default, with --tls-self-signed) mostly just hangs up, or says so with an
+    alert: that is the likely cause, and the log says it in words."""
+    text = str(error)
+    if isinstance(error, ConnectionResetError) or "UNEXPECTED_EOF" in text or (
+            ssl is not None and isinstance(error, ssl.SSLEOFError)) or any(
+            alert in text for alert in ("UNKNOWN_CA", "CERTIFICATE_UNKNOWN", "BAD_CERTIFICATE")):
+        return ("the client closed the connection during the TLS handshake: it probably does "
+                "not trust the certificate (see the README's TLS section)")
+    return escape_for_log(text)
 
 
 def make_self_signed_certificate(hostname: str, directory: Path) -> tuple[Path, Path]:
@@ -4958,10 +5250,11 @@ RELAY_HISTORY_KEPT = 10_000  # messages whose relay attempts the API can show
 
 
 def strip_trace_headers(raw: bytes) -> bytes:
-    """The message as it was sent: without the Return-Path, Delivered-To and Received lines
-    that sheesh put on top (the Received header ends where a line does not start with a tab)."""
+    """The message as it was sent: without the Return-Path, Delivered-To, X-Sheesh-DSN and
+    Received lines that sheesh put on top (Received ends where a line does not start with a
+    tab)."""
     position = 0
-    while raw.startswith((b"Return-Path:", b"Delivered-To:"), position):
+    while raw.startswith((b"Return-Path:", b"Delivered-To:", b"X-Sheesh-DSN:"), position):
         position = raw.index(b"\r\n", position) + 2
     if raw.startswith(b"Received:", position):
         position = raw.index(b"\r\n", position) + 2
@@ -5362,6 +5655,7 @@ class Pop3Session:
     auth_failures: int = 0
     closing_note: str = ""
     fault_notes: list[str] = field(default_factory=list)  # (the handler reads these)
+    notes: list[str] = field(default_factory=list)  # refusals (the handler logs these too)
     delay: float = 0.0
     in_data: bool = False
     _maildrop_name: str | None = None  # the maildrop this session has locked
@@ -6194,6 +6488,7 @@ class ImapSession:
     _overlong: bool = False
 
     fault_notes: list[str] = field(default_factory=list)  # (the handler reads these)
+    notes: list[str] = field(default_factory=list)  # refusals (the handler logs these too)
 
     def greeting(self) -> ImapReply:
         return untagged(f"OK [CAPABILITY {self.capabilities()}] sheesh IMAP4rev1 ready")

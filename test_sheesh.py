@@ -261,16 +261,16 @@ def test_parse_command(line, command):
     ("MAIL FROM:<a@b.test>SIZE=10", bytes(sheesh.MAIL_USAGE)),
     ("MAIL FROM:<a@b.test> SIZE=ten", bytes(sheesh.MAIL_USAGE)),
     ("MAIL FROM:<a@b.test> SIZE", bytes(sheesh.MAIL_USAGE)),
-    ("MAIL FROM:<a@b.test> BODY=BINARYMIME", bytes(sheesh.MAIL_USAGE)),
+    ("MAIL FROM:<a@b.test> BODY=BASE64", bytes(sheesh.MAIL_USAGE)),
     ("MAIL FROM:<a@b.test> SMTPUTF8=yes", bytes(sheesh.MAIL_USAGE)),
     ("MAIL FROM:<a@b.test> X-UNKNOWN=1", b"555 5.5.4 Error: MAIL FROM/RCPT TO parameter not "
                                          b"recognized\r\n"),
     ("MAIL FROM:", bytes(sheesh.MAIL_USAGE)),
     ("MAIL FROM:<a b@c.test>", b"501 5.1.7 Error: bad sender address syntax\r\n"),
-    ("RCPT FROM:<a@b.test>", b"501 5.5.4 Syntax: RCPT TO:<address>\r\n"),
+    ("RCPT FROM:<a@b.test>", bytes(sheesh.RCPT_USAGE)),
     ("RCPT TO:<>", b"501 5.1.3 Error: bad recipient address syntax\r\n"),
-    ("RCPT TO:<c@d.test> NOTIFY=NEVER", b"555 5.5.4 Error: MAIL FROM/RCPT TO parameter not "
-                                        b"recognized\r\n"),
+    ("RCPT TO:<c@d.test> X-TRACK=yes", b"555 5.5.4 Error: MAIL FROM/RCPT TO parameter not "
+                                       b"recognized\r\n"),
     ("DATA now", b"501 5.5.4 Syntax: DATA\r\n"),
     ("RSET please", b"501 5.5.4 Syntax: RSET\r\n"),
     ("QUIT now", b"501 5.5.4 Syntax: QUIT\r\n"),
@@ -386,7 +386,8 @@ def test_session_framing_is_exact_when_reads_split_at_the_read_size(tricky):
 # ---------------------------------------------------------------------------------------------
 
 EHLO_REPLY = (b"250-sink.test\r\n250-PIPELINING\r\n250-SIZE 52428800\r\n250-8BITMIME\r\n"
-              b"250-SMTPUTF8\r\n250-ENHANCEDSTATUSCODES\r\n250-AUTH PLAIN LOGIN\r\n250 HELP\r\n")
+              b"250-SMTPUTF8\r\n250-ENHANCEDSTATUSCODES\r\n250-CHUNKING\r\n250-BINARYMIME\r\n"
+              b"250-DSN\r\n250-AUTH PLAIN LOGIN\r\n250 HELP\r\n")
 
 
 def test_session_greets_with_its_hostname():
@@ -750,7 +751,8 @@ def test_session_memory_stays_flat_over_ten_thousand_noops_and_rsets():
 def test_session_memory_bounded_with_a_hundred_long_recipients():
     session = greeted()
     say(session, "MAIL FROM:<a@b.test>")
-    long_address = "r" * 1000 + "@x.test"
+    long_address = "r" * 64 + "@" + "x" * 60 + "." + "y" * 60 + "." + "z" * 62 + ".test"
+    assert len(long_address) == 254  # the longest a path allows (RFC 5321 section 4.5.3.1.3)
     assert say(session, *[f"RCPT TO:<{long_address}>"] * 101).endswith(
         b"452 4.5.3 Error: too many recipients\r\n")
     assert len(session.envelope.recipients) == 100
@@ -786,6 +788,290 @@ def test_session_fuzz_never_raises_and_only_sends_well_formed_replies():
         assert store.open_writers == 0
         runs += 1
     assert runs > 100
+
+
+# ---------------------------------------------------------------------------------------------
+# 5b. Addresses, CHUNKING and DSN, as transcripts
+# ---------------------------------------------------------------------------------------------
+
+LOCAL_64 = "l" * 64
+DOMAIN_189 = "d" * 63 + "." + "e" * 63 + "." + "f" * 56 + ".test"  # 189 octets: <64@189> = 256
+
+
+@pytest.mark.parametrize("path, recipient", [
+    ("<user@example.com>", "user@example.com"),
+    ("<first.last+tag@sub.example.co>", "first.last+tag@sub.example.co"),
+    ('<"john doe"@example.com>', '"john doe"@example.com'),  # Quoted-string (4.1.2)
+    ('<"a\\"b"@example.com>', '"a\\"b"@example.com'),  # a quoted pair
+    ('<"a>b"@example.com>', '"a>b"@example.com'),  # ">" inside quotes does not end the path
+    ("<user@[192.0.2.1]>", "user@[192.0.2.1]"),  # address literals (4.1.3)
+    ("<user@[IPv6:2001:db8::1]>", "user@[IPv6:2001:db8::1]"),
+    ("<user@[x-lab:anything]>", "user@[x-lab:anything]"),  # General-address-literal
+    ("<@a.test,@b.test:user@c.test>", "user@c.test"),  # a source route, ignored (appendix C)
+    ("<jörg@bücher.test>", "jörg@bücher.test"),  # SMTPUTF8 (RFC 6531 section 3.3)
+    ("<Postmaster>", "Postmaster"),  # 4.1.1.3
+    ("user@example.com", "user@example.com"),  # without brackets, as some clients send it
+    (f"<{LOCAL_64}@{DOMAIN_189}>", f"{LOCAL_64}@{DOMAIN_189}"),  # 256 octets: the limit
+])
+def test_address_grammar_accepts(path, recipient):
+    assert sheesh.parse_command(f"RCPT TO:{path}") == sheesh.Rcpt(recipient)
+
+
+@pytest.mark.parametrize("address", [
+    "a@@b.test", "a@", "@b.test", "a", "a..b@c.test", ".a@b.test", "a.@b.test", "a@-b.test",
+    "a@b-.test", "a@b..test", "a@.b.test", 'a"b@c.test', '"unclosed@c.test', "a(b)@c.test",
+    "a@[300.1.1.1]", "a@[1.2.3]", "a@[IPv6:zz::1]", "a@[IPv6:1.2.3.4]", "a@[a[b]",
+    "@a..test:user@c.test", "@a.test user@c.test", "a@b_c.test",
+])
+def test_address_grammar_refuses_with_501_5_1_3(address):
+    assert sheesh.parse_command(f"RCPT TO:<{address}>") == sheesh.Invalid(sheesh.BAD_RECIPIENT)
+
+
+@pytest.mark.parametrize("address, limit", [
+    (f"l{LOCAL_64}@b.test", "the local part is longer than 64 octets (RFC 5321 section "
+                            "4.5.3.1.1)"),
+    ("a@" + "d" * 60 + ("." + "d" * 60) * 4, "the domain is longer than 255 octets (RFC 5321 "
+                                             "section 4.5.3.1.2)"),
+    (f"{LOCAL_64}@e{DOMAIN_189}", "the path is longer than 256 octets (RFC 5321 section "
+                                  "4.5.3.1.3)"),
+    ("a" * 64 + "@" + ("b" * 63 + ".") * 16 + "test", "the domain is longer"),  # 1,100 octets
+    ("字" * 22 + "@b.test", "the local part is longer than 64 octets"),  # 22 characters, 66 octets
+])
+def test_address_length_limits_are_in_octets_and_say_which(address, limit):
+    for line, code in ((f"RCPT TO:<{address}>", "5.1.3"), (f"MAIL FROM:<{address}>", "5.1.7")):
+        command = sheesh.parse_command(line)
+        assert isinstance(command, sheesh.Invalid)
+        assert bytes(command.reply).startswith(f"501 {code} Error: {limit}".encode())
+
+
+def test_quoted_and_literal_addresses_are_stored_as_given():
+    store = MemoryStore()
+    session = greeted(store)
+    assert say(session, 'MAIL FROM:<"odd sender"@[192.0.2.7]>', 'RCPT TO:<"john doe"@x.test>',
+               "RCPT TO:<@relay.test:user@[IPv6:2001:db8::1]>", "DATA", "x", ".") == (
+        b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.1.5 Ok\r\n"
+        b"354 End data with <CR><LF>.<CR><LF>\r\n250 2.0.0 Ok: queued as Q1\r\n")
+    [(envelope, _)] = store.messages
+    assert envelope.sender == '"odd sender"@[192.0.2.7]'
+    assert envelope.recipients == ['"john doe"@x.test', "user@[IPv6:2001:db8::1]"]
+
+
+def chunked(store=None, **policy):
+    """A session after MAIL and RCPT, ready for BDAT."""
+    session = greeted(store, **policy)
+    say(session, "MAIL FROM:<a@b.test>", "RCPT TO:<c@d.test>")
+    return session
+
+
+def test_bdat_reads_exact_octets_without_dot_stuffing_and_commits_at_last():
+    # RFC 3030 section 2: a chunk is so many octets, with no terminator and no transparency.
+    store = MemoryStore()
+    session = chunked(store)
+    first, second = b"Subject: chunks\r\n\r\n..a dot\r\n.\r\n", b"BDAT 99\r\nQUIT\r\n"
+    assert session.receive(b"BDAT %d\r\n%s" % (len(first), first)) == [
+        sheesh.reply(250, f"2.0.0 Ok: {len(first)} octets so far")]
+    assert store.messages == [] and session.busy
+    replies = session.receive(b"BDAT %d LAST\r\n%sNOOP\r\n" % (len(second), second))
+    assert [bytes(r) for r in replies] == [b"250 2.0.0 Ok: queued as Q1\r\n",
+                                           b"250 2.0.0 Ok\r\n"]
+    assert store.messages[0][1] == first + second  # QUIT inside a chunk is message, not command
+    assert session.state is sheesh.State.GREETED and not session.busy
+
+
+def test_bdat_pipelined_gives_the_same_result_at_every_split_point():
+    # RFC 2920 and RFC 3030 section 4.2: a whole transaction may arrive in one write.
+    chunk = b"\r\n.\r\nBDAT 5\r\n\0\r\r\n"
+    stream = (b"MAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\n"
+              b"BDAT %d\r\n%sBDAT 0 LAST\r\nNOOP\r\n" % (len(chunk), chunk))
+    expected = [b"250 2.1.0 Ok\r\n", b"250 2.1.5 Ok\r\n", b"250 2.0.0 Ok: 17 octets so far\r\n",
+                b"250 2.0.0 Ok: queued as Q1\r\n", b"250 2.0.0 Ok\r\n"]
+    for split in range(len(stream) + 1):
+        store = MemoryStore()
+        session = greeted(store)
+        replies = session.receive(stream[:split]) + session.receive(stream[split:])
+        assert [bytes(r) for r in replies] == expected, split
+        assert store.messages[0][1] == chunk
+
+
+def test_bdat_0_last_alone_stores_an_empty_message():
+    store = MemoryStore()
+    assert say(chunked(store), "BDAT 0 LAST") == b"250 2.0.0 Ok: queued as Q1\r\n"
+    assert store.messages[0][1] == b""
+
+
+def test_bdat_rset_discards_the_chunks():
+    store = MemoryStore()
+    session = chunked(store)
+    session.receive(b"BDAT 3\r\nabc")
+    assert store.open_writers == 1
+    assert say(session, "RSET") == b"250 2.0.0 Ok\r\n"
+    assert store.messages == [] and store.open_writers == 0
+    assert say(session, "BDAT 1 LAST") == b""  # its octet has not come yet
+    assert bytes(session.receive(b"x")[0]) == b"503 5.5.1 Error: need MAIL command\r\n"
+
+
+def test_bdat_over_the_size_limit_is_read_to_its_end_refused_and_ends_the_transaction():
+    store = MemoryStore()
+    session = chunked(store, max_size=10)
+    assert bytes(session.receive(b"BDAT 8\r\n12345678")[0]) == (
+        b"250 2.0.0 Ok: 8 octets so far\r\n")
+    assert session.receive(b"BDAT 5\r\n123") == []
+    assert store.open_writers == 0  # dropped as soon as it was too big
+    assert [bytes(r) for r in session.receive(b"45")] == [
+        b"552 5.3.4 Error: message exceeds the fixed maximum message size\r\n"]
+    assert store.messages == [] and session.state is sheesh.State.GREETED
+    assert session.notes == ["552 5.3.4 Error: message exceeds the fixed maximum message size: "
+                             "the message from <a@b.test> was over --max-size 10"]
+    # A chunk after the failed one is read, and refused: RFC 3030 section 2.
+    assert [bytes(r) for r in session.receive(b"BDAT 6 LAST\r\nQUIT\r\n")] == [
+        b"503 5.5.1 Error: need MAIL command\r\n"]
+    assert not session.closed
+
+
+@pytest.mark.parametrize("before, expected", [
+    ([], b"503 5.5.1 Error: need MAIL command\r\n"),
+    (["MAIL FROM:<a@b.test>"], b"503 5.5.1 Error: need RCPT command\r\n"),
+])
+def test_bdat_out_of_place_is_refused_after_its_chunk_is_read(before, expected):
+    session = greeted()
+    say(session, *before)
+    replies = session.receive(b"BDAT 6\r\nRSET\r\nNOOP\r\n")
+    assert [bytes(r) for r in replies] == [expected, b"250 2.0.0 Ok\r\n"]  # RSET never ran
+
+
+def test_bdat_after_helo_is_refused_since_chunking_was_not_offered():
+    session = new_session()
+    say(session, "HELO old.test", "MAIL FROM:<a@b.test>", "RCPT TO:<c@d.test>")
+    assert [bytes(r) for r in session.receive(b"BDAT 4 LAST\r\nQUIT")] == [
+        b"503 5.5.1 Error: send EHLO first\r\n"]
+
+
+@pytest.mark.parametrize("line", ["BDAT", "BDAT ten", "BDAT -1", "BDAT 5 NOW", "BDAT 5 LAST x"])
+def test_bdat_syntax(line):
+    assert sheesh.parse_command(line) == sheesh.Invalid(sheesh.BDAT_USAGE)
+
+
+def test_bdat_and_data_cannot_be_mixed_in_one_transaction():
+    # RFC 3030 section 2: once BDAT has begun, DATA and RCPT are 503 and MAIL is nested.
+    store = MemoryStore()
+    session = chunked(store)
+    session.receive(b"BDAT 2\r\nab")
+    assert say(session, "DATA", "RCPT TO:<e@f.test>", "MAIL FROM:<g@h.test>") == (
+        bytes(sheesh.MIXED_WITH_BDAT) * 2 + b"503 5.5.1 Error: nested MAIL command\r\n")
+    assert bytes(session.receive(b"BDAT 1 LAST\r\nc")[0]) == b"250 2.0.0 Ok: queued as Q1\r\n"
+    assert store.messages[0][0].recipients == ["c@d.test"]
+    assert store.messages[0][1] == b"abc"
+
+
+def test_binarymime_needs_bdat_and_not_data():
+    # RFC 3030 section 3: BODY=BINARYMIME cannot be sent with DATA.
+    store = MemoryStore()
+    session = greeted(store)
+    assert say(session, "MAIL FROM:<a@b.test> BODY=BINARYMIME", "RCPT TO:<c@d.test>",
+               "DATA") == (b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n"
+                           b"503 5.5.1 Error: BODY=BINARYMIME needs BDAT, not DATA\r\n")
+    assert bytes(session.receive(b"BDAT 3 LAST\r\n\0\xff\n")[0]).startswith(b"250 2.0.0 Ok: q")
+    assert store.messages[0][0].body == "BINARYMIME" and store.messages[0][1] == b"\0\xff\n"
+
+
+def test_bdat_keeps_the_whole_message_deadline_running_between_chunks():
+    session = chunked()
+    session.receive(b"BDAT 2\r\nab")
+    assert session.busy  # the handler's whole-message deadline applies until LAST
+
+
+def test_bdat_faults_at_data_and_end_of_data_leave_nothing():
+    store = MemoryStore()
+    session = faulty("data: 451 4.3.0 Not now, first 1", store=store)
+    say(session, "EHLO x", "MAIL FROM:<a@b.test>", "RCPT TO:<c@d.test>")
+    assert [bytes(r) for r in session.receive(b"BDAT 2 LAST\r\nab")] == [
+        b"451 4.3.0 Not now\r\n"]
+    assert store.open_writers == 0 and session.state is sheesh.State.RCPT
+    assert bytes(session.receive(b"BDAT 2 LAST\r\nab")[0]).startswith(b"250 2.0.0 Ok: queued")
+
+    store = MemoryStore()
+    session = faulty("end-of-data: 554 5.6.0 Refused", store=store)
+    say(session, "EHLO x", "MAIL FROM:<a@b.test>", "RCPT TO:<c@d.test>")
+    assert bytes(session.receive(b"BDAT 2\r\nab")[0]) == b"250 2.0.0 Ok: 2 octets so far\r\n"
+    assert [bytes(r) for r in session.receive(b"BDAT 1 LAST\r\nc")] == [
+        b"554 5.6.0 Refused\r\n"]
+    assert store.messages == [] and store.open_writers == 0
+
+
+def test_dsn_parameters_are_accepted_and_kept_with_the_envelope():
+    # RFC 3461 sections 4.1 to 4.4.
+    store = MemoryStore()
+    session = greeted(store)
+    assert say(session, "MAIL FROM:<a@b.test> RET=HDRS ENVID=QQ314159+2Bx",
+               "RCPT TO:<c@d.test> NOTIFY=success,FAILURE ORCPT=rfc822;c+2Bold@d.test",
+               "RCPT TO:<e@f.test> NOTIFY=NEVER", "RCPT TO:<g@h.test>",
+               "DATA", "x", ".").endswith(b"250 2.0.0 Ok: queued as Q1\r\n")
+    [(envelope, _)] = store.messages
+    assert (envelope.dsn_ret, envelope.dsn_envid) == ("HDRS", "QQ314159+2Bx")
+    assert envelope.dsn_recipients == {
+        "c@d.test": (("SUCCESS", "FAILURE"), "rfc822;c+2Bold@d.test"),
+        "e@f.test": (("NEVER",), None)}
+    assert sheesh.dsn_lines(envelope) == [
+        "X-Sheesh-DSN: RET=HDRS ENVID=QQ314159+2Bx",
+        "X-Sheesh-DSN: <c@d.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;c+2Bold@d.test",
+        "X-Sheesh-DSN: <e@f.test> NOTIFY=NEVER"]
+    assert say(session, "EHLO again.test").count(b"250-DSN\r\n") == 1
+
+
+@pytest.mark.parametrize("line, complaint", [
+    ("RCPT TO:<c@d.test> NOTIFY=NEVER,SUCCESS", b"NOTIFY takes NEVER, or SUCCESS"),
+    ("RCPT TO:<c@d.test> NOTIFY=SOMETIMES", b"NOTIFY takes NEVER, or SUCCESS"),
+    ("RCPT TO:<c@d.test> NOTIFY=", b"NOTIFY takes NEVER, or SUCCESS"),
+    ("RCPT TO:<c@d.test> NOTIFY=DELAY,DELAY", b"NOTIFY takes NEVER, or SUCCESS"),
+    ("RCPT TO:<c@d.test> ORCPT=c@d.test", b"ORCPT takes addr-type;xtext"),
+    ("RCPT TO:<c@d.test> ORCPT=rfc822;c+d@e.test", b"ORCPT takes addr-type;xtext"),  # raw +
+    ("RCPT TO:<c@d.test> ORCPT=;c@d.test", b"ORCPT takes addr-type;xtext"),
+    ("RCPT TO:<c@d.test> NOTIFY=NEVER NOTIFY=NEVER", b"a parameter is given twice"),
+    ("MAIL FROM:<a@b.test> RET=ALL", b"Syntax: MAIL FROM:"),
+    ("MAIL FROM:<a@b.test> ENVID=a=b", b"Syntax: MAIL FROM:"),  # "=" must be +3D in xtext
+    ("MAIL FROM:<a@b.test> ENVID=" + "x" * 101, b"Syntax: MAIL FROM:"),  # 100 at most (4.4)
+    ("MAIL FROM:<a@b.test> RET=FULL RET=HDRS", b"a parameter is given twice"),
+])
+def test_dsn_parameters_that_are_malformed_are_501_with_the_reason(line, complaint):
+    command = sheesh.parse_command(line)
+    assert isinstance(command, sheesh.Invalid)
+    assert bytes(command.reply).startswith(b"501") and complaint in bytes(command.reply)
+
+
+def test_dsn_parameters_after_plain_helo_are_not_recognised():
+    session = new_session()
+    say(session, "HELO old.test", "MAIL FROM:<a@b.test>")
+    assert say(session, "RCPT TO:<c@d.test> NOTIFY=NEVER").startswith(b"555 5.5.4 ")
+
+
+@pytest.mark.parametrize("lines, note", [
+    (["MAIL FROM:<a@b.test> SIZE=2000"],
+     "552 5.3.4 Error: message exceeds the fixed maximum message size: SIZE=2000 is over "
+     "--max-size 1000, from <a@b.test>"),
+    (["MAIL FROM:<a@b.test>", "RCPT TO:<1@x.test>", "RCPT TO:<2@x.test>"],
+     "452 4.5.3 Error: too many recipients: <2@x.test>: over --max-recipients 1"),
+    (["AUTH PLAIN " + base64.b64encode(b"\0mallory\0guess").decode()],
+     "535 5.7.8 Error: authentication credentials invalid: a wrong password for 'mallory'"),
+])
+def test_refusals_leave_a_note_for_the_log(lines, note):
+    session = greeted(max_size=1000, max_recipients=1, users={"alice": "secret"})
+    say(session, *lines)
+    assert session.notes == [note]
+
+
+@pytest.mark.parametrize("policy, line, note", [
+    ({"tls_available": True, "tls_required": True}, "MAIL FROM:<a@b.test>",
+     "530 5.7.0 Must issue a STARTTLS command first: MAIL before STARTTLS, with --tls-required"),
+    ({"auth_required": True}, "MAIL FROM:<a@b.test>",
+     "530 5.7.0 Authentication required: MAIL before AUTH, with --auth-required"),
+    ({"tls_available": True, "tls_required": True}, "AUTH PLAIN",
+     "538 5.7.11 Encryption required for requested authentication mechanism: AUTH before "
+     "STARTTLS, with --tls-required"),
+])
+def test_refusals_for_tls_or_auth_leave_a_note_for_the_log(policy, line, note):
+    session = greeted(**policy)
+    say(session, line)
+    assert session.notes == [note]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1360,6 +1646,69 @@ def test_raw_disconnect_mid_data_leaves_nothing(server):
     client.close()
     wait_until(lambda: active_sessions(server) == 0, what="the session to end")
     assert files_in(server.store.path, "tmp") == [] and files_in(server.store.path, "new") == []
+
+
+def test_raw_bdat_in_three_chunks_with_binary_octets_is_stored_byte_for_byte(server):
+    chunks = [b"Subject: chunked\r\nContent-Type: application/octet-stream\r\n\r\n",
+              bytes(range(256)) + b"\r.\n\0bare CR\rbare LF\n\r\n.\r\n",  # all 256 octet values
+              b"the end, without a line ending"]
+    client = RawClient(server)
+    client.send(b"EHLO x\r\n")
+    assert b"250-CHUNKING\r\n" in client.reply()
+    client.send(b"MAIL FROM:<a@b.test> BODY=BINARYMIME\r\nRCPT TO:<c@d.test>\r\n")
+    assert client.replies(2) == [b"250 2.1.0 Ok\r\n", b"250 2.1.5 Ok\r\n"]
+    for number, chunk in enumerate(chunks, start=1):
+        last = b" LAST" if number == len(chunks) else b""
+        client.send(b"BDAT %d%s\r\n" % (len(chunk), last))
+        for at in range(0, len(chunk), 100):  # a chunk may come in any number of writes
+            client.send(chunk[at:at + 100])
+        assert client.reply().startswith(b"250 2.0.0 Ok: queued as " if last else b"250 2.0.0 ")
+    client.close()
+    stored = server.wait_for_message()
+    assert body_of_stored(stored.raw) == b"".join(chunks)
+
+
+def test_dsn_requests_show_in_the_trace_and_the_api(tmp_path):
+    with make_server(tmp_path, http_port=0) as server:
+        with smtplib.SMTP(server.host, server.port) as client:
+            client.sendmail("app@b.test", ["bob@d.test", '"john doe"@d.test'],
+                            b"Subject: dsn\r\n\r\nx\r\n", mail_options=["RET=HDRS", "ENVID=order-42"],
+                            rcpt_options=["NOTIFY=SUCCESS,FAILURE", "ORCPT=rfc822;bob@d.test"])
+        stored = server.wait_for_message()
+        assert stored.recipients == ["bob@d.test", '"john doe"@d.test']
+        head = stored.raw.split(b"Received:")[0]
+        assert head.endswith(b"X-Sheesh-DSN: RET=HDRS ENVID=order-42\r\n"
+                             b"X-Sheesh-DSN: <bob@d.test> NOTIFY=SUCCESS,FAILURE "
+                             b"ORCPT=rfc822;bob@d.test\r\n"
+                             b'X-Sheesh-DSN: <"john doe"@d.test> NOTIFY=SUCCESS,FAILURE '
+                             b"ORCPT=rfc822;bob@d.test\r\n")
+        status, _, body = http(server, f"/api/messages/{stored.key}")
+        assert status == 200
+        assert json.loads(body)["dsn"] == {
+            "ret": "HDRS", "envid": "order-42", "recipients": {
+                "bob@d.test": {"notify": ["SUCCESS", "FAILURE"], "orcpt": "rfc822;bob@d.test"},
+                '"john doe"@d.test': {"notify": ["SUCCESS", "FAILURE"],
+                                      "orcpt": "rfc822;bob@d.test"}}}
+        with smtplib.SMTP(server.host, server.port) as client:
+            client.sendmail("app@b.test", ["bob@d.test"], b"Subject: none\r\n\r\nx\r\n")
+        plain = server.wait_for_message()
+        assert b"X-Sheesh-DSN" not in plain.raw
+        assert json.loads(http(server, f"/api/messages/{plain.key}")[2])["dsn"] is None
+
+
+def test_refused_messages_are_logged_with_the_reason(tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="sheesh"), make_server(
+            tmp_path, max_size=100) as server:
+        client = RawClient(server)
+        client.send(b"EHLO x\r\nMAIL FROM:<big@b.test> SIZE=500\r\n"
+                    b"MAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nBDAT 200 LAST\r\n"
+                    + b"x" * 200)
+        replies = client.replies(5)
+        assert replies[1].startswith(b"552 ") and replies[4].startswith(b"552 ")
+        wait_until(lambda: caplog.text.count("refused 127.0.0.1: 552") == 2)
+        client.close()
+    assert "SIZE=500 is over --max-size 100, from <big@b.test>" in caplog.text
+    assert "the message from <a@b.test> was over --max-size 100" in caplog.text
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2141,6 +2490,34 @@ def test_tls_to_the_plain_port_is_logged_and_closed(tls_server, certificates, ca
         wait_until(lambda: "spoke TLS to the plain port" in caplog.text)
     with smtplib.SMTP(tls_server.host, tls_server.port) as client:
         assert client.noop()[0] == 250
+
+
+def test_a_client_that_does_not_trust_the_certificate_is_told_of_in_words(tls_server, caplog):
+    import ssl
+    with caplog.at_level(logging.INFO, logger="sheesh"):
+        with pytest.raises(ssl.SSLCertVerificationError):  # as Nodemailer does by default
+            smtplib.SMTP_SSL(tls_server.host, tls_server.smtps_port,
+                             context=ssl.create_default_context(), timeout=5)
+        wait_until(lambda: "TLS handshake with 127.0.0.1 failed" in caplog.text)
+    assert ("TLS handshake with 127.0.0.1 failed: the client closed the connection during the "
+            "TLS handshake: it probably does not trust the certificate (see the README's TLS "
+            "section)") in caplog.text
+    assert "UNEXPECTED_EOF" not in caplog.text and "UNKNOWN_CA" not in caplog.text
+
+
+@pytest.mark.parametrize("error, understood", [
+    ("SSLEOFError", True), ("ConnectionResetError", True),
+    ("[SSL: TLSV1_ALERT_UNKNOWN_CA] tlsv1 alert unknown ca", True),
+    ("[SSL: SSLV3_ALERT_CERTIFICATE_UNKNOWN] sslv3 alert certificate unknown", True),
+    ("[SSL: NO_SHARED_CIPHER] no shared cipher", False),
+])
+def test_tls_failures_that_mean_an_untrusted_certificate(error, understood):
+    import ssl
+    exception = {"SSLEOFError": ssl.SSLEOFError(8, "EOF occurred in violation of protocol"),
+                 "ConnectionResetError": ConnectionResetError(104, "reset")}.get(
+        error, ssl.SSLError(1, error))
+    assert ("probably does not trust the certificate" in sheesh.tls_failure(exception)) is (
+        understood)
 
 
 def test_abandoned_tls_handshake_times_out_without_affecting_others(tmp_path, certificates,
