@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """sheesh: a one-file SMTP server that keeps every message it is sent.
 
-    python sheesh.py                 listen on 127.0.0.1:1025, store mail in the Maildir ./mail
-    python sheesh.py --help          every option, with its default
+    python3 sheesh.py                listen on 127.0.0.1:1025, store mail in the Maildir ./mail
+    python3 sheesh.py --help         every option, with its default
     mutt -f mail                     read what arrived (or mailbox.Maildir("mail") from Python)
 
 sheesh is the successor to ``python -m smtpd -n -c DebuggingServer``, which Python 3.12
@@ -11,8 +11,9 @@ file and uses only the standard library of Python 3.11 or later, on Linux, macOS
 
 It speaks SMTP as RFC 5321 describes it, with the extensions that clients look for:
 SIZE (RFC 1870), 8BITMIME (RFC 6152), PIPELINING (RFC 2920), SMTPUTF8 (RFC 6531),
-ENHANCEDSTATUSCODES (RFC 2034, codes from RFC 3463), AUTH (RFC 4954) and STARTTLS (RFC 3207),
-and implicit TLS on a second port (RFC 8314). The mail it keeps can be read in a web inbox,
+ENHANCEDSTATUSCODES (RFC 2034, codes from RFC 3463), AUTH (RFC 4954), STARTTLS (RFC 3207),
+CHUNKING and BINARYMIME (RFC 3030) and DSN (RFC 3461, recorded, never sent), and implicit TLS
+on a second port (RFC 8314). The mail it keeps can be read in a web inbox,
 with a JSON API, over POP3 (RFC 1939) and over IMAP (RFC 3501).
 
 The file reads top to bottom, the way one message travels through it:
@@ -98,6 +99,7 @@ except ImportError:  # Python built without SQLite: the index is kept in memory 
     sqlite3 = None
 
 DATABASE_ERRORS = (sqlite3.DatabaseError,) if sqlite3 is not None else ()
+CERTIFICATE_REFUSED = (ssl.SSLCertVerificationError,) if ssl is not None else ()
 
 __version__ = "0.1.0"
 
@@ -113,6 +115,7 @@ log = logging.getLogger("sheesh")
 
 DEFAULT_HOST = "127.0.0.1"  # loopback: a sink accepts mail from anyone who can reach it
 DEFAULT_PORT = 1025  # the unprivileged port that Mailpit, MailHog and smtpd's examples use
+DEFAULT_HTTP_PORT = 8025  # the web inbox's: the port Mailpit and MailHog use
 DEFAULT_MAILDIR = "mail"  # as the Gleam server that sheesh follows
 
 # 50 MiB: the default that Mailpit and MailDev settled on. Advertised as SIZE (RFC 1870).
@@ -1491,7 +1494,10 @@ class Delivery:
     queue_id: str  # its key
     path: str
     envelope: Envelope
-    size: int  # the message as sent, without the trace headers
+    # Its size as stored: sheesh's trace headers and the message as sent. The one meaning
+    # of "size" everywhere (the log, the API, POP3's LIST, IMAP's RFC822.SIZE): what a
+    # reader gets. (--max-size counts the message as sent, as SIZE= does: RFC 1870.)
+    size: int
 
 
 class Maildir:
@@ -1692,13 +1698,14 @@ class MaildirWriter:
         self.on_delivery = None  # else the Maildir's
 
     def write(self, data: bytes) -> None:
+        chunk = self._unwritten + data if self._unwritten else data
         try:
-            write_all(self.fd, self._unwritten + data if self._unwritten else data)
+            write_all(self.fd, chunk)
         except OSError as error:
             self.store.failed(error)
             raise
         self._unwritten = b""
-        self.size += len(data)
+        self.size += len(chunk)
 
     def commit(self) -> str:
         """Put the message on disk and move it into new/; return its queue id."""
@@ -4021,7 +4028,10 @@ class Config:
     relay: str | None = None  # "host:port" of a real SMTP server to forward to (section 11)
     relay_user: str | None = None
     relay_password: str | None = None
-    relay_tls: str = "starttls"  # "starttls", "tls" (from the first byte) or "none"
+    # "auto": STARTTLS when offered, else plain (but never a password in plain text beyond
+    # loopback); "starttls" (required), "tls" (from the first byte) or "none"
+    relay_tls: str = "auto"
+    relay_insecure: bool = False  # TLS without checking the certificate (self-signed upstreams)
     relay_all: bool = False  # forward every message to its recipients as it arrives
     relay_match: str | None = None  # or only to the recipients that match this regex
     pop3_port: int | None = None  # POP3 over the same Maildir (section 12); None: off
@@ -4040,6 +4050,29 @@ class Config:
         return Policy(max_size=self.max_size, max_recipients=self.max_recipients,
                       tls_available=self.tls, tls_required=self.tls_required,
                       auth_required=self.auth_required, users=self.users)
+
+
+class CannotStart(OSError):
+    """Why a Server could not start, as one sentence for its user (in strerror)."""
+
+
+# What each port is for, and the option that moves it: for the message when it is taken.
+PORT_OPTIONS = {"smtp": ("SMTP", "--port"), "smtps": ("SMTPS", "--smtps-port"),
+                "pop3": ("POP3", "--pop3-port"), "pop3s": ("POP3S", "--pop3s-port"),
+                "imap": ("IMAP", "--imap-port"), "imaps": ("IMAPS", "--imaps-port"),
+                "web": ("the web inbox", "--http-port, or leave it out with --no-http")}
+
+
+@contextlib.contextmanager
+def listening(name: str, host: str, port: int):
+    """Turn a refused bind into CannotStart that says which port, for what, and what to do."""
+    try:
+        yield
+    except OSError as error:
+        what, option = PORT_OPTIONS[name]
+        raise CannotStart(error.errno, f"cannot listen on {host} port {port} for {what}: "
+                                       f"{error.strerror or error} (choose another port with "
+                                       f"{option})") from error
 
 
 class Listener(socketserver.ThreadingTCPServer):
@@ -4157,7 +4190,8 @@ def make_tls_context(config: Config):
     with tempfile.TemporaryDirectory(prefix="sheesh-tls-") as directory:
         cert, key = make_self_signed_certificate(config.hostname, Path(directory))
         context.load_cert_chain(cert, key)  # the key lives on only in memory
-        fingerprint = hashlib.sha256(ssl.PEM_cert_to_DER_cert(cert.read_text())).hexdigest()
+        digest = hashlib.sha256(ssl.PEM_cert_to_DER_cert(cert.read_text())).hexdigest()
+        fingerprint = ":".join(re.findall("..", digest.upper()))  # as openssl x509 shows it
     log.warning("using a self-signed certificate for %s, SHA-256 fingerprint %s",
                 config.hostname, fingerprint)
     return context
@@ -4230,30 +4264,18 @@ class Server:
         self._relay_match = re.compile(self.config.relay_match) if self.config.relay_match else None
 
     def start(self) -> Server:
-        """Create the Maildir, set up TLS, bind the ports and start serving. OSError (or
-        ValueError, for a bad certificate) if any of it fails, with nothing left running."""
+        """Set up TLS, bind the ports, then create the Maildir and start serving. If any of it
+        fails: CannotStart (or ValueError, for a bad certificate), with nothing left running,
+        and nothing created if a port was refused."""
         if self.config.tls:
             self.tls_context = make_tls_context(self.config)
-        self.store.open()
         try:
-            config, context = self.config, self.tls_context
-            for name, port, make_session, idle_timeout in [
-                    ("smtp", config.port, self.smtp_session, config.timeout),
-                    ("smtps", config.smtps_port, self.smtp_session, config.timeout),
-                    ("pop3", config.pop3_port, self.pop3_session, POP3_TIMEOUT),
-                    ("pop3s", config.pop3s_port, self.pop3_session, POP3_TIMEOUT),
-                    ("imap", config.imap_port, self.imap_session, IMAP_TIMEOUT),
-                    ("imaps", config.imaps_port, self.imap_session, IMAP_TIMEOUT)]:
-                if port is not None:
-                    listener = Listener(config, port, make_session, context,
-                                        implicit_tls=name.endswith("s"), idle_timeout=idle_timeout,
-                                        addresses=self.addresses)
-                    self._listeners.append(listener)
-                    self.ports[name] = listener.server_address[1]
-            if self.config.http_port is not None:
-                self.web = WebServer(self.web_host, self.config.http_port,
-                                     WebApp(self.store, self.faults, self.relay, self.web_policy()),
-                                     self.config.max_connections, self.addresses)
+            self._bind()
+            try:
+                self.store.open()
+            except OSError as error:
+                raise CannotStart(error.errno, f"cannot use {self.store.path} as a Maildir: "
+                                               f"{error.strerror or error}") from error
         except OSError:
             self.stop()
             raise
@@ -4267,6 +4289,30 @@ class Server:
             thread.start()
             self._threads.append(thread)
         return self
+
+    def _bind(self) -> None:
+        """Every port, or CannotStart naming the one that was refused and what moves it."""
+        config, context = self.config, self.tls_context
+        for name, port, make_session, idle_timeout in [
+                ("smtp", config.port, self.smtp_session, config.timeout),
+                ("smtps", config.smtps_port, self.smtp_session, config.timeout),
+                ("pop3", config.pop3_port, self.pop3_session, POP3_TIMEOUT),
+                ("pop3s", config.pop3s_port, self.pop3_session, POP3_TIMEOUT),
+                ("imap", config.imap_port, self.imap_session, IMAP_TIMEOUT),
+                ("imaps", config.imaps_port, self.imap_session, IMAP_TIMEOUT)]:
+            if port is not None:
+                with listening(name, config.host, port):
+                    listener = Listener(config, port, make_session, context,
+                                        implicit_tls=name.endswith("s"),
+                                        idle_timeout=idle_timeout, addresses=self.addresses)
+                self._listeners.append(listener)
+                self.ports[name] = listener.server_address[1]
+        if config.http_port is not None:
+            with listening("web", self.web_host, config.http_port):
+                self.web = WebServer(self.web_host, config.http_port,
+                                     WebApp(self.store, self.faults, self.relay,
+                                            self.web_policy()),
+                                     config.max_connections, self.addresses)
 
     def smtp_session(self, peer: str) -> Session:
         return Session(self.maildir, self.config.hostname, peer, self.policy, faults=self.faults,
@@ -4672,7 +4718,9 @@ class WebApp:
 
     def wait(self, query: dict) -> Response:
         timeout = min(float(number(query, "timeout", 10)), WAIT_TIMEOUT_MAX)
-        after = float(number(query, "after", 0))
+        # Without after=, a message that arrives from now on: what a test that just sent one
+        # means, and never yesterday's match (after=0 takes any).
+        after = float(number(query, "after", 0)) if "after" in query else time.time()
         search = parse_search(query.get("query", ""))
         found = self.store.wait_for(search, mailbox(query), after, timeout)
         if found is None:
@@ -5337,25 +5385,28 @@ class Relay:
 
     def _attempt(self, job: RelayJob) -> None:
         job.attempts += 1
+        # Each recipient that was not sent to: (SMTP code or None, what happened, worth
+        # another try). Only a 4xx reply and a network failure are worth one.
+        failed: dict[str, tuple[int | None, str, bool]]
         try:
             refused = self.send(job)
-            failed = {recipient: (code, text.decode("utf-8", "replace"))
+            failed = {recipient: (code, text.decode("utf-8", "replace"), 400 <= code < 500)
                       for recipient, (code, text) in refused.items()}
         except smtplib.SMTPRecipientsRefused as error:
-            failed = {r: (code, text.decode("utf-8", "replace"))
+            failed = {r: (code, text.decode("utf-8", "replace"), 400 <= code < 500)
                       for r, (code, text) in error.recipients.items()}
         except smtplib.SMTPResponseException as error:
-            text = error.smtp_error.decode("utf-8", "replace") if isinstance(
-                error.smtp_error, bytes) else str(error.smtp_error)
-            failed = {recipient: (error.smtp_code, text) for recipient in job.recipients}
+            failed = dict.fromkeys(job.recipients, (error.smtp_code, reply_text(error),
+                                                    400 <= error.smtp_code < 500))
+        except RelaySettingsProblem as error:  # no better on a second try: say what to change
+            failed = dict.fromkeys(job.recipients, (None, str(error), False))
         except (OSError, smtplib.SMTPException) as error:  # refused, timed out, hung up
-            failed = {recipient: (421, f"{type(error).__name__}: {error}")
-                      for recipient in job.recipients}
+            failed = dict.fromkeys(job.recipients, (None, self.network_failure(error), True))
         except LookupError:
-            failed = {recipient: (554, "the message was deleted before it could be sent")
-                      for recipient in job.recipients}
+            failed = dict.fromkeys(job.recipients, (
+                None, "the message was deleted before it could be sent", False))
         sent = [r for r in job.recipients if r not in failed]
-        later = [r for r, (code, _) in failed.items() if 400 <= code < 500]
+        later = [r for r, (_, _, again) in failed.items() if again]
         self._report(job, sent, failed, later)
         if later and job.attempts < RELAY_ATTEMPTS:
             delay = RELAY_FIRST_RETRY * 2 ** (job.attempts - 1)
@@ -5364,47 +5415,152 @@ class Relay:
                 heapq.heappush(self._queue, (time.monotonic() + delay, next(self._numbers), job))
                 self._changed.notify_all()
 
+    def network_failure(self, error: Exception) -> str:
+        if isinstance(error, TimeoutError):
+            return f"no answer from {self.host} port {self.port} within {RELAY_TIMEOUT:g} s"
+        if isinstance(error, smtplib.SMTPServerDisconnected):
+            return f"lost {self.host} port {self.port}: {error}"
+        reason = getattr(error, "strerror", None) or error
+        return f"cannot reach {self.host} port {self.port}: {reason} ({type(error).__name__})"
+
     def _report(self, job: RelayJob, sent: list[str], failed: dict, later: list[str]) -> None:
         with self._changed:
             if sent:
                 self._record(job.key, sent, "sent")
-            for recipient, (code, text) in failed.items():
-                final = recipient not in later or job.attempts >= RELAY_ATTEMPTS
-                outcome = (f"{'failed' if final else 'will retry'}: {code} {text}"
-                           if code < 500 else f"refused: {code} {text}")
+            for recipient, (code, text, again) in failed.items():
+                said = f"{code} {text}" if code is not None else text
+                if code is not None and code >= 500:
+                    outcome = f"refused: {said}"
+                elif again and job.attempts < RELAY_ATTEMPTS:
+                    outcome = f"will retry: {said}"
+                else:
+                    outcome = f"failed: {said}"
                 self._record(job.key, [recipient], outcome)
         log.info("relay of %s, attempt %d: %s", job.key, job.attempts, escape_for_log(
-            "; ".join([f"sent to {', '.join(sent)}"] * bool(sent)
-                      + [f"{r}: {c} {t}" for r, (c, t) in failed.items()])))
+            "; ".join([f"sent to {', '.join(sent)}"] * bool(sent) + [
+                f"{r}: {c} {t}" if c is not None else f"{r}: {t}"
+                for r, (c, t, _) in failed.items()])))
 
     def send(self, job: RelayJob) -> dict:
         """One attempt: the stored bytes, less sheesh's trace headers, from the original sender.
         Returns the recipients the upstream refused; raises for a failure of the whole."""
-        config = self.config
         with self.store.open_file(job.key) as file:
             eight_bit = not all(chunk.isascii() for chunk in iter(
                 functools.partial(file.read, READ_SIZE), b""))
             file.seek(0)
-            # The system's trusted certificates, checked: smtplib's own default checks nothing.
-            context = ssl.create_default_context() if config.relay_tls != "none" else None
-            if config.relay_tls == "tls":
-                client = smtplib.SMTP_SSL(self.host, self.port, timeout=RELAY_TIMEOUT,
-                                          context=context)
-            else:
-                client = smtplib.SMTP(self.host, self.port, timeout=RELAY_TIMEOUT)
-            with client:
-                client.ehlo_or_helo_if_needed()
-                if config.relay_tls == "starttls":
-                    client.starttls(context=context)
-                    client.ehlo()
-                if config.relay_user:
-                    client.login(config.relay_user, config.relay_password or "")
+            with self.connect() as client:
                 options = []
                 if eight_bit and client.has_extn("8bitmime"):
                     options.append("BODY=8BITMIME")
                 if not (job.sender + "".join(job.recipients)).isascii():
                     options.append("SMTPUTF8")
                 return relay_transaction(client, job, options, file)
+
+    def connect(self) -> smtplib.SMTP:
+        """A session with the upstream, over TLS as --relay-tls asks and logged in. Raises
+        RelaySettingsProblem for what only a change of settings can mend."""
+        config = self.config
+        context = None
+        if ssl is None and config.relay_tls in ("starttls", "tls"):
+            raise RelaySettingsProblem("this Python has no ssl module; use --relay-tls none")
+        if ssl is not None and config.relay_tls != "none":
+            # The system's trusted certificates, checked: smtplib's own default checks nothing.
+            context = ssl.create_default_context()
+            if config.relay_insecure:
+                context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+        try:
+            if config.relay_tls == "tls":
+                client = smtplib.SMTP_SSL(self.host, self.port, timeout=RELAY_TIMEOUT,
+                                          context=context)
+            else:
+                client = smtplib.SMTP(self.host, self.port, timeout=RELAY_TIMEOUT)
+        except CERTIFICATE_REFUSED as error:
+            raise RelaySettingsProblem(untrusted_upstream(error)) from None
+        except smtplib.SMTPServerDisconnected as error:  # no greeting: slow, or not plain SMTP
+            if config.relay_tls == "tls" or "timed out" not in str(error):
+                raise
+            raise smtplib.SMTPServerDisconnected(
+                f"no greeting within {RELAY_TIMEOUT:g} s (a port that wants TLS from the first "
+                f"byte, such as 465, needs --relay-tls tls)") from None
+        try:
+            client.ehlo_or_helo_if_needed()
+            self.secure(client, context)
+            if config.relay_user:
+                self.log_in(client)
+        except BaseException:
+            client.close()
+            raise
+        return client
+
+    def secure(self, client: smtplib.SMTP, context) -> None:
+        """STARTTLS, where --relay-tls asks for it (always) or allows it (auto, if offered)."""
+        mode, offered = self.config.relay_tls, ssl is not None and client.has_extn("starttls")
+        if mode in ("starttls", "auto") and offered:
+            try:
+                client.starttls(context=context)
+            except CERTIFICATE_REFUSED as error:
+                raise RelaySettingsProblem(untrusted_upstream(error)) from None
+            client.ehlo()
+        elif mode == "starttls":
+            raise RelaySettingsProblem("the upstream does not offer STARTTLS; use --relay-tls "
+                                       "auto or none")
+        elif mode == "auto" and self.config.relay_user and not is_loopback(self.host):
+            raise RelaySettingsProblem(
+                f"the upstream does not offer STARTTLS, and sheesh does not send a password in "
+                f"plain text beyond loopback; use --relay-tls none if {self.host} may see it")
+
+    def log_in(self, client: smtplib.SMTP) -> None:
+        """AUTH with one mechanism: smtplib's login() tries each in turn after a refusal, and
+        a server that counts failures (sheesh does) hangs up before the truth comes out."""
+        user = self.config.relay_user
+        if not client.has_extn("auth"):
+            raise RelaySettingsProblem("the upstream does not offer AUTH; leave out "
+                                       "--relay-user")
+        offered = client.esmtp_features["auth"].upper().split()
+        mechanism = next((m for m in ("CRAM-MD5", "PLAIN", "LOGIN") if m in offered), None)
+        if mechanism is None:
+            raise RelaySettingsProblem(f"the upstream offers AUTH {' '.join(offered)}; sheesh "
+                                       f"knows CRAM-MD5, PLAIN and LOGIN")
+        client.user, client.password = user, self.config.relay_password or ""
+        answer = getattr(client, "auth_" + mechanism.lower().replace("-", "_"))
+        try:
+            client.auth(mechanism, answer)
+        except smtplib.SMTPAuthenticationError as error:
+            if 400 <= error.smtp_code < 500:
+                raise  # a temporary failure (454): worth another try
+            raise RelaySettingsProblem(f"the upstream refused the login as {user}: "
+                                       f"{error.smtp_code} {reply_text(error)}") from None
+
+    def check(self) -> tuple[bool, str]:
+        """Connect once as a relay would: whether it works, and how, in words for the log."""
+        try:
+            with self.connect() as client:
+                tls = ssl is not None and isinstance(client.sock, ssl.SSLSocket)
+                user = f", logged in as {self.config.relay_user}" * bool(self.config.relay_user)
+                return True, (f"{self.host} port {self.port} answers, "
+                              f"{'over TLS' if tls else 'in plain text'}{user}")
+        except RelaySettingsProblem as error:
+            return False, str(error)
+        except smtplib.SMTPResponseException as error:
+            return False, f"{error.smtp_code} {reply_text(error)}"
+        except (OSError, smtplib.SMTPException) as error:
+            return False, self.network_failure(error)
+
+
+class RelaySettingsProblem(Exception):
+    """A relay failure that retrying cannot mend: the settings must change."""
+
+
+def reply_text(error: smtplib.SMTPResponseException) -> str:
+    """The text of the reply an SMTP server refused with (smtplib keeps it as bytes, mostly)."""
+    text = error.smtp_error
+    return text.decode("utf-8", "replace") if isinstance(text, bytes) else str(text)
+
+
+def untrusted_upstream(error: OSError) -> str:
+    reason = getattr(error, "verify_message", None) or error
+    return (f"the upstream's certificate is not trusted ({reason}); use --relay-insecure "
+            f"for a self-signed one, or set SSL_CERT_FILE to its CA")
 
 
 def relay_transaction(client: smtplib.SMTP, job: RelayJob, options: list[str], file) -> dict:
@@ -5455,16 +5611,22 @@ def relay_chunks(file):
 
 
 def sendmail_main(argv: list[str]) -> int:
-    """python sheesh.py sendmail [-t] [-f SENDER] [-i] [RECIPIENT...] < message
+    """python3 sheesh.py sendmail [-t] [-f SENDER] [-F NAME] [-S HOST:PORT] [RECIPIENT...]
 
     A sendmail-compatible way in, for programs that call /usr/sbin/sendmail (PHP's mail(),
-    cron, git send-email): the message on standard input goes to a running sheesh by SMTP.
-    Exit status as sendmail's (sysexits.h): 64 bad usage, 69 refused, 75 try again later.
+    cron, git send-email): the message on standard input goes to a running sheesh by SMTP,
+    at -S HOST:PORT, or SHEESH_HOST and SHEESH_PORT, or 127.0.0.1 port 1025. Exit status as
+    sendmail's (sysexits.h): 64 bad usage, 69 refused, 75 try again later.
     """
-    options = build_sendmail_parser().parse_args(argv)
+    parser = build_sendmail_parser()
+    options = parser.parse_args(argv)
+    try:
+        host, port = sendmail_destination(options)
+    except ValueError as error:
+        parser.error(str(error))
     data, recipients = sys.stdin.buffer.read(), list(options.recipients)
+    headers = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(data)
     if options.from_headers:
-        headers = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(data)
         fields = [value for name in ("To", "Cc", "Bcc") for value in headers.get_all(name, [])]
         recipients += [address for _, address in email.utils.getaddresses(fields) if address]
         data = remove_header(data, b"Bcc")
@@ -5472,29 +5634,64 @@ def sendmail_main(argv: list[str]) -> int:
         print("sheesh sendmail: no recipients (give them as arguments, or use -t)",
               file=sys.stderr)
         return 64
+    sender = options.sender or f"{os.environ.get('USER') or 'sheesh'}@{socket.gethostname()}"
+    data = missing_headers(headers, sender, options.full_name) + data
     # Programs hand sendmail lines ending in LF; SMTP wants CRLF (RFC 5321 section 2.3.8),
     # and smtplib leaves bytes as they are.
     data = re.sub(rb"\r?\n", b"\r\n", data)
-    sender = options.sender or f"{os.environ.get('USER') or 'sheesh'}@{socket.gethostname()}"
-    return submit(options.host, options.port, sender, recipients, data)
+    return submit(host, port, sender, recipients, data)
+
+
+def sendmail_destination(options: argparse.Namespace) -> tuple[str, int]:
+    """Where sheesh is: -S HOST:PORT, else --host and --port, else SHEESH_HOST and
+    SHEESH_PORT (for PHP's sendmail_path and cron, which pass no options of ours)."""
+    host = options.host or os.environ.get("SHEESH_HOST") or DEFAULT_HOST
+    port_text = options.port or os.environ.get("SHEESH_PORT") or str(DEFAULT_PORT)
+    if options.server:
+        host, colon, port_text = options.server.rpartition(":")
+        if not colon or not host:
+            raise ValueError(f"-S takes HOST:PORT, not {options.server}")
+    port = whole_number(port_text, 5)
+    if port is None or not 0 < port < 65536:
+        raise ValueError(f"the port must be a number from 1 to 65535, not {port_text}")
+    return host.strip("[]"), port
+
+
+def missing_headers(headers: email.message.Message, sender: str, full_name: str | None) -> bytes:
+    """The From, Date and Message-ID lines that a message lacks, as sendmail adds them
+    (RFC 5322 section 3.6 asks for From and Date; mail without a Message-ID looks like spam);
+    From carries -F's full name."""
+    lines = []
+    if headers["From"] is None:
+        lines.append(f"From: {email.utils.formataddr((full_name or '', sender))}")
+    if headers["Date"] is None:
+        lines.append(f"Date: {email.utils.formatdate(localtime=True)}")
+    if headers["Message-ID"] is None:
+        lines.append(f"Message-ID: {email.utils.make_msgid(domain=socket.gethostname())}")
+    return "".join(line + "\n" for line in lines).encode("utf-8")
 
 
 def build_sendmail_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="sheesh sendmail", description=sendmail_main.__doc__.split(
-        "\n\n")[1].strip())
+        "\n\n")[1].strip(), formatter_class=HelpFormatter)
     parser.usage_error_status = 64  # EX_USAGE, as sendmail
     parser.add_argument("recipients", nargs="*", metavar="RECIPIENT")
     parser.add_argument("-t", dest="from_headers", action="store_true",
                         help="also send to the To, Cc and Bcc headers' addresses; remove Bcc")
     parser.add_argument("-f", "-r", dest="sender", help="the envelope sender")
-    parser.add_argument("-F", dest="full_name", help="ignored (the sender's full name)")
+    parser.add_argument("-F", dest="full_name", help="the sender's full name, for the From "
+                        "header that is added when the message has none")
     parser.add_argument("-i", "-oi", dest="ignore_dots", action="store_true",
                         help="ignored: a lone dot never ends the message here")
     parser.add_argument("-o", dest="other_options", action="append", metavar="OPTION",
                         help="ignored, for -oem, -odi and the like")
     parser.add_argument("-B", dest="body_type", help="ignored (7BIT or 8BITMIME)")
-    parser.add_argument("--host", default=DEFAULT_HOST, help="where sheesh listens")
-    parser.add_argument("--port", type=port_number, default=DEFAULT_PORT)
+    parser.add_argument("-S", dest="server", metavar="HOST:PORT",
+                        help="where sheesh listens (as msmtp and mailx take it)")
+    parser.add_argument("--host", help=f"where sheesh listens (default: SHEESH_HOST, else "
+                        f"{DEFAULT_HOST})")
+    parser.add_argument("--port", help=f"its SMTP port (default: SHEESH_PORT, else "
+                        f"{DEFAULT_PORT})")
     return parser
 
 
@@ -5504,8 +5701,8 @@ def submit(host: str, port: int, sender: str, recipients: list[str], data: bytes
         with smtplib.SMTP(host, port, timeout=RELAY_TIMEOUT) as client:
             refused = client.sendmail(sender, recipients, data)
     except smtplib.SMTPResponseException as error:
-        print(f"sheesh sendmail: refused: {error.smtp_code} "
-              f"{error.smtp_error.decode('utf-8', 'replace')}", file=sys.stderr)
+        print(f"sheesh sendmail: refused: {error.smtp_code} {reply_text(error)}",
+              file=sys.stderr)
         return 75 if 400 <= error.smtp_code < 500 else 69
     except smtplib.SMTPRecipientsRefused as error:
         print(f"sheesh sendmail: every recipient was refused: {error.recipients}",
@@ -7305,6 +7502,18 @@ def fetch_field(item: FetchItem, view, root: MimePart | None, summary: Summary,
 # ---------------------------------------------------------------------------------------------
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """--help that gives each option's default where it has one: not for a flag (off unless
+    given) or an option without one, nor where the help says it in words already."""
+
+    def _get_help_string(self, action) -> str:
+        text, default = action.help or "", action.default
+        if (default is None or isinstance(default, bool) or default == [] or "default" in text
+                or default is argparse.SUPPRESS or not action.option_strings):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 class ArgumentParser(argparse.ArgumentParser):
     usage_error_status = 2
 
@@ -7351,17 +7560,40 @@ def pin_to_one_cpu(choice: str) -> int | None:
         has_gil = getattr(sys, "_is_gil_enabled", lambda: True)()
         if not has_gil or len(allowed) < 2:
             return None
-        cpu = allowed[-1]  # CPU 0 tends to take more of the machine's interrupts
+        # CPU 0 tends to take more of the machine's interrupts: left out if there are 3 or more.
+        cpu = claim_a_cpu(allowed[1:] if len(allowed) > 2 else allowed)
     else:
         cpu = int(choice)
     os.sched_setaffinity(0, {cpu})
     return cpu
 
 
+_CPU_CLAIMS: list[socket.socket] = []  # held while the process lives
+
+
+def claim_a_cpu(choices: list[int]) -> int:
+    """A CPU that no other sheesh on this machine runs on, if there is one, so that two sinks
+    do not share one core. Each running sheesh holds an abstract Unix socket named for its
+    CPU (Linux's, as is CPU pinning): no file, and gone when the process ends, however it
+    ends. The search starts at the process id, so that when all are taken they still spread."""
+    start = os.getpid() % len(choices)
+    for offset in range(len(choices)):
+        cpu = choices[(start + offset) % len(choices)]
+        claim = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            claim.bind(f"\0sheesh-cpu-{cpu}")
+        except OSError:  # another sheesh runs there
+            claim.close()
+            continue
+        _CPU_CLAIMS.append(claim)
+        return cpu
+    return choices[start]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
         prog="sheesh", description="A one-file SMTP server that stores every message it is sent "
-        "in a Maildir.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        "in a Maildir.", formatter_class=HelpFormatter)
     parser.add_argument("--host", default=DEFAULT_HOST,
                         help="address to listen on (loopback unless you mean otherwise)")
     parser.add_argument("--port", type=port_number, default=DEFAULT_PORT,
@@ -7389,15 +7621,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "but a crash may lose acknowledged mail)")
     parser.add_argument("--cpu", default="auto", type=cpu_choice,
                         help="'auto' runs sheesh on one CPU when Python has a GIL and there are "
-                        "several (2-3x faster under load: see README), 'all' on every CPU, "
-                        "a number on that CPU (Linux only; elsewhere every CPU)")
+                        "several (2-3x faster under load: see README), one that no other sheesh "
+                        "runs on if there is one; 'all' on every CPU; a number on that CPU "
+                        "(Linux only; elsewhere every CPU)")
     parser.add_argument("--quiet", action="store_true", help="log only warnings and errors")
     parser.add_argument("--print", dest="print_messages", action="store_true",
                         help="also print each message, with its envelope, to standard output")
-    parser.add_argument("--http-port", type=port_number, default=8025,
-                        help="port of the web inbox and JSON API (the port Mailpit uses)")
-    parser.add_argument("--no-http", dest="http_port", action="store_const", const=None,
-                        help="no web inbox")
+    parser.add_argument("--http-port", type=port_number, metavar="PORT",
+                        help=f"port of the web inbox and JSON API (default: "
+                        f"{DEFAULT_HTTP_PORT}, the port Mailpit uses; with --port 0, a free "
+                        f"one too)")
+    parser.add_argument("--no-http", action="store_true", help="no web inbox")
     parser.add_argument("--http-host", metavar="ADDRESS",
                         help="address of the web inbox (default: --host's)")
     parser.add_argument("--http-users", metavar="FILE", type=read_users,
@@ -7452,8 +7686,13 @@ def add_relay_options(relay) -> None:
     relay.add_argument("--relay-user", help="user name to log in to it with")
     relay.add_argument("--relay-password", help="its password; better, set the environment "
                        "variable SHEESH_RELAY_PASSWORD, which the shell's history does not keep")
-    relay.add_argument("--relay-tls", choices=("starttls", "tls", "none"), default="starttls",
-                       help="how to talk to it: STARTTLS, TLS from the first byte, or plain")
+    relay.add_argument("--relay-tls", choices=("auto", "starttls", "tls", "none"),
+                       default="auto", help="how to talk to it: 'auto' uses STARTTLS when it "
+                       "is offered and plain SMTP when not (but sends no password in plain "
+                       "text beyond loopback); 'starttls' requires it; 'tls' from the first "
+                       "byte (port 465); 'none' plain")
+    relay.add_argument("--relay-insecure", action="store_true",
+                       help="use TLS without checking the certificate (a self-signed upstream)")
     automatic = relay.add_mutually_exclusive_group()
     automatic.add_argument("--relay-all", action="store_true",
                            help="relay every message to its recipients as it arrives")
@@ -7557,6 +7796,10 @@ def main(argv: list[str] | None = None) -> int:
     quiet, cpu_choice_ = options.pop("quiet"), options.pop("cpu")
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
                         format="%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
+    if options.pop("no_http"):
+        options["http_port"] = None
+    elif options["http_port"] is None:  # a test harness that asks for any SMTP port runs
+        options["http_port"] = 0 if options["port"] == 0 else DEFAULT_HTTP_PORT  # two at once
     options["faults"] = tuple(options["faults"])
     options["http_allowed_hosts"] = tuple(options["http_allowed_hosts"])
     if options["relay_password"] is None:  # from the environment: never shown by --help
@@ -7570,11 +7813,9 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as error:
         return fail(f"cannot run on CPU {cpu_choice_}: {getattr(error, 'strerror', None) or error}")
     try:
-        server.maildir.create()
-    except OSError as error:
-        return fail(f"cannot use {server.store.path} as a Maildir: {error.strerror or error}")
-    try:
         server.start()
+    except CannotStart as error:
+        return fail(error.strerror)
     except (OSError, ValueError) as error:
         return fail(start_failure(server, error))
     # Logged as a warning so that it shows even with --quiet: it says where everything is.
@@ -7592,6 +7833,8 @@ def main(argv: list[str] | None = None) -> int:
                  f"recipients matching {server.config.relay_match}"
                  if server.config.relay_match else "messages released through the API")
         log.warning("relaying %s to %s", which, server.config.relay)
+        threading.Thread(target=check_relay, args=(server.relay,), name="sheesh-relay-check",
+                         daemon=True).start()
     if not is_loopback(server.host):
         log.warning("warning: %s is not a loopback address: anyone who can reach it can "
                     "send mail here", server.host)
@@ -7605,17 +7848,25 @@ def main(argv: list[str] | None = None) -> int:
     return serve_until_stopped(server)
 
 
+def check_relay(relay: Relay) -> None:
+    """One connection to the upstream at start-up, so that a wrong setting shows now rather
+    than at the first message; a warning if it fails, never a reason not to start."""
+    works, how = relay.check()
+    if works:
+        log.info("relay checked: %s", escape_for_log(how))
+    else:
+        log.warning("relay check failed, messages will not be relayed as things are: %s",
+                    escape_for_log(how))
+
+
 def start_failure(server: Server, error: OSError | ValueError) -> str:
-    """Say which part of starting up failed: the TLS certificate or a port."""
+    """Say what failed at start-up but a port or the Maildir: the TLS certificate, mostly."""
     config = server.config
     if config.tls and server.tls_context is None:
         files = f" with {config.tls_cert} and {config.tls_key}" if config.tls_cert else ""
         reason = getattr(error, "reason", None) or getattr(error, "strerror", None) or error
         return f"cannot set up TLS{files}: {reason}"
-    ports = " or ".join(str(port) for port in (config.port, config.smtps_port, config.pop3_port,
-                                               config.pop3s_port, config.imap_port,
-                                               config.imaps_port) if port is not None)
-    return f"cannot listen on {config.host} port {ports}: {error.strerror or error}"
+    return f"cannot start: {getattr(error, 'strerror', None) or error}"
 
 
 def fail(message: str) -> int:

@@ -10,6 +10,8 @@ import collections
 import datetime
 import errno
 import hashlib
+import itertools
+import json
 import logging
 import mailbox
 import os
@@ -20,13 +22,13 @@ import smtplib
 import socket
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 import tracemalloc
 import urllib.error
 import urllib.parse
 import urllib.request
-import json
 from email.message import EmailMessage
 from pathlib import Path
 
@@ -1169,6 +1171,21 @@ def test_maildir_is_readable_by_the_mailbox_module(server):
     assert message["Return-Path"] == "<a@b.test>"
 
 
+def test_the_readme_mailbox_example_reads_utf8_headers(server):
+    import email
+    import email.policy
+    with smtplib.SMTP(server.host, server.port) as client:
+        client.sendmail("a@b.test", ["c@d.test"], "Subject: Größe =?UTF-8?B?w5xiZXI=?=\r\n"
+                        "From: Jörg <j@b.test>\r\n\r\nhi\r\n".encode(), mail_options=["SMTPUTF8"])
+    readme = (HERE / "README.md").read_text()
+    assert 'box = mailbox.Maildir("mail", factory=lambda file: email.message_from_binary_file(' \
+        in readme
+    box = mailbox.Maildir(server.store.path, factory=lambda file: email.message_from_binary_file(
+        file, policy=email.policy.default))
+    [message] = box
+    assert (message["Subject"], message["From"]) == ("Größe Über", "Jörg <j@b.test>")
+
+
 # ---------------------------------------------------------------------------------------------
 # 6b. The store's index: one picture of the Maildir for every reader
 # ---------------------------------------------------------------------------------------------
@@ -2060,11 +2077,12 @@ def run_cli(*args, timeout=10):
 
 
 class Process:
-    """sheesh.py running as a program, with its log lines read as they come."""
+    """sheesh.py running as a program, with its log lines read as they come. Without a web
+    option it runs with --no-http; with "--port", "0" alone, the web inbox takes a free port."""
 
     def __init__(self, tmp_path, *args):
         self.maildir = tmp_path / "mail"
-        web = [] if "--http-port" in args else ["--no-http"]
+        web = [] if "--http-port" in args or args[:2] == ("--port", "0") else ["--no-http"]
         self.proc = subprocess.Popen(
             [sys.executable, str(HERE / "sheesh.py"), "--port", "0", "--maildir",
              str(self.maildir), "--hostname", HOSTNAME, *web, *args],
@@ -2108,6 +2126,36 @@ def test_cli_help_shows_every_option_with_its_default():
                          result.stdout), option
     for option in ("--hostname", "--quiet", "--print"):
         assert option in result.stdout
+    assert re.search(r"--http-port PORT\s+port of the web inbox and JSON API \(default: 8025\b",
+                     result.stdout)
+    # Every default shown is a real value: never a flag's True or False, None, or [].
+    shown = re.findall(r"\(default:\s+([^)]*)\)", result.stdout)
+    assert len(shown) >= 15
+    assert not {value.strip() for value in shown} & {"True", "False", "None", "[]"}
+
+
+def test_the_readme_fixture_works_in_a_project_of_your_own(tmp_path):
+    """As the README says: sheesh.py copied beside the tests, and its fixture as written."""
+    readme = (HERE / "README.md").read_text()
+    fixture = re.search(r"```python\n(import pytest, sheesh\n.*?)```", readme, re.S).group(1)
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "sheesh.py").write_bytes((HERE / "sheesh.py").read_bytes())
+    (project / "test_app.py").write_text(fixture + textwrap.dedent("""
+        import smtplib
+
+        def test_welcome_mail(smtp):
+            smtplib.SMTP(smtp.host, smtp.port).sendmail(
+                "app@example.com", ["new@example.com"], "Subject: Welcome\\r\\n\\r\\nHi")
+            mail = smtp.wait_for_message(timeout=5)
+            assert mail.recipients == ["new@example.com"]
+            assert mail.message["Subject"] == "Welcome"
+        """))
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                             "test_app.py"], cwd=project, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 passed" in result.stdout
 
 
 @pytest.mark.parametrize("args", [["--port", "70000"], ["--max-size", "0"], ["--bogus"],
@@ -2127,11 +2175,44 @@ def test_cli_unusable_maildir_is_one_line_and_exit_2(tmp_path):
         f"sheesh: error: cannot use {tmp_path / 'file'} as a Maildir: Not a directory"]
 
 
-def test_cli_port_in_use_is_one_line_and_exit_2(tmp_path, server):
-    result = run_cli("--port", str(server.port), "--maildir", str(tmp_path / "other"))
+@pytest.mark.parametrize("option, what, moved_by", [
+    ("--port", "SMTP", "--port"),
+    ("--http-port", "the web inbox", "--http-port, or leave it out with --no-http"),
+    ("--pop3-port", "POP3", "--pop3-port"),
+    ("--imap-port", "IMAP", "--imap-port"),
+])
+def test_cli_port_in_use_names_it_and_creates_nothing(tmp_path, option, what, moved_by):
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    others = {"--port": "0", "--http-port": "0", "--pop3-port": "0", "--imap-port": "0"}
+    others[option] = str(port)
+    try:
+        result = run_cli(*itertools.chain(*others.items()), "--maildir", str(tmp_path / "mail"))
+    finally:
+        busy.close()
     assert result.returncode == 2
-    assert "cannot listen on 127.0.0.1 port" in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+    assert result.stderr.strip().splitlines() == [
+        f"sheesh: error: cannot listen on 127.0.0.1 port {port} for {what}: Address already in "
+        f"use (choose another port with {moved_by})"]
+    assert not (tmp_path / "mail").exists()
+
+
+def test_cli_port_0_gives_the_web_inbox_a_free_port_too_so_two_can_run(tmp_path):
+    first = Process(tmp_path / "one", "--port", "0")  # no --http-port: the default
+    second = Process(tmp_path / "two", "--port", "0")
+    try:
+        urls = []
+        for process in (first, second):
+            line = process.proc.stderr.readline()
+            urls.append(re.search(r"web inbox and API at (http://\S+)", line).group(1))
+            with urllib.request.urlopen(urls[-1] + "api/health", timeout=5) as response:
+                assert json.loads(response.read())["status"] == "ok"
+        assert urls[0] != urls[1] and not urls[0].endswith(":8025/")
+    finally:
+        first.stop()
+        second.stop()
 
 
 def test_cli_serves_logs_one_line_per_message_and_exits_0_on_ctrl_c(cli):
@@ -2142,11 +2223,11 @@ def test_cli_serves_logs_one_line_per_message_and_exits_0_on_ctrl_c(cli):
         client.sendmail("a@b.test", ["c@d.test", "e@f.test"], message)
     line = sheesh_process.proc.stderr.readline()
     assert "from <a@b.test> to <c@d.test>, <e@f.test> subject 'café \\x1b[31mred'" in line
-    assert re.search(rf"size {len(message)} stored \S+/new/\S+$", line)
     assert "\x1b" not in line  # terminal control sequences are escaped
     code, _, stderr = sheesh_process.stop(signal.SIGINT)
     assert code == 0 and "Traceback" not in stderr
-    assert len(files_in(sheesh_process.maildir, "new")) == 1
+    [stored] = files_in(sheesh_process.maildir, "new")
+    assert re.search(rf"size {stored.stat().st_size} stored \S+/new/\S+$", line)
 
 
 def test_cli_print_shows_the_envelope_and_the_message(cli):
@@ -2170,16 +2251,21 @@ needs_linux_and_two_cpus = pytest.mark.skipif(
 
 
 @needs_linux_and_two_cpus
-def test_cli_runs_on_one_cpu_by_default(cli):
-    with_gil = getattr(sys, "_is_gil_enabled", lambda: True)()
-    sheesh_process = cli()
+def test_cli_runs_on_one_cpu_by_default_and_two_sheesh_on_different_ones(cli, tmp_path):
+    if not getattr(sys, "_is_gil_enabled", lambda: True)():
+        pytest.skip("a free-threaded Python is left on every CPU")
+    first = cli()
+    second = Process(tmp_path / "second", "--maildir", str(tmp_path / "second-mail"))
     try:
-        cpu = max(os.sched_getaffinity(0))
-        if with_gil:
-            assert f"running on CPU {cpu}" in sheesh_process.first_line
-            assert cpus_of(sheesh_process.proc.pid) == str(cpu)
+        cpus = []
+        for sheesh_process in (first, second):
+            cpu = re.search(r"running on CPU (\d+)", sheesh_process.first_line).group(1)
+            assert cpus_of(sheesh_process.proc.pid) == cpu
+            cpus.append(int(cpu))
+        assert cpus[0] != cpus[1] and set(cpus) <= os.sched_getaffinity(0)
     finally:
-        sheesh_process.stop()
+        first.stop()
+        second.stop()
 
 
 @needs_linux_and_two_cpus
@@ -2558,7 +2644,6 @@ def test_users_are_checked_over_smtp_with_a_delay_after_a_failure(tmp_path, monk
 
 
 def test_cli_tls_self_signed_works_and_logs_the_fingerprint(tmp_path):
-    import hashlib
     import shutil
     import ssl
     if shutil.which("openssl") is None:
@@ -2569,12 +2654,15 @@ def test_cli_tls_self_signed_works_and_logs_the_fingerprint(tmp_path):
                              "--hostname", HOSTNAME, "--cpu", "all", "--no-http"],
                             stderr=subprocess.PIPE, text=True)
     try:
-        fingerprint = re.search(r"SHA-256 fingerprint ([0-9a-f]{64})", proc.stderr.readline())
+        fingerprint = re.search(r"SHA-256 fingerprint ((?:[0-9A-F]{2}:){31}[0-9A-F]{2})\b",
+                                proc.stderr.readline())
         started = proc.stderr.readline()
         port = int(re.search(r" port (\d+)", started).group(1))
         smtps_port = int(re.search(r"SMTPS on port (\d+)", started).group(1))
         pem = ssl.get_server_certificate(("127.0.0.1", smtps_port))
-        assert hashlib.sha256(ssl.PEM_cert_to_DER_cert(pem)).hexdigest() == fingerprint.group(1)
+        shown = subprocess.run(["openssl", "x509", "-noout", "-fingerprint", "-sha256"],
+                               input=pem, capture_output=True, text=True, check=True).stdout
+        assert shown.strip().partition("=")[2] == fingerprint.group(1)  # as the README shows
         with smtplib.SMTP("127.0.0.1", port) as client:
             client.starttls(context=ssl._create_unverified_context())
             client.sendmail("a@b.test", ["c@d.test"], b"Subject: self-signed\r\n\r\nx\r\n")
@@ -2811,6 +2899,55 @@ def test_web_latest_and_wait(web):
     status, found = get_json(web, f"/api/messages/wait?query=token-42&timeout=5&after={int(before)}")
     assert (status, found["subject"]) == (200, "awaited token-42")
     assert get_json(web, "/api/messages/latest")[1]["subject"] == "awaited token-42"
+
+
+def test_web_wait_without_after_waits_for_a_message_that_arrives_after_the_request(web):
+    deliver(web.maildir, b"Subject: yesterday's token-7\r\n\r\nx\r\n")
+    assert get_json(web, "/api/messages/wait?query=token-7&timeout=0")[0] == 408
+    threading.Timer(0.1, deliver, (web.maildir, b"Subject: today's token-7\r\n\r\nx\r\n")).start()
+    status, found = get_json(web, "/api/messages/wait?query=token-7&timeout=5")
+    assert (status, found["subject"]) == (200, "today's token-7")
+    assert get_json(web, "/api/messages/wait?query=yesterday&after=0")[1]["subject"] == (
+        "yesterday's token-7")
+
+
+def test_api_headers_are_decoded_from_utf8_and_encoded_words(tmp_path):
+    with make_server(tmp_path, http_port=0) as server:
+        with smtplib.SMTP(server.host, server.port) as client:
+            client.sendmail("utf8@пример.рф", ["jörg@bücher.test"],
+                            "Subject: Привет! Größe\r\nTo: =?UTF-8?B?SsO2cmc=?= <a@b.test>\r\n"
+                            "\r\nx\r\n".encode(), mail_options=["SMTPUTF8"])
+        key = server.wait_for_message().key
+        detail = json.loads(http(server, f"/api/messages/{key}")[2])
+    headers = dict(detail["headers"])
+    assert headers["Return-Path"] == "<utf8@пример.рф>"
+    assert headers["Delivered-To"] == "jörg@bücher.test"
+    assert headers["Subject"] == detail["subject"] == "Привет! Größe"
+    assert headers["To"] == detail["to"] == "Jörg <a@b.test>"
+
+
+def test_size_means_the_stored_message_in_the_log_the_api_pop3_and_imap(tmp_path, caplog):
+    import imaplib
+    import poplib
+    with caplog.at_level(logging.INFO, logger="sheesh"), make_server(
+            tmp_path, http_port=0, pop3_port=0, imap_port=0) as server:
+        with smtplib.SMTP(server.host, server.port) as client:
+            client.sendmail("a@b.test", ["c@d.test"], b"Subject: sized\r\n\r\nx\r\n")
+        stored = server.wait_for_message()
+        wait_until(lambda: "subject 'sized' size" in caplog.text)
+        logged = int(re.search(r"subject 'sized' size (\d+)", caplog.text).group(1))
+        api = json.loads(http(server, f"/api/messages/{stored.key}")[2])["size"]
+        pop3 = poplib.POP3(server.host, server.pop3_port, timeout=5)
+        pop3.user("c@d.test")
+        pop3.pass_("x")
+        listed = int(pop3.list()[1][0].split()[1])
+        pop3.quit()
+        with imaplib.IMAP4(server.host, server.imap_port) as imap:
+            imap.login("c@d.test", "x")
+            imap.select("INBOX")
+            fetched = imap.fetch("1", "(RFC822.SIZE)")[1][0]
+        imap_size = int(re.search(rb"RFC822\.SIZE (\d+)", fetched).group(1))
+    assert logged == api == listed == imap_size == stored.path.stat().st_size == len(stored.raw)
 
 
 @pytest.mark.parametrize("headers, status", [
@@ -3655,6 +3792,83 @@ def test_relay_to_a_dead_upstream_gives_up_and_keeps_the_message(tmp_path, fast_
     dead.close()
 
 
+def test_relay_tls_auto_speaks_plain_smtp_to_an_upstream_without_starttls(tmp_path, upstream):
+    with make_server(tmp_path, http_port=0, relay=f"127.0.0.1:{upstream.port}",
+                     relay_all=True) as server:  # --relay-tls left at its default
+        assert server.config.relay_tls == "auto"
+        with smtplib.SMTP(server.host, server.port) as client:
+            client.sendmail("a@b.test", ["c@d.test"], b"Subject: plain upstream\r\n\r\nx\r\n")
+        assert upstream.wait_for_message().message["Subject"] == "plain upstream"
+        assert relay_history(server, server.wait_for_message().key)[0]["outcome"] == "sent"
+
+
+def relay_outcomes_of_one_message(server):
+    with smtplib.SMTP(server.host, server.port) as client:
+        client.sendmail("a@b.test", ["c@d.test"], b"Subject: relayed\r\n\r\nx\r\n")
+    key = server.wait_for_message().key
+    first = relay_history(server, key)
+    time.sleep(0.3)  # several retry delays (fast_retries): no second attempt may come
+    return [entry["outcome"] for entry in relay_history(server, key)], first
+
+
+@pytest.mark.parametrize("options, outcome", [
+    ({"relay_tls": "starttls"},
+     "failed: the upstream does not offer STARTTLS; use --relay-tls auto or none"),
+    ({"relay_user": "me", "relay_password": "wrong"},
+     "failed: the upstream refused the login as me: 535 5.7.8 Error: authentication "
+     "credentials invalid"),
+])
+def test_relay_settings_that_cannot_work_are_not_retried_and_say_what_to_change(
+        tmp_path, fast_retries, options, outcome):
+    with make_server(tmp_path / "up", maildir=tmp_path / "up-mail",
+                     users={"me": "right"}) as upstream, make_server(
+            tmp_path, http_port=0, relay=f"127.0.0.1:{upstream.port}", relay_all=True,
+            **options) as server:
+        outcomes, _ = relay_outcomes_of_one_message(server)
+        assert outcomes == [outcome]
+
+
+def outward_address():
+    """This machine's address on its default route (no packet is sent), or None."""
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        probe.connect(("192.0.2.1", 9))
+        address = probe.getsockname()[0]
+    except OSError:
+        return None
+    finally:
+        probe.close()
+    return None if sheesh.is_loopback(address) else address
+
+
+def test_relay_tls_auto_sends_no_password_in_plain_text_beyond_loopback(tmp_path, fast_retries):
+    address = outward_address()
+    if address is None:
+        pytest.skip("this machine has no address beyond loopback")
+    with make_server(tmp_path / "up", host=address, maildir=tmp_path / "up-mail") as upstream, \
+            make_server(tmp_path, http_port=0, relay=f"{address}:{upstream.port}",
+                        relay_user="me", relay_password="secret", relay_all=True) as server:
+        outcomes, _ = relay_outcomes_of_one_message(server)
+        assert outcomes == [
+            "failed: the upstream does not offer STARTTLS, and sheesh does not send a password "
+            f"in plain text beyond loopback; use --relay-tls none if {address} may see it"]
+        with pytest.raises(TimeoutError):
+            upstream.wait_for_message(timeout=0.1)
+
+
+def test_cli_checks_the_relay_at_start_up(cli, upstream):
+    works = cli("--relay", f"127.0.0.1:{upstream.port}")
+    assert "relaying messages released through the API" in works.proc.stderr.readline()
+    assert works.proc.stderr.readline().rstrip().endswith(
+        f"relay checked: 127.0.0.1 port {upstream.port} answers, in plain text")
+    refused = cli("--relay", f"127.0.0.1:{upstream.port}", "--relay-tls", "starttls")
+    refused.proc.stderr.readline()
+    assert refused.proc.stderr.readline().rstrip().endswith(
+        "relay check failed, messages will not be relayed as things are: the upstream does not "
+        "offer STARTTLS; use --relay-tls auto or none")
+    assert refused.proc.poll() is None  # a warning, not a reason to stop
+
+
 def run_sendmail(port, *args, stdin=b""):
     return subprocess.run([sys.executable, str(HERE / "sheesh.py"), "sendmail", "--port",
                            str(port), *args], input=stdin, capture_output=True, timeout=20)
@@ -3679,6 +3893,42 @@ def test_sendmail_with_recipients_as_arguments(server):
                           stdin=b"Subject: cron\n\noutput\n")
     assert result.returncode == 0, result.stderr
     assert server.wait_for_message().recipients == ["root@d.test"]
+
+
+def run_sendmail_plain(*args, stdin=b"", env=None):
+    """sendmail without --port: where it sends is up to -S or the environment."""
+    return subprocess.run([sys.executable, str(HERE / "sheesh.py"), "sendmail", *args],
+                          input=stdin, capture_output=True, timeout=20,
+                          env={**os.environ, **(env or {})})
+
+
+def test_sendmail_finds_sheesh_by_s_option_or_environment(server):
+    # PHP's sendmail_path and cron pass no options of ours: SHEESH_HOST and SHEESH_PORT do.
+    result = run_sendmail_plain("a@d.test", stdin=b"Subject: by environment\n\nx\n", env={
+        "SHEESH_HOST": server.host, "SHEESH_PORT": str(server.port)})
+    assert result.returncode == 0, result.stderr
+    assert server.wait_for_message().message["Subject"] == "by environment"
+    result = run_sendmail_plain("-S", f"{server.host}:{server.port}", "a@d.test",
+                                stdin=b"Subject: by -S\n\nx\n", env={"SHEESH_PORT": "9"})
+    assert result.returncode == 0, result.stderr
+    assert server.wait_for_message().message["Subject"] == "by -S"
+    result = run_sendmail_plain("a@d.test", stdin=b"x\n", env={"SHEESH_PORT": "lots"})
+    assert result.returncode == 64 and b"not lots" in result.stderr
+
+
+def test_sendmail_adds_from_date_and_message_id_when_missing(server):
+    result = run_sendmail(server.port, "-f", "cron@b.test", "-F", "Cron Dæmon", "root@d.test",
+                          stdin=b"Subject: cron output\n\nok\n")
+    assert result.returncode == 0, result.stderr
+    message = server.wait_for_message().message
+    assert message["From"] == "Cron Dæmon <cron@b.test>"
+    assert abs(message["Date"].datetime.timestamp() - time.time()) < 60
+    assert re.fullmatch(r"<[^<>@\s]+@[^<>@\s]+>", message["Message-ID"])
+    own = (b"From: App <app@b.test>\nDate: Tue, 01 Dec 2026 10:00:00 +0000\n"
+           b"Message-ID: <own@b.test>\nSubject: complete\n\nx\n")
+    assert run_sendmail(server.port, "-F", "Ignored", "root@d.test", stdin=own).returncode == 0
+    raw = sheesh.strip_trace_headers(server.wait_for_message().raw)
+    assert raw == own.replace(b"\n", b"\r\n")  # nothing added to a message that has them
 
 
 def test_sendmail_fails_clearly_when_sheesh_is_not_running():
@@ -4418,29 +4668,46 @@ def test_cli_imap_ports_are_announced(cli):
     assert run_cli("--imaps-port", "0").returncode == 2
 
 
-@pytest.mark.parametrize("mode", ["starttls", "tls"])
+@pytest.mark.parametrize("mode", ["auto", "starttls", "tls"])
 def test_relay_over_tls_checks_the_certificate_and_logs_in(tmp_path, certificates, monkeypatch,
                                                            mode):
     with make_server(tmp_path / "up", maildir=tmp_path / "up-mail", smtps_port=0,
                      tls_cert=str(certificates.cert), tls_key=str(certificates.key),
                      users={"relay-user": "relay-pass"}, auth_required=True) as upstream:
-        port = upstream.port if mode == "starttls" else upstream.smtps_port
+        port = upstream.smtps_port if mode == "tls" else upstream.port
 
-        def relay_once():
+        def relay_once(**options):
             with make_server(tmp_path, http_port=0, relay=f"127.0.0.1:{port}", relay_tls=mode,
                              relay_user="relay-user", relay_password="relay-pass",
-                             relay_all=True) as server:
+                             relay_all=True, **options) as server:
                 with smtplib.SMTP(server.host, server.port) as client:
                     client.sendmail("a@b.test", ["c@d.test"], f"Subject: {mode}\r\n\r\nx\r\n")
                 key = server.wait_for_message().key
                 return relay_history(server, key)[0]["outcome"]
 
-        untrusted = relay_once()  # the test CA is not one the system trusts
-        assert untrusted.startswith("will retry: 421 SSLCertVerificationError")
+        untrusted = relay_once()  # the test CA is not one the system trusts: not retried
+        assert untrusted == ("failed: the upstream's certificate is not trusted (unable to get "
+                             "local issuer certificate); use --relay-insecure for a self-signed "
+                             "one, or set SSL_CERT_FILE to its CA")
+        assert relay_once(relay_insecure=True) == "sent"
         monkeypatch.setenv("SSL_CERT_FILE", str(certificates.ca))
         assert relay_once() == "sent"
-        received = str(upstream.wait_for_message().message["Received"])
-        assert "(authenticated as relay-user)" in received and " with ESMTPSA " in received
+        for _ in range(2):
+            received = str(upstream.wait_for_message().message["Received"])
+            assert "(authenticated as relay-user)" in received and " with ESMTPSA " in received
+
+
+def test_relay_to_a_tls_port_in_plain_text_says_what_to_change(tmp_path, tls_server,
+                                                                monkeypatch, fast_retries):
+    monkeypatch.setattr(sheesh, "RELAY_TIMEOUT", 0.5)
+    with make_server(tmp_path / "relaying", maildir=tmp_path / "relaying-mail", http_port=0,
+                     relay=f"127.0.0.1:{tls_server.smtps_port}", relay_all=True) as server:
+        with smtplib.SMTP(server.host, server.port) as client:
+            client.sendmail("a@b.test", ["c@d.test"], b"Subject: x\r\n\r\nx\r\n")
+        outcome = relay_history(server, server.wait_for_message().key)[0]["outcome"]
+    assert outcome == (f"will retry: lost 127.0.0.1 port {tls_server.smtps_port}: no greeting "
+                       "within 0.5 s (a port that wants TLS from the first byte, such as 465, "
+                       "needs --relay-tls tls)")
 
 
 def test_a_port_in_use_fails_the_start_at_once_and_frees_the_others(tmp_path):
