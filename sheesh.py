@@ -117,6 +117,7 @@ DEFAULT_HOST = "127.0.0.1"  # loopback: a sink accepts mail from anyone who can 
 DEFAULT_PORT = 1025  # the unprivileged port that Mailpit, MailHog and smtpd's examples use
 DEFAULT_HTTP_PORT = 8025  # the web inbox's: the port Mailpit and MailHog use
 DEFAULT_MAILDIR = "mail"  # as the Gleam server that sheesh follows
+DEFAULT_MAX_SESSIONS = 1000  # session transcripts kept (section 8)
 
 # 50 MiB: the default that Mailpit and MailDev settled on. Advertised as SIZE (RFC 1870).
 DEFAULT_MAX_SIZE = 50 * 1024 * 1024
@@ -201,6 +202,17 @@ class Reply:
         *first, last = self.lines
         text = "".join(f"{self.code}-{line}\r\n" for line in first) + f"{self.code} {last}\r\n"
         return text.encode("utf-8")
+
+    @property
+    def refusal(self) -> bool:
+        return self.code >= 400
+
+    @functools.cached_property
+    def shown(self) -> tuple[str, ...]:
+        return tuple(self.wire.decode("utf-8", "replace").splitlines())
+
+    def transcript_lines(self) -> tuple[str, ...]:
+        return self.shown  # made once: most replies are constants
 
 
 def reply(code: int, *lines: str) -> Reply:
@@ -799,6 +811,7 @@ class Session:
     _chunk_last: bool = False  # ...and whether it is the message's last
     _chunk_refusal: Reply | None = None  # what to answer once a refused chunk has been read
     notes: list[str] = field(default_factory=list)  # refusals, for the log
+    transcript: Transcript | None = None  # what was said, kept when the handler asks
     _auth_mechanism: str = ""
     _auth_username: str | None = None
     _auth_challenge: bytes = b""
@@ -872,9 +885,22 @@ class Session:
             self._overlong = False
             if self.state is State.AUTH:
                 self.state = State.GREETED
+            if self.transcript is not None:
+                self.transcript.client(f"<a line over {COMMAND_LINE_LIMIT:,} octets>")
             return LINE_TOO_LONG
         # surrogateescape keeps bytes that are not UTF-8, so they can be refused, not mangled.
-        return self.handle_line(raw.removesuffix(b"\r").decode("utf-8", "surrogateescape"))
+        line = raw.removesuffix(b"\r").decode("utf-8", "surrogateescape")
+        if self.transcript is not None:
+            self.transcript.client(self.shown(line))
+        return self.handle_line(line)
+
+    def shown(self, line: str) -> str:
+        """A command line as the transcript shows it: never a secret of AUTH."""
+        if self.state is State.AUTH:
+            return "****"
+        if line[:5].upper() == "AUTH " and len(words := line.split()) > 2:
+            return f"{words[0]} {words[1]} ****"
+        return line
 
     def handle_line(self, line: str) -> Reply:
         """One command line: the heart of SMTP."""
@@ -1077,7 +1103,7 @@ class Session:
         """The final dot (or BDAT LAST) arrived: store the message and say so, or say why
         not. A failed chunk ends the transaction too (RFC 3030 section 2)."""
         writer, problem = self._writer, self._data_problem
-        self._writer = None
+        self._writer, key = None, None
         try:
             if problem is not None:
                 if problem is MESSAGE_TOO_BIG:
@@ -1087,10 +1113,13 @@ class Session:
             if (fault := self.inject("end-of-data")) is not None:
                 writer.abort()  # a refused message leaves nothing behind
                 return fault
-            return queued(writer.commit())  # only now is the message on disk: a 250 promises it
+            key = writer.commit()  # only now is the message on disk: a 250 promises it
+            return queued(key)
         except OSError as error:
             return storage_problem(error)
         finally:
+            if self.transcript is not None:
+                self.transcript.message(self._message_size, key)
             self.reset_transaction()
 
     def reset_transaction(self) -> None:
@@ -1856,11 +1885,20 @@ class Streamed:
     """Bytes too many to hold at once (a message over POP3 or IMAP, an attachment): made as
     they are sent. chunks() gives the pieces; close() lets go of the file they come from."""
 
-    def __init__(self, produce, length: int | None = None, close=None) -> None:
+    def __init__(self, produce, length: int | None = None, close=None,
+                 shown: str | None = None) -> None:
         self.produce, self.length, self._close = produce, length, close
+        self.shown = shown  # what a transcript says of it (never the message itself)
 
     def chunks(self):
         return self.produce()
+
+    refusal = False
+
+    def transcript_lines(self) -> list[str]:
+        if self.shown is not None:
+            return [self.shown]
+        return [f"<{self.length:,} octets>" if self.length is not None else "<octets>"]
 
     def close(self) -> None:
         if self._close is not None:
@@ -2559,6 +2597,14 @@ class SqlIndex:
     # the messages that exist. Building the index anew clears them.
     FTS5 = ("CREATE VIRTUAL TABLE search USING fts5(sender, recipients, subject, body, "
             "content='', columnsize=0, tokenize='unicode61 remove_diacritics 2')")
+    # Session transcripts (section 8): made where missing, so an older index keeps its rows.
+    SESSIONS = """
+        CREATE TABLE IF NOT EXISTS sessions (id INTEGER PRIMARY KEY, peer TEXT NOT NULL,
+                                             outcome TEXT NOT NULL, record TEXT NOT NULL);
+        CREATE TABLE IF NOT EXISTS session_messages (key TEXT PRIMARY KEY,
+                                                     session INTEGER NOT NULL) WITHOUT ROWID;
+        CREATE INDEX IF NOT EXISTS session_messages_session ON session_messages (session);
+    """
     # Where this SQLite was built without FTS5, search reads a plain table instead.
     PLAIN = ("CREATE TABLE search (rowid INTEGER PRIMARY KEY, sender TEXT, recipients TEXT, "
              "subject TEXT, body TEXT)")
@@ -2590,6 +2636,7 @@ class SqlIndex:
             self._writer = self._connect()
         if not self._writer.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
             self._create()
+        self._writer.executescript(self.SESSIONS)
         self.full_text = self._writer.execute(
             "SELECT sql LIKE '%fts5%' FROM sqlite_master WHERE name = 'search'").fetchone()[0]
         return problem
@@ -2831,6 +2878,50 @@ class SqlIndex:
                               (*params, limit, offset)).fetchall()
         return total, [_summary(row) for row in rows]
 
+    # -- session transcripts
+
+    def add_sessions(self, records: list[dict], keep: int) -> None:
+        """Record ended sessions (their public() form); keep the newest `keep`."""
+        db = self._writer
+        db.executemany("INSERT OR REPLACE INTO sessions VALUES (?, ?, ?, ?)",
+                       [(r["id"], r["peer"], r["outcome"], json.dumps(r)) for r in records])
+        db.executemany("INSERT OR REPLACE INTO session_messages VALUES (?, ?)",
+                       [(key, r["id"]) for r in records for key in r["stored"]])
+        cut = db.execute("SELECT id FROM sessions ORDER BY id DESC LIMIT 1 OFFSET ?",
+                         (keep,)).fetchone()
+        if cut is not None:
+            db.execute("DELETE FROM sessions WHERE id <= ?", cut)
+            db.execute("DELETE FROM session_messages WHERE session <= ?", cut)
+
+    def sessions(self, peer: str | None, outcome: str | None,
+                 limit: int) -> tuple[int, list[dict]]:
+        """(how many match, the newest `limit` of them)."""
+        where, params = self._session_filter(peer, outcome)
+        with self._reading() as db:
+            total = db.execute(f"SELECT count(*) FROM sessions WHERE {where}",
+                               params).fetchone()[0]
+            rows = db.execute(f"SELECT record FROM sessions WHERE {where} ORDER BY id DESC "
+                              f"LIMIT ?", (*params, limit)).fetchall()
+        return total, [json.loads(row[0]) for row in rows]
+
+    @staticmethod
+    def _session_filter(peer: str | None, outcome: str | None) -> tuple[str, tuple]:
+        conditions = [(column, value) for column, value in (("peer", peer),
+                                                             ("outcome", outcome)) if value]
+        return (" AND ".join(f"{column} = ?" for column, _ in conditions) or "1",
+                tuple(value for _, value in conditions))
+
+    def session(self, number: int) -> dict | None:
+        rows = self._read("SELECT record FROM sessions WHERE id = ?", (number,))
+        return json.loads(rows[0][0]) if rows else None
+
+    def session_of(self, key: str) -> int | None:
+        rows = self._read("SELECT session FROM session_messages WHERE key = ?", (key,))
+        return rows[0][0] if rows else None
+
+    def last_session(self) -> int:
+        return self._read("SELECT coalesce(max(id), 0) FROM sessions")[0][0]
+
     def uids(self, query: Query = Query(), mailbox: str | None = None,
              after: int = 0) -> list[int]:
         """Every matching UID above `after`, oldest first (IMAP's mailboxes, and the
@@ -2963,9 +3054,38 @@ class MemoryIndex:
         self._expunged: dict[int, int] = {}  # UID -> the modification sequence of its removal
         self._next_uid = 1
         self._lock = threading.RLock()  # readers come from many threads
+        self._sessions: dict[int, dict] = {}  # in the order they ended
+        self._session_of: dict[str, int] = {}
 
     def open(self) -> None:
         return None
+
+    def add_sessions(self, records: list[dict], keep: int) -> None:
+        with self._lock:
+            for record in records:
+                self._sessions[record["id"]] = record
+                self._session_of.update(dict.fromkeys(record["stored"], record["id"]))
+            while len(self._sessions) > keep:
+                gone = self._sessions.pop(min(self._sessions))
+                for key in gone["stored"]:
+                    self._session_of.pop(key, None)
+
+    def sessions(self, peer: str | None, outcome: str | None,
+                 limit: int) -> tuple[int, list[dict]]:
+        with self._lock:
+            found = [r for _, r in sorted(self._sessions.items(), reverse=True)
+                     if (not peer or r["peer"] == peer) and (not outcome or
+                                                             r["outcome"] == outcome)]
+        return len(found), found[:limit]
+
+    def session(self, number: int) -> dict | None:
+        return self._sessions.get(number)
+
+    def session_of(self, key: str) -> int | None:
+        return self._session_of.get(key)
+
+    def last_session(self) -> int:
+        return max(self._sessions, default=0)
 
     def close(self) -> None:
         pass
@@ -3182,10 +3302,18 @@ class Store:
     """The Maildir and its index, in step: what every reader uses."""
 
     def __init__(self, maildir: Maildir, *, persistent: bool = True,
-                 max_messages: int | None = None, max_age: float | None = None) -> None:
+                 max_messages: int | None = None, max_age: float | None = None,
+                 max_sessions: int = DEFAULT_MAX_SESSIONS) -> None:
         self.maildir, self.path = maildir, maildir.path
         self.persistent = persistent and sqlite3 is not None
         self.max_messages, self.max_age = max_messages, max_age
+        self.max_sessions = max_sessions
+        self._session_numbers = itertools.count(1)
+        self._live_sessions: dict[int, Transcript] = {}
+        self._ended_sessions: collections.deque[Transcript] = collections.deque(
+            maxlen=max_sessions)  # ended, not yet written to the index
+        self._sessions_lock = threading.Lock()
+        self._last_ended = self._first_ended = 0.0
         self.index: SqlIndex | MemoryIndex = MemoryIndex()
         self._lock = threading.RLock()  # the one writer: files and index rows change together
         self._events = threading.Condition()  # event streams and IMAP IDLE wait on this
@@ -3230,6 +3358,7 @@ class Store:
                             "being built again from the Maildir", self.path / INDEX_FILE,
                             escape_for_log(problem))
         self.uidvalidity = self.index.meta("uidvalidity")
+        self._session_numbers = itertools.count(self.index.last_session() + 1)
         known = self.index.meta("folder_times")
         self._folder_times = tuple(map(int, known.split(","))) if known else None
         self._thread = threading.Thread(target=self._keep_index, name="sheesh-index",
@@ -3245,6 +3374,7 @@ class Store:
         self._wake.set()
         if self._thread is not None:
             self._thread.join()
+            self._record_sessions()
         with self._progress:
             self._progress.notify_all()
         self.index.close()
@@ -3256,8 +3386,9 @@ class Store:
 
     # -- what the indexing thread does
 
-    def arrived(self, delivery: Delivery) -> None:
-        """A delivery just committed, in the session's thread: queue it, and nothing more."""
+    def arrived(self, delivery: Delivery) -> int:
+        """A delivery just committed, in the session's thread: queue it, and nothing more.
+        Its number in the order of arrivals, for wait_indexed()."""
         now = time.monotonic()
         with self._queue_lock:
             first, fresh = not self._queue, len(self._queue) == self._announced
@@ -3270,10 +3401,19 @@ class Store:
             else:
                 self._overflowed = True  # a folder scan will find the rest
             self._queued_total += 1
+            number = self._queued_total
             self._last_queued = self._own_change = now
         # The indexing thread times itself from the queue: one wake-up will do.
         if first or fresh and (self.watchers or self._waiters):
             self._wake.set()
+        return number
+
+    def wait_indexed(self, number: int, timeout: float) -> bool:
+        """Wait, without hurrying the indexing thread, until arrival `number` (what arrived()
+        returned) is indexed: for workers that may wait (webhooks), unlike readers."""
+        with self._progress:
+            return self._progress.wait_for(
+                lambda: self._indexed_total >= number or self._stopping, timeout)
 
     def catch_up(self, timeout: float = 5.0) -> None:
         """Wait until every message delivered so far is in the index (readers call this)."""
@@ -3299,6 +3439,9 @@ class Store:
             except DATABASE_ERRORS as error:
                 log.error("the index failed (%s): building it again", escape_for_log(str(error)))
                 self._rebuild()
+            except OSError as error:  # the Maildir vanished mid-listing: said once, no traceback
+                self.maildir.failed(error)
+                self._stopping or time.sleep(1)
             except Exception:
                 log.exception("error while indexing %s", self.path)
                 self._stopping or time.sleep(1)
@@ -3309,6 +3452,8 @@ class Store:
         waits = [FOLDER_CHECK_INTERVAL]
         if self._queue:
             waits.append(self._arrivals_due_in())
+        if self._ended_sessions:
+            waits.append(self._sessions_due_in())
         if len(self._queue) > self._announced and (self.watchers or self._waiters):
             waits.append(self._announcement_due_in())
         return max(0.0, min(waits))
@@ -3327,7 +3472,14 @@ class Store:
         delay = min(WATCHED_DELAY_MAX, WATCHED_DELAY + WATCHED_DELAY_EACH * waiting)
         return self._first_unannounced + delay - time.monotonic()
 
+    def _sessions_due_in(self) -> float:
+        """Ended sessions are written as arrivals are indexed: when connections pause."""
+        now = time.monotonic()
+        return min(self._last_ended + INDEX_QUIET, self._first_ended + INDEX_DELAY_MAX) - now
+
     def _work(self) -> None:
+        if self._ended_sessions and self._sessions_due_in() <= 0:
+            self._record_sessions()
         if self._queue and (self._hurry or self._arrivals_due_in() <= 0):
             self._index_arrivals()
         elif len(self._queue) > self._announced and (self.watchers or self._waiters) and (
@@ -3508,6 +3660,64 @@ class Store:
         if doomed:
             removed = self._remove_uids(sorted(set(doomed)))
             log.info("retention: removed %d messages (%s)", removed, ", ".join(why))
+
+    # -- session transcripts (kept by the handler, section 8)
+
+    def session_started(self, transcript: Transcript) -> Transcript:
+        transcript.id = next(self._session_numbers)
+        with self._sessions_lock:
+            self._live_sessions[transcript.id] = transcript
+        return transcript
+
+    def session_ended(self, transcript: Transcript) -> None:
+        """Queued for the index, written by the indexing thread when connections pause."""
+        transcript.ended, now = time.time(), time.monotonic()
+        with self._sessions_lock:
+            self._live_sessions.pop(transcript.id, None)
+            if not self._ended_sessions:
+                self._first_ended = now
+            self._ended_sessions.append(transcript)
+            self._last_ended = now
+
+    def _record_sessions(self) -> None:
+        with self._sessions_lock:
+            ended = list(self._ended_sessions)
+            self._ended_sessions.clear()
+        if ended:
+            records = [transcript.public() for transcript in ended]
+            with self._lock, self.index.transaction():
+                self.index.add_sessions(records, self.max_sessions)
+
+    def sessions(self, peer: str | None = None, outcome: str | None = None, limit: int = 50,
+                 offset: int = 0) -> tuple[int, list[dict]]:
+        """(how many, a page of them): the sessions kept, open ones included, newest first."""
+        self._record_sessions()
+        with self._sessions_lock:
+            live = [t.summary() for t in self._live_sessions.values()]
+        live = [t for t in live if (not peer or t["peer"] == peer) and (
+            not outcome or t["outcome"] == outcome)]
+        total, recorded = self.index.sessions(peer, outcome, offset + limit)
+        ended = [{name: value for name, value in record.items()
+                  if name not in ("transcript", "stored")} for record in recorded]
+        merged = sorted(live + ended, key=lambda session: session["id"], reverse=True)
+        return total + len(live), merged[offset:offset + limit]
+
+    def session(self, number: int) -> dict | None:
+        """One session with its transcript and the messages it stored."""
+        with self._sessions_lock:
+            live = self._live_sessions.get(number)
+        if live is not None:
+            return live.public()
+        self._record_sessions()
+        return self.index.session(number)
+
+    def session_of(self, key: str) -> int | None:
+        """The session that stored a message, if it is still kept."""
+        with self._sessions_lock:
+            for transcript in [*self._live_sessions.values(), *self._ended_sessions]:
+                if key in transcript.stored:
+                    return transcript.id
+        return self.index.session_of(key)
 
     # -- reading
 
@@ -3795,7 +4005,93 @@ def format_duration(seconds: float) -> str:
 # over the socket. The handler moves bytes between the socket and the session and does nothing
 # else: it reads what has arrived, hands it to the session, and writes the replies back in one
 # write (one sendall per batch matters: a reply per packet waits on delayed ACKs under Nagle).
+#
+# It also keeps the session's transcript: what the client said (as the session shows it: no
+# password, no message), what sheesh answered, and what happened around it (TLS, a timeout).
+# A developer whose app "sends no mail" reads it in the web inbox.
 # ---------------------------------------------------------------------------------------------
+
+TRANSCRIPT_LIMIT = 8 * 1024  # characters of conversation kept per session; the rest is counted
+TRANSCRIPT_LINE_LIMIT = 300  # characters of one line
+TRANSCRIPT_KEYS_KEPT = 100  # messages a transcript names (a session may store thousands)
+
+
+@dataclass
+class Transcript:
+    """One session's conversation, for people: bounded, without secrets or message bodies.
+    Recording is cheap, since every session keeps one: a line is a reference and a time, and
+    text is made only when someone reads it."""
+
+    protocol: str  # SMTP, POP3, IMAP
+    peer: str
+    started: float = field(default_factory=time.time)
+    id: int = 0  # given by the store
+    tls: str | None = None
+    user: str | None = None
+    ended: float | None = None
+    stored: list[str] = field(default_factory=list)  # keys of the messages it stored
+    stored_count: int = 0
+    refused: int = 0  # replies that refused something
+    error: str | None = None  # how it ended, if not as it should
+    lines: list = field(default_factory=list)  # (seconds since start, who, text or reply)
+    left_out: int = 0  # lines past TRANSCRIPT_LIMIT
+    _size: int = 0
+
+    def client(self, text: str) -> None:
+        self._add("client", text, len(text))
+
+    def server(self, reply_) -> None:
+        if reply_.refusal:
+            self.refused += 1
+        self._add("server", reply_, 40)
+
+    def note(self, text: str) -> None:
+        """What sheesh did or saw: TLS, a fault rule, a limit, a timeout."""
+        self._add("sheesh", text, len(text))
+
+    def message(self, size: int, key: str | None) -> None:
+        if key is not None:
+            self.stored_count += 1
+            if len(self.stored) < TRANSCRIPT_KEYS_KEPT:
+                self.stored.append(key)
+        if self._size >= TRANSCRIPT_LIMIT:
+            self.left_out += 1
+        else:
+            self.client(f"<{size:,} octets of message, "
+                        f"{f'stored as {key}' if key else 'not stored'}>")
+
+    def _add(self, who: str, item, size: int) -> None:
+        if self._size >= TRANSCRIPT_LIMIT:
+            self.left_out += 1
+            return
+        self._size += size
+        self.lines.append((time.time() - self.started, who, item))
+
+    @property
+    def outcome(self) -> str:
+        """error (it ended badly), refused (something was), stored, or none."""
+        if self.error:
+            return "error"
+        return "refused" if self.refused else "stored" if self.stored_count else "none"
+
+    def summary(self) -> dict:
+        return {"id": self.id, "protocol": self.protocol, "peer": self.peer,
+                "started": self.started, "ended": self.ended, "open": self.ended is None,
+                "tls": self.tls, "user": self.user, "outcome": self.outcome,
+                "error": self.error, "messages": self.stored_count}
+
+    def public(self) -> dict:
+        """As the API gives it (JSON escapes what a terminal would act on; the page shows
+        text as text)."""
+        lines = []
+        for at, who, item in list(self.lines):
+            texts = [item] if isinstance(item, str) else item.transcript_lines()
+            lines += [{"t": round(at, 3), "from": who, "text": text[:TRANSCRIPT_LINE_LIMIT]}
+                      for text in texts]
+        if self.left_out:
+            lines.append({"t": None, "from": "sheesh", "text": f"({self.left_out:,} more lines "
+                          f"not kept: a transcript keeps {TRANSCRIPT_LIMIT:,} characters)"})
+        return {**self.summary(), "stored": list(self.stored), "transcript": lines}
 
 
 class ConnectionHandler(socketserver.StreamRequestHandler):
@@ -3822,25 +4118,47 @@ class ConnectionHandler(socketserver.StreamRequestHandler):
     def handle(self) -> None:
         server: Listener = self.server
         self.session = server.make_session(self.client_address[0])
+        self.transcript = self.session.transcript = server.new_transcript(self.client_address[0])
         refusal = server.admit(self)
         if refusal is not None:
+            if self.transcript is not None:
+                self.transcript.note({"busy": "refused: --max-connections reached",
+                                      "crowded": "refused: --max-connections-per-ip reached",
+                                      "shutdown": "refused: sheesh is stopping"}[refusal])
             self.send_last(self.session.goodbye(refusal))
+            server.transcript_done(self.transcript)
             return
         try:
             self.converse()
         except TimeoutError:
+            self.ended_badly(f"no complete command within {self.server.idle_timeout:g} s")
             self.send_last(self.session.goodbye("timeout"))
         except OSError:
             pass  # the client went away; the session below cleans up
         except Exception:
             log.exception("unexpected error in the session with %s", self.client_address[0])
+            self.ended_badly("an internal error (see the log)")
             self.send_last(self.session.goodbye("error"))  # never the exception's text
         finally:
-            if self.session.closing_note:
+            session = self.session
+            if session.closing_note:
                 log.info("closed the session with %s: %s", self.client_address[0],
-                         self.session.closing_note)
-            self.session.connection_lost()
+                         session.closing_note)
+            if not session.closed and session.busy:
+                self.ended_badly("the connection ended in the middle of a command or message")
+            session.connection_lost()
             server.release(self)
+            if self.transcript is not None:
+                self.transcript.user = getattr(session, "auth_user", None) or getattr(
+                    session, "user", None)
+                if session.closing_note:
+                    self.transcript.note(f"closed: {session.closing_note}")
+                server.transcript_done(self.transcript)
+
+    def ended_badly(self, why: str) -> None:
+        if self.transcript is not None and self.transcript.error is None:
+            self.transcript.error = why
+            self.transcript.note(why)
 
     def finish(self) -> None:
         super().finish()
@@ -3914,21 +4232,30 @@ class ConnectionHandler(socketserver.StreamRequestHandler):
         except OSError as error:  # ssl.SSLError and timeouts are OSErrors too
             log.info("TLS handshake with %s failed: %s", self.client_address[0],
                      tls_failure(error))
+            self.ended_badly(f"the TLS handshake failed: {tls_failure(error)}")
             return False
         self.request = tls
         self.setup()  # rfile and wfile over TLS now
-        self.session.tls_started(f"{tls.version()} with cipher {tls.cipher()[0]}")
+        described = f"{tls.version()} with cipher {tls.cipher()[0]}"
+        self.session.tls_started(described)
+        if self.transcript is not None:
+            self.transcript.tls = described
+            self.transcript.note(f"TLS started: {described}")
         return True
 
     def answer(self, replies: list[Reply]) -> None:
         """Send the session's replies, after any delay it asked for (a failed AUTH, an injected
         fault); an injected "disconnect" hangs up instead of sending its reply."""
-        session = self.session
+        session, transcript = self.session, self.transcript
         for note in session.fault_notes:
             log.warning("injected fault for %s: %s", self.client_address[0], escape_for_log(note))
+            if transcript is not None:
+                transcript.note(f"injected fault: {note}")
         session.fault_notes.clear()
         for note in session.notes:
             log.info("refused %s: %s", self.client_address[0], escape_for_log(note))
+            if transcript is not None:
+                transcript.note(f"refused: {note}")
         session.notes.clear()
         if session.delay:
             self.pause(session.delay)
@@ -3956,8 +4283,10 @@ class ConnectionHandler(socketserver.StreamRequestHandler):
         """Write replies in one write; a Streamed one (a message over POP3) piece by piece."""
         if self.poller is None:
             self.set_timeout(self.server.idle_timeout)  # not a tick's short wait
-        waiting = []
+        waiting, transcript = [], self.transcript
         for reply_ in replies:
+            if transcript is not None:
+                transcript.server(reply_)
             if not isinstance(reply_, Streamed):
                 waiting.append(reply_.wire)
                 continue
@@ -4040,6 +4369,9 @@ class Config:
     imaps_port: int | None = None  # IMAP with TLS from the first byte
     max_messages: int | None = None  # keep at most this many messages: the oldest go first
     max_age: float | None = None  # and none older than this many seconds
+    max_sessions: int = DEFAULT_MAX_SESSIONS  # session transcripts kept (section 8)
+    webhooks: tuple[str, ...] = ()  # URLs told of each stored message (section 11)
+    webhook_secret: str | None = None  # signs what they are told (HMAC-SHA256)
     index: bool = True  # keep the index in a file beside the Maildir (else in memory)
 
     @property
@@ -4087,8 +4419,10 @@ class Listener(socketserver.ThreadingTCPServer):
 
     def __init__(self, config: Config, port: int, make_session, tls_context=None,
                  implicit_tls: bool = False, idle_timeout: float | None = None,
-                 addresses: ConnectionsByAddress | None = None) -> None:
+                 addresses: ConnectionsByAddress | None = None, protocol: str = "SMTP",
+                 store: Store | None = None) -> None:
         self.config, self.make_session = config, make_session
+        self.protocol, self.store = protocol, store  # the store keeps the transcripts
         self.addresses = addresses or ConnectionsByAddress(config.max_connections_per_ip)
         self.tls_context, self.implicit_tls = tls_context, implicit_tls
         self.idle_timeout = config.timeout if idle_timeout is None else idle_timeout
@@ -4115,6 +4449,15 @@ class Listener(socketserver.ThreadingTCPServer):
     @property
     def connections(self) -> int:
         return len(self._handlers)
+
+    def new_transcript(self, peer: str) -> Transcript | None:
+        if self.store is None:
+            return None
+        return self.store.session_started(Transcript(self.protocol, peer))
+
+    def transcript_done(self, transcript: Transcript | None) -> None:
+        if transcript is not None:
+            self.store.session_ended(transcript)
 
     def release(self, handler: ConnectionHandler) -> None:
         with self._changed:
@@ -4243,7 +4586,8 @@ class Server:
         self.maildir = Maildir(self.config.maildir, self.config.hostname,
                                fsync=self.config.fsync, on_delivery=self._delivered)
         self.store = Store(self.maildir, persistent=self.config.index,
-                           max_messages=self.config.max_messages, max_age=self.config.max_age)
+                           max_messages=self.config.max_messages, max_age=self.config.max_age,
+                           max_sessions=self.config.max_sessions)
         self._arrived: collections.deque[str] = collections.deque(maxlen=ARRIVALS_KEPT)
         self._arrival = threading.Condition()
         self._print_lock = threading.Lock()
@@ -4260,6 +4604,8 @@ class Server:
         self.faults = FaultPlan([parse_fault(rule) for rule in self.config.faults],
                                 self.config.fail_seed, max_delay=self.config.timeout)
         self.relay = Relay(self.config, self.store) if self.config.relay else None
+        self.webhooks = (Webhooks(self.config.webhooks, self.config.webhook_secret, self.store)
+                         if self.config.webhooks else None)
         self.policy = self.config.policy()
         self._relay_match = re.compile(self.config.relay_match) if self.config.relay_match else None
 
@@ -4282,6 +4628,9 @@ class Server:
         self.address = self._listeners[0].server_address[:2]
         if self.relay is not None:
             self.relay.start()
+        if self.webhooks is not None:
+            self.webhooks.web_url = self.web_url
+            self.webhooks.start()
         for listener in self._listeners + ([self.web] if self.web else []):
             thread = threading.Thread(target=listener.serve_forever, args=(0.05,),
                                       name=f"sheesh-{listener.server_address[1]}", daemon=True)
@@ -4304,14 +4653,15 @@ class Server:
                 with listening(name, config.host, port):
                     listener = Listener(config, port, make_session, context,
                                         implicit_tls=name.endswith("s"),
-                                        idle_timeout=idle_timeout, addresses=self.addresses)
+                                        idle_timeout=idle_timeout, addresses=self.addresses,
+                                        protocol=name.upper(), store=self.store)
                 self._listeners.append(listener)
                 self.ports[name] = listener.server_address[1]
         if config.http_port is not None:
             with listening("web", self.web_host, config.http_port):
                 self.web = WebServer(self.web_host, config.http_port,
                                      WebApp(self.store, self.faults, self.relay,
-                                            self.web_policy()),
+                                            self.web_policy(), self.webhooks),
                                      config.max_connections, self.addresses)
 
     def smtp_session(self, peer: str) -> Session:
@@ -4359,8 +4709,9 @@ class Server:
         deadline = time.monotonic() + (self.config.grace if grace is None else grace)
         for listener in self._listeners:
             listener.finish_sessions(deadline)
-        if self.relay is not None:
-            self.relay.stop()
+        for worker in (self.relay, self.webhooks):
+            if worker is not None:
+                worker.stop()
         self.store.close()  # ends the event streams and the waits
         if self.web is not None:
             if self.web.serving:
@@ -4434,12 +4785,14 @@ class Server:
         self.store.delete_all()
 
     def _delivered(self, delivery: Delivery) -> None:
-        self.store.arrived(delivery)
+        arrival = self.store.arrived(delivery)
         if self.relay is not None and (self.config.relay_all or self._relay_match):
             recipients = [r for r in delivery.envelope.recipients
                           if self._relay_match is None or self._relay_match.search(r)]
             if recipients:  # only to the allowed recipients: never an open relay
                 self.relay.submit(delivery.queue_id, delivery.envelope.sender, recipients)
+        if self.webhooks is not None:
+            self.webhooks.submit(delivery.queue_id, arrival)
         with self._arrival:
             self._arrived.append(delivery.queue_id)
             self._arrival.notify_all()
@@ -4548,9 +4901,9 @@ class WebApp:
     """The web inbox's routes: a request in, a Response out."""
 
     def __init__(self, store: Store, faults: FaultPlan | None = None, relay: Relay | None = None,
-                 policy: WebPolicy = WebPolicy()) -> None:
+                 policy: WebPolicy = WebPolicy(), webhooks: Webhooks | None = None) -> None:
         self.store, self.faults, self.relay = store, faults or FaultPlan(), relay
-        self.policy = policy
+        self.policy, self.webhooks = policy, webhooks
 
     def respond(self, method: str, target: str, headers=None, body: bytes = b"",
                 peer: str = "127.0.0.1") -> Response | EventStream:
@@ -4655,6 +5008,11 @@ class WebApp:
                 return self.html_part(key, remote=query.get("remote") == "1")
             case "GET", ["api", "messages", key, "attachments", number]:
                 return self.attachment(key, number)
+            case "GET", ["api", "sessions"]:
+                return self.list_sessions(query)
+            case "GET", ["api", "sessions", number]:
+                found = self.store.session(whole_number(number) or 0)
+                return json_response(found) if found else json_error(404, "no such session")
             case "GET", ["api", "events"]:
                 return EventStream(self.store.last_event)
             case "GET", ["api", "faults"]:
@@ -4666,6 +5024,15 @@ class WebApp:
                                   f"no such endpoint: {method} /{'/'.join(parts)}")
             case _:
                 return Response(404, b"Not found", "text/plain; charset=utf-8")
+
+    def list_sessions(self, query: dict) -> Response:
+        limit, offset = number(query, "limit", 50), number(query, "offset", 0)
+        outcome = query.get("outcome") or None
+        if outcome not in (None, "stored", "refused", "error", "none"):
+            raise BadRequest("outcome is stored, refused, error or none")
+        total, sessions = self.store.sessions(query.get("peer") or None, outcome,
+                                              min(limit, PAGE_LIMIT_MAX), offset)
+        return json_response({"total": total, "offset": offset, "sessions": sessions})
 
     def list_messages(self, query: dict) -> Response:
         limit, offset = number(query, "limit", 50), number(query, "offset", 0)
@@ -4748,9 +5115,13 @@ class WebApp:
             stored, buffer, root = found
             parts = message_parts(root)
             url = f"/api/messages/{urllib.parse.quote(key)}"
+            session = self.store.session_of(key)
             return json_response({
                 **stored.summary.public(),
                 "relay": self.relay.history(key) if self.relay is not None else None,
+                "webhooks": self.webhooks.history(key) if self.webhooks is not None else None,
+                "session": {"id": session, "url": f"/api/sessions/{session}"} if session
+                else None,
                 "headers": [[name, decode_words(str(value))] for name, value in
                             root.headers.items()],
                 "text": part_text(buffer, parts.text) if parts.text else "",
@@ -5287,14 +5658,16 @@ loadList();
 # stored and acknowledged first; one worker thread sends it afterwards, so relaying never slows
 # a session, and a dead upstream never loses the stored copy. A temporary failure (a 4xx, a
 # refused connection, a timeout) is tried again after 2, 4, 8 and 16 seconds; a permanent
-# one (a 5xx) is not. sheesh relays nothing unless one of these options is given.
+# one (a 5xx) is not. sheesh relays nothing unless one of these options is given. Webhooks
+# (--webhook URL) work the same way, and the sendmail entry point is the way in for programs
+# that run sendmail.
 # ---------------------------------------------------------------------------------------------
 
 RELAY_ATTEMPTS = 5  # the first try and four retries
-RELAY_FIRST_RETRY = 2.0  # seconds; each later wait is twice the one before
-RELAY_QUEUE_LIMIT = 1000  # messages waiting to be relayed; past that, new ones are not queued
 RELAY_TIMEOUT = 30.0  # seconds the upstream server has for each step
-RELAY_HISTORY_KEPT = 10_000  # messages whose relay attempts the API can show
+FIRST_RETRY = 2.0  # seconds (relay and webhooks); each later wait is twice the one before
+QUEUE_LIMIT = 1000  # jobs waiting (relay, webhooks); past that, new ones are not queued
+HISTORY_KEPT = 10_000  # messages whose attempts (relay, webhooks) the API can show
 
 
 def strip_trace_headers(raw: bytes) -> bytes:
@@ -5319,19 +5692,23 @@ class RelayJob:
     attempts: int = 0
 
 
-class Relay:
-    """Sends stored messages on to another SMTP server, from one worker thread."""
+class RetryingWorker:
+    """Jobs about stored messages, done one at a time by one thread in the order they fall
+    due; a job that fails for a reason worth waiting out is tried again after 2, 4, 8 and 16
+    seconds. Every attempt's outcome is kept per message, for the API. Relaying and webhooks
+    both work this way, and neither slows a session: submit() only queues."""
 
-    def __init__(self, config: Config, store: Store) -> None:
-        self.config, self.store = config, store
-        host, _, port = config.relay.rpartition(":")
-        self.host, self.port = host.strip("[]"), int(port)
-        self._queue: list[tuple[float, int, RelayJob]] = []  # a heap, by when each is due
+    name = "worker"  # for the log and the thread
+
+    def __init__(self) -> None:
+        self._queue: list[tuple[float, int, object]] = []  # a heap, by when each is due
         self._numbers = itertools.count()
         self._changed = threading.Condition()
         self._history: collections.OrderedDict[str, list[dict]] = collections.OrderedDict()
         self._stopping = False
-        self._thread = threading.Thread(target=self._work, name="sheesh-relay", daemon=True)
+        self._full_logged = -math.inf
+        self._thread = threading.Thread(target=self._work, name=f"sheesh-{self.name}",
+                                        daemon=True)
 
     def start(self) -> None:
         self._thread.start()
@@ -5345,18 +5722,20 @@ class Relay:
             self._changed.notify_all()
         self._thread.join(timeout=RELAY_TIMEOUT)
         if left:
-            log.warning("relay: %d message(s) were still waiting and were not sent (they stay "
-                        "stored)", left)
+            log.warning("%s: %d message(s) were still waiting and were not sent (they stay "
+                        "stored)", self.name, left)
 
-    def submit(self, key: str, sender: str, recipients: list[str]) -> bool:
-        """Queue a message; False if the queue is full (it stays stored all the same)."""
+    def enqueue(self, key: str, job, delay: float = 0.0, **about) -> bool:
+        """Queue a job; False if the queue is full (the message stays stored all the same)."""
         with self._changed:
-            if len(self._queue) >= RELAY_QUEUE_LIMIT:
-                log.warning("relay: queue full, not relaying %s", key)
-                self._record(key, recipients, "not queued: the relay queue is full")
+            if len(self._queue) >= QUEUE_LIMIT:
+                if time.monotonic() - self._full_logged >= 60:  # once a minute, not per message
+                    self._full_logged = time.monotonic()
+                    log.warning("%s: %d jobs are waiting: new ones are not queued", self.name,
+                                len(self._queue))
+                self.record(key, f"not queued: the {self.name} queue is full", **about)
                 return False
-            job = RelayJob(key, sender, list(recipients))
-            heapq.heappush(self._queue, (time.monotonic(), next(self._numbers), job))
+            heapq.heappush(self._queue, (time.monotonic() + delay, next(self._numbers), job))
             self._changed.notify_all()
             return True
 
@@ -5364,12 +5743,13 @@ class Relay:
         with self._changed:
             return list(self._history.get(key, []))
 
-    def _record(self, key: str, recipients: list[str], outcome: str) -> None:
-        entries = self._history.setdefault(key, [])
-        entries.append({"time": time.time(), "to": recipients, "outcome": outcome})
-        self._history.move_to_end(key)
-        while len(self._history) > RELAY_HISTORY_KEPT:
-            self._history.popitem(last=False)
+    def record(self, key: str, outcome: str, **about) -> None:
+        with self._changed:
+            entries = self._history.setdefault(key, [])
+            entries.append({"time": time.time(), **about, "outcome": outcome})
+            self._history.move_to_end(key)
+            while len(self._history) > HISTORY_KEPT:
+                self._history.popitem(last=False)
 
     def _work(self) -> None:
         while True:
@@ -5381,9 +5761,31 @@ class Relay:
                 if self._stopping:
                     return
                 _, _, job = heapq.heappop(self._queue)
-            self._attempt(job)
+            try:
+                self.attempt(job)
+            except Exception:  # a job that fails this way is dropped, never the worker
+                log.exception("%s: error while sending for %s", self.name, job.key)
 
-    def _attempt(self, job: RelayJob) -> None:
+    def attempt(self, job) -> None:
+        raise NotImplementedError
+
+
+class Relay(RetryingWorker):
+    """Sends stored messages on to another SMTP server, from one worker thread."""
+
+    name = "relay"
+
+    def __init__(self, config: Config, store: Store) -> None:
+        super().__init__()
+        self.config, self.store = config, store
+        host, _, port = config.relay.rpartition(":")
+        self.host, self.port = host.strip("[]"), int(port)
+
+    def submit(self, key: str, sender: str, recipients: list[str]) -> bool:
+        """Queue a message; False if the queue is full (it stays stored all the same)."""
+        return self.enqueue(key, RelayJob(key, sender, list(recipients)), to=list(recipients))
+
+    def attempt(self, job: RelayJob) -> None:
         job.attempts += 1
         # Each recipient that was not sent to: (SMTP code or None, what happened, worth
         # another try). Only a 4xx reply and a network failure are worth one.
@@ -5409,11 +5811,8 @@ class Relay:
         later = [r for r, (_, _, again) in failed.items() if again]
         self._report(job, sent, failed, later)
         if later and job.attempts < RELAY_ATTEMPTS:
-            delay = RELAY_FIRST_RETRY * 2 ** (job.attempts - 1)
             job.recipients = later
-            with self._changed:
-                heapq.heappush(self._queue, (time.monotonic() + delay, next(self._numbers), job))
-                self._changed.notify_all()
+            self.enqueue(job.key, job, FIRST_RETRY * 2 ** (job.attempts - 1), to=later)
 
     def network_failure(self, error: Exception) -> str:
         if isinstance(error, TimeoutError):
@@ -5424,18 +5823,17 @@ class Relay:
         return f"cannot reach {self.host} port {self.port}: {reason} ({type(error).__name__})"
 
     def _report(self, job: RelayJob, sent: list[str], failed: dict, later: list[str]) -> None:
-        with self._changed:
-            if sent:
-                self._record(job.key, sent, "sent")
-            for recipient, (code, text, again) in failed.items():
-                said = f"{code} {text}" if code is not None else text
-                if code is not None and code >= 500:
-                    outcome = f"refused: {said}"
-                elif again and job.attempts < RELAY_ATTEMPTS:
-                    outcome = f"will retry: {said}"
-                else:
-                    outcome = f"failed: {said}"
-                self._record(job.key, [recipient], outcome)
+        if sent:
+            self.record(job.key, "sent", to=sent)
+        for recipient, (code, text, again) in failed.items():
+            said = f"{code} {text}" if code is not None else text
+            if code is not None and code >= 500:
+                outcome = f"refused: {said}"
+            elif again and job.attempts < RELAY_ATTEMPTS:
+                outcome = f"will retry: {said}"
+            else:
+                outcome = f"failed: {said}"
+            self.record(job.key, outcome, to=[recipient])
         log.info("relay of %s, attempt %d: %s", job.key, job.attempts, escape_for_log(
             "; ".join([f"sent to {', '.join(sent)}"] * bool(sent) + [
                 f"{r}: {c} {t}" if c is not None else f"{r}: {t}"
@@ -5610,6 +6008,110 @@ def relay_chunks(file):
             b"\n.", b"\n..")[1:] + b"\r\n"
 
 
+# Webhooks: for each stored message, a POST of its summary as JSON to each --webhook URL, from
+# a worker of its own (as relaying is done), signed with --webhook-secret if one is given.
+
+WEBHOOK_ATTEMPTS = 4  # the first try and three more, after 2, 4 and 8 seconds
+WEBHOOK_TIMEOUT = 10.0  # seconds a receiver has to answer
+
+
+@dataclass
+class WebhookJob:
+    key: str
+    url: str
+    arrival: int  # its number among the store's arrivals: sent once the index has it
+    attempts: int = 0
+    since: float = field(default_factory=time.monotonic)
+
+
+class Webhooks(RetryingWorker):
+    """Tells web services of each stored message (--webhook URL). It waits for the index to
+    take each message in its stride (never hurrying it, which would cost SMTP), keeps one
+    connection to each receiver, and while a receiver fails it does not knock once per
+    message: the messages wait for the receiver's next try, which SMTP never notices."""
+
+    name = "webhook"
+
+    def __init__(self, urls: tuple[str, ...], secret: str | None, store: Store) -> None:
+        super().__init__()
+        self.urls, self.secret, self.store = urls, secret, store
+        self.web_url: str | None = None  # where the web inbox is, for the detail's URL
+        self._connections: dict[str, http.client.HTTPConnection] = {}
+        self._down: dict[str, tuple[float, str]] = {}  # url -> (until when, why)
+
+    def submit(self, key: str, arrival: int) -> None:
+        for url in self.urls:
+            self.enqueue(key, WebhookJob(key, url, arrival), url=url)
+
+    def attempt(self, job: WebhookJob) -> None:
+        down_until, why = self._down.get(job.url, (0.0, ""))
+        if time.monotonic() < down_until:  # the receiver failed just now: wait for it
+            if time.monotonic() - job.since > FIRST_RETRY * (2 ** WEBHOOK_ATTEMPTS - 1):
+                self.record(job.key, f"failed: {why} (the receiver kept failing)", url=job.url)
+            else:
+                self.enqueue(job.key, job, down_until - time.monotonic(), url=job.url)
+            return
+        self.store.wait_indexed(job.arrival, INDEX_DELAY_MAX + 1)
+        summary = self.store.summary(job.key)
+        if summary is None:
+            self.record(job.key, "failed: the message was deleted before it could be sent",
+                        url=job.url)
+            return
+        job.attempts += 1
+        status, again = self.post(job.url, json.dumps(self.payload(summary)).encode())
+        outcome = "sent" if status[:1] == "2" else "will retry" if again else "refused"
+        if again and job.attempts >= WEBHOOK_ATTEMPTS:
+            outcome = "failed"
+        self.record(job.key, f"{outcome}: {status}", url=job.url)
+        log.info("webhook for %s to %s, attempt %d: %s: %s", job.key, escape_for_log(job.url),
+                 job.attempts, outcome, escape_for_log(status))
+        if again:
+            delay = FIRST_RETRY * 2 ** (job.attempts - 1)
+            self._down[job.url] = (time.monotonic() + FIRST_RETRY, status)
+            if job.attempts < WEBHOOK_ATTEMPTS:
+                self.enqueue(job.key, job, delay, url=job.url)
+        else:
+            self._down.pop(job.url, None)
+
+    def post(self, url: str, body: bytes) -> tuple[str, bool]:
+        """POST over the receiver's kept connection: ("200 OK", False), or what went wrong
+        and whether it is worth another try (no answer, a 5xx, 408, 429)."""
+        parts = urllib.parse.urlsplit(url)
+        try:
+            connection = self._connections.get(url)
+            if connection is None:
+                kind = (http.client.HTTPSConnection if parts.scheme == "https"
+                        else http.client.HTTPConnection)
+                connection = self._connections[url] = kind(parts.netloc,
+                                                           timeout=WEBHOOK_TIMEOUT)
+            target = parts.path or "/"
+            connection.request("POST", target + (f"?{parts.query}" if parts.query else ""),
+                               body, self.headers(body))
+            response = connection.getresponse()
+            response.read()
+            if response.will_close:
+                self._connections.pop(url).close()
+        except (OSError, http.client.HTTPException) as error:
+            if (broken := self._connections.pop(url, None)) is not None:
+                broken.close()
+            return f"{type(error).__name__}: {getattr(error, 'strerror', None) or error}", True
+        code = response.status
+        return f"{code} {response.reason}", code >= 500 or code in (408, 429)
+
+    def payload(self, summary: Summary) -> dict:
+        """The summary GET /api/messages lists, and where its detail is."""
+        url = (f"{self.web_url}api/messages/{urllib.parse.quote(summary.key)}"
+               if self.web_url else None)
+        return {**summary.public(), "url": url}
+
+    def headers(self, body: bytes) -> dict:
+        headers = {"Content-Type": "application/json", "User-Agent": f"sheesh/{__version__}"}
+        if self.secret:  # the receiver computes the same HMAC of the body with the secret
+            digest = hmac.new(self.secret.encode(), body, hashlib.sha256).hexdigest()
+            headers["X-Sheesh-Signature"] = f"sha256={digest}"
+        return headers
+
+
 def sendmail_main(argv: list[str]) -> int:
     """python3 sheesh.py sendmail [-t] [-f SENDER] [-F NAME] [-S HOST:PORT] [RECIPIENT...]
 
@@ -5764,6 +6266,19 @@ class Pop3State(enum.Enum):
 class Pop3Reply:
     wire: bytes
 
+    @property
+    def refusal(self) -> bool:
+        return self.wire.startswith(b"-ERR")
+
+    def transcript_lines(self) -> list[str]:
+        """The status line; a listing or a message after it only counted."""
+        first, _, rest = self.wire.partition(b"\r\n")
+        lines = [first.decode("utf-8", "replace")]
+        if rest:
+            count = rest.count(b"\r\n") - 1  # less the final "."
+            lines.append(f"<{count:,} lines>")
+        return lines
+
 
 def pop3_ok(text: str = "") -> Pop3Reply:
     return Pop3Reply(f"+OK {text}".rstrip().encode("utf-8") + b"\r\n")
@@ -5853,6 +6368,7 @@ class Pop3Session:
     closing_note: str = ""
     fault_notes: list[str] = field(default_factory=list)  # (the handler reads these)
     notes: list[str] = field(default_factory=list)  # refusals (the handler logs these too)
+    transcript: Transcript | None = None
     delay: float = 0.0
     in_data: bool = False
     _maildrop_name: str | None = None  # the maildrop this session has locked
@@ -5889,7 +6405,10 @@ class Pop3Session:
                 self._overlong = False
                 replies.append(pop3_error("line too long"))
                 continue
-            replies.append(self.handle_line(raw.removesuffix(b"\r").decode("utf-8", "replace")))
+            line = raw.removesuffix(b"\r").decode("utf-8", "replace")
+            if self.transcript is not None:  # never the password
+                self.transcript.client("PASS ****" if line[:5].upper() == "PASS " else line)
+            replies.append(self.handle_line(line))
         partial = b"" if self.closed or self.tls_requested else buffer[position:]
         self._overlong = self._overlong or len(partial) >= COMMAND_LINE_LIMIT
         self._unread = b"" if self._overlong else partial
@@ -6036,7 +6555,7 @@ class Pop3Session:
                 values = column(numbers)
                 yield "".join(f"{n} {values[n]}\r\n" for n in numbers).encode()
             yield b".\r\n"
-        return Streamed(produce)
+        return Streamed(produce, shown=f"+OK {count} messages <the {verb} listing>")
 
     def retrieve(self, number: str, top_lines: int | None) -> Pop3Reply | Streamed:
         """RETR, or TOP: the message read from its file as it is sent, never held whole."""
@@ -6057,7 +6576,8 @@ class Pop3Session:
                 for chunk in chunks if top_lines is None else top_of(chunks, top_lines):
                     yield dot_stuffed(chunk)
                 yield b".\r\n"
-        return Streamed(produce)
+        part = "message" if top_lines is None else f"headers and {top_lines} lines"
+        return Streamed(produce, shown=f"+OK {size} octets <the {part} of {key}>")
 
     def delete(self, number: str) -> Pop3Reply:
         found = self.message(number)
@@ -6268,6 +6788,22 @@ def mutf7_decode(name: str) -> str:
 @dataclass(frozen=True)
 class ImapReply:
     wire: bytes
+
+    @property
+    def refusal(self) -> bool:
+        return re.match(rb"[^ *+]\S* (NO|BAD) ", self.wire) is not None
+
+    def transcript_lines(self) -> list[str]:
+        """Its lines, each literal ({n} and n octets: a message, a header) only counted."""
+        shown, position = [], 0
+        for found in re.finditer(rb"\{(\d+)\}\r\n", self.wire):
+            if found.start() < position:
+                continue
+            shown.append(self.wire[position:found.start()])
+            shown.append(b"<%d octets>" % int(found.group(1)))
+            position = found.end() + int(found.group(1))
+        shown.append(self.wire[position:])
+        return b"".join(shown).decode("utf-8", "replace").splitlines()
 
 
 def untagged(*parts: bytes | str) -> ImapReply:
@@ -6686,6 +7222,7 @@ class ImapSession:
 
     fault_notes: list[str] = field(default_factory=list)  # (the handler reads these)
     notes: list[str] = field(default_factory=list)  # refusals (the handler logs these too)
+    transcript: Transcript | None = None
 
     def greeting(self) -> ImapReply:
         return untagged(f"OK [CAPABILITY {self.capabilities()}] sheesh IMAP4rev1 ready")
@@ -6761,6 +7298,8 @@ class ImapSession:
         return untagged("BAD command line too long")
 
     def handle_line(self, line: bytes) -> list:
+        if self.transcript is not None:
+            self.transcript.client(self.shown(line))
         if self.idling is not None:
             tag, self.idling = self.idling, None
             if line.strip().upper() != b"DONE":
@@ -6777,9 +7316,20 @@ class ImapSession:
         refusal, self._refusal = self._refusal, None
         return [refusal] if refusal is not None else self.handle_command(pieces)
 
+    def shown(self, line: bytes) -> str:
+        """A line as the transcript shows it: the secrets of LOGIN and AUTHENTICATE masked."""
+        if self._authenticating is not None or self._pieces and self.command_start()[1] in (
+                "LOGIN", "AUTHENTICATE"):  # a response, or what follows a literal of LOGIN
+            return "****"
+        text = line.decode("utf-8", "replace")
+        found = re.match(r"(\S+ +(?:LOGIN +\S+|AUTHENTICATE +\S+)) +\S", text, re.IGNORECASE)
+        return f"{found.group(1)} ****" if found else text
+
     def start_literal(self, size: int, synchronizing: bool) -> list:
         """A literal of `size` bytes follows (RFC 3501 section 4.3; RFC 7888 for {n+}): say
         "go ahead", or refuse it before it is sent; APPEND's message goes to the store."""
+        if self.transcript is not None:
+            self.transcript.client(f"<a literal of {size:,} octets>")
         tag, verb = self.command_start()
         refusal, self._literal_left = None, size
         if verb == "APPEND" and self.append_message_follows():
@@ -7193,7 +7743,7 @@ class ImapSession:
                         missing += 1
             yield (tagged(tag, "NO", "[EXPUNGEISSUED] some of the messages no longer exist")
                    if missing else tagged(tag, "OK", "FETCH completed")).wire
-        return replies + [Streamed(produce)]
+        return replies + [Streamed(produce, shown=f"<FETCH responses, then {tag} OK>")]
 
     def fetch_one(self, s: Selected, number: int, summary: Summary | None,
                   items: list[FetchItem], marks_seen: bool):
@@ -7385,6 +7935,8 @@ class ImapSession:
             key = writer.commit()
         except OSError as error:
             return [tagged(tag, "NO", f"[SERVERBUG] {storage_problem(error).lines[0]}")]
+        if self.transcript is not None:
+            self.transcript.message(writer.size, key)
         summary = self.store.summary(key)
         if summary is not None and letters:
             summary = self.store.set_flags(key, letters) or summary
@@ -7648,12 +8200,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-age", type=duration, metavar="DURATION",
                         help="remove messages older than this: 7d, 12h, 30m or seconds "
                         "(default: keep all)")
+    parser.add_argument("--max-sessions", type=positive(int), metavar="N",
+                        default=DEFAULT_MAX_SESSIONS,
+                        help="session transcripts kept, the newest (see README, Sessions)")
     parser.add_argument("--version", action="version", version=f"sheesh {__version__}")
     add_fault_options(parser.add_argument_group("failing on purpose (see README, Fault "
                                                 "injection)"))
     add_pop3_options(parser.add_argument_group("POP3 (see README, POP3)"))
     add_imap_options(parser.add_argument_group("IMAP (see README, IMAP)"))
-    add_relay_options(parser.add_argument_group("forwarding (see README, Forwarding)"))
+    forwarding = parser.add_argument_group("forwarding (see README, Forwarding and Webhooks)")
+    add_relay_options(forwarding)
+    forwarding.add_argument("--webhook", dest="webhooks", metavar="URL", action="append",
+                            type=web_address, default=[],
+                            help="POST each stored message's summary as JSON to URL "
+                            "(repeatable)")
+    forwarding.add_argument("--webhook-secret", metavar="SECRET",
+                            help="sign the webhooks' bodies with HMAC-SHA256 (header "
+                            "X-Sheesh-Signature); better, set SHEESH_WEBHOOK_SECRET")
     add_tls_options(parser.add_argument_group("TLS and authentication"))
     return parser
 
@@ -7724,6 +8287,13 @@ def duration(text: str) -> float:
     if not found or float(found.group(1)) <= 0:
         raise argparse.ArgumentTypeError(f"expected a duration such as 7d, 12h or 30m, not {text}")
     return float(found.group(1)) * {"d": 86400, "h": 3600, "m": 60, "s": 1, "": 1}[found.group(2)]
+
+
+def web_address(text: str) -> str:
+    url = urllib.parse.urlsplit(text)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise argparse.ArgumentTypeError(f"expected an http:// or https:// URL, not {text}")
+    return text
 
 
 def host_and_port(text: str) -> str:
@@ -7802,8 +8372,11 @@ def main(argv: list[str] | None = None) -> int:
         options["http_port"] = 0 if options["port"] == 0 else DEFAULT_HTTP_PORT  # two at once
     options["faults"] = tuple(options["faults"])
     options["http_allowed_hosts"] = tuple(options["http_allowed_hosts"])
-    if options["relay_password"] is None:  # from the environment: never shown by --help
-        options["relay_password"] = os.environ.get("SHEESH_RELAY_PASSWORD")
+    options["webhooks"] = tuple(options["webhooks"])
+    for secret, variable in (("relay_password", "SHEESH_RELAY_PASSWORD"),
+                             ("webhook_secret", "SHEESH_WEBHOOK_SECRET")):
+        if options[secret] is None:  # from the environment: never shown by --help or ps
+            options[secret] = os.environ.get(variable)
     try:
         server = Server(Config(**options))
     except ValueError as error:  # a fault rule that cannot run with these options
@@ -7835,6 +8408,9 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("relaying %s to %s", which, server.config.relay)
         threading.Thread(target=check_relay, args=(server.relay,), name="sheesh-relay-check",
                          daemon=True).start()
+    for url in server.config.webhooks:
+        log.warning("posting each stored message to %s%s", escape_for_log(url),
+                    ", signed" if server.config.webhook_secret else "")
     if not is_loopback(server.host):
         log.warning("warning: %s is not a loopback address: anyone who can reach it can "
                     "send mail here", server.host)

@@ -3644,6 +3644,255 @@ def test_cli_fail_rules_are_checked_and_logged(cli):
 
 
 # ---------------------------------------------------------------------------------------------
+# Session transcripts and webhooks
+# ---------------------------------------------------------------------------------------------
+
+
+def api(server, path, auth=None):
+    """GET an API path as JSON, with HTTP Basic credentials when the server asks for them."""
+    headers = {}
+    if auth is not None:
+        headers["Authorization"] = "Basic " + base64.b64encode(":".join(auth).encode()).decode()
+    request = urllib.request.Request(server.web_url.rstrip("/") + path, headers=headers)
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def sessions_of(server, auth=None, **filters):
+    return api(server, f"/api/sessions?{urllib.parse.urlencode(filters)}", auth)
+
+
+def session_record(server, number, auth=None):
+    return api(server, f"/api/sessions/{number}", auth)
+
+
+def lines_of(record):
+    return [(line["from"], line["text"]) for line in record["transcript"]]
+
+
+def test_a_stored_message_has_its_session_transcript_a_click_away(tmp_path):
+    body = b"Subject: transcribed\r\n\r\nthe body is never copied: zebra-42\r\n"
+    with make_server(tmp_path, http_port=0) as server:
+        with smtplib.SMTP(server.host, server.port, local_hostname="app.test") as client:
+            client.sendmail("a@b.test", ["c@d.test"], body)
+        stored = server.wait_for_message()
+        detail = json.loads(http(server, f"/api/messages/{stored.key}")[2])
+        record = session_record(server, detail["session"]["id"])
+        listed = sessions_of(server)
+    assert detail["session"]["url"] == f"/api/sessions/{record['id']}"
+    assert (record["protocol"], record["peer"], record["outcome"], record["open"],
+            record["messages"], record["stored"]) == ("SMTP", "127.0.0.1", "stored", False, 1,
+                                                      [stored.key])
+    lines = lines_of(record)
+    assert lines[:2] == [("server", "220 sink.test ESMTP sheesh"), ("client", "ehlo app.test")]
+    assert ("client", f"mail FROM:<a@b.test> size={len(body)}") in lines
+    assert ("client", f"<{len(body)} octets of message, stored as {stored.key}>") in lines
+    assert ("server", f"250 2.0.0 Ok: queued as {stored.key}") in lines
+    assert lines[-2:] == [("client", "QUIT"), ("server", "221 2.0.0 Bye")]
+    assert b"zebra-42" not in json.dumps(record).encode()
+    assert listed["total"] == 1 and listed["sessions"][0]["id"] == record["id"]
+    assert "transcript" not in listed["sessions"][0]
+
+
+def test_refused_sessions_are_kept_with_the_reason_and_no_secret(tmp_path):
+    token = base64.b64encode(b"\0alice\0wrong-password").decode()
+    dev = ("dev", "pw")  # the web inbox asks for a login once there are users
+    with make_server(tmp_path, http_port=0, max_size=100, users={"alice": "secret"},
+                     http_users=dict([dev]),
+                     faults=("rcpt *@bounce.test: 550 5.1.1 No such user",)) as server:
+        client = RawClient(server)
+        client.send(f"EHLO x\r\nAUTH PLAIN {token}\r\nAUTH LOGIN\r\n".encode())
+        client.replies(3)
+        client.send(base64.b64encode(b"alice") + b"\r\n")
+        client.reply()
+        client.send(base64.b64encode(b"also-wrong") + b"\r\nQUIT\r\n")
+        client.replies(2)
+        client.close()
+        with smtplib.SMTP(server.host, server.port) as smtp:
+            with pytest.raises(smtplib.SMTPSenderRefused):
+                smtp.sendmail("a@b.test", ["c@d.test"], b"x" * 200)  # smtplib says SIZE=200
+            with pytest.raises(smtplib.SMTPRecipientsRefused):
+                smtp.sendmail("a@b.test", ["x@bounce.test"], b"x\r\n")
+        wait_until(lambda: sessions_of(server, dev)["total"] == 2, what="two sessions")
+        refused = sessions_of(server, dev, outcome="refused")
+        assert refused["total"] == 2 and sessions_of(server, dev, outcome="stored")["total"] == 0
+        auth, size_and_fault = (session_record(server, s["id"], dev) for s in
+                                sorted(refused["sessions"], key=lambda s: s["id"]))
+    everything = json.dumps([auth, size_and_fault])
+    for secret in (token, "wrong-password", base64.b64encode(b"also-wrong").decode()):
+        assert secret not in everything
+    assert ("client", "AUTH PLAIN ****") in lines_of(auth)
+    assert [text for who, text in lines_of(auth) if who == "client"][3] == "****"
+    assert ("sheesh", "refused: 535 5.7.8 Error: authentication credentials invalid: a wrong "
+                      "password for 'alice'") in lines_of(auth)
+    texts = [text for _, text in lines_of(size_and_fault)]
+    assert "552 5.3.4 Error: message exceeds the fixed maximum message size" in texts
+    assert any(text.startswith("refused: 552 5.3.4") and "SIZE=200 is over --max-size 100" in text
+               for text in texts)
+    assert ("injected fault: rcpt x@bounce.test: rcpt *@bounce.test: 550 5.1.1 No such user"
+            in texts)
+
+
+def test_a_client_that_hung_up_during_tls_has_a_session_that_says_so(tmp_path, certificates):
+    with make_server(tmp_path, http_port=0, tls_cert=str(certificates.cert),
+                     tls_key=str(certificates.key)) as server:
+        client = RawClient(server)
+        client.send(b"EHLO x\r\nSTARTTLS\r\n")
+        client.replies(2)
+        client.close()  # as a client that does not trust the certificate does
+        wait_until(lambda: sessions_of(server, outcome="error")["total"] == 1,
+                   what="the session to end")
+        [summary] = sessions_of(server, outcome="error")["sessions"]
+        record = session_record(server, summary["id"])
+    assert record["error"].startswith("the TLS handshake failed: the client closed the "
+                                      "connection during the TLS handshake")
+    assert lines_of(record)[-1] == ("sheesh", record["error"])
+
+
+def test_sessions_are_capped_filtered_and_survive_a_restart(tmp_path):
+    with make_server(tmp_path, http_port=0, max_sessions=3) as server:
+        for number in range(5):
+            with smtplib.SMTP(server.host, server.port) as client:
+                client.sendmail("a@b.test", ["c@d.test"], f"Subject: {number}\r\n\r\nx\r\n")
+        wait_until(lambda: sessions_of(server)["total"] == 3, what="the cap")
+        kept = [s["id"] for s in sessions_of(server)["sessions"]]
+        assert sessions_of(server, peer="127.0.0.1")["total"] == 3
+        assert sessions_of(server, peer="192.0.2.9")["total"] == 0
+        assert http(server, "/api/sessions?outcome=maybe")[0] == 400
+        oldest = server.messages()[0].key  # its session is no longer kept
+        assert json.loads(http(server, f"/api/messages/{oldest}")[2])["session"] is None
+    with make_server(tmp_path, http_port=0, max_sessions=3) as again:
+        assert [s["id"] for s in sessions_of(again)["sessions"]] == kept
+        with smtplib.SMTP(again.host, again.port) as client:
+            client.noop()
+            assert [s["open"] for s in sessions_of(again)["sessions"]][0] is True
+        assert max(s["id"] for s in sessions_of(again)["sessions"]) > max(kept)
+
+
+def test_pop3_and_imap_sessions_are_kept_without_passwords(tmp_path):
+    import imaplib
+    import poplib
+    with make_server(tmp_path, http_port=0, pop3_port=0, imap_port=0) as server:
+        with smtplib.SMTP(server.host, server.port) as client:
+            client.sendmail("a@b.test", ["ann@d.test"], b"Subject: x\r\n\r\nsecret body\r\n")
+        server.wait_for_message()
+        pop3 = poplib.POP3(server.host, server.pop3_port, timeout=5)
+        pop3.user("ann@d.test")
+        pop3.pass_("pop-password")
+        pop3.retr(1)
+        pop3.quit()
+        with imaplib.IMAP4(server.host, server.imap_port) as imap:
+            imap.login("ann@d.test", "imap-password")
+            imap.select("INBOX")
+            imap.fetch("1", "(BODY[])")
+            imap.logout()
+        wait_until(lambda: sessions_of(server)["total"] == 3, what="three sessions")
+        records = {s["protocol"]: session_record(server, s["id"])
+                   for s in sessions_of(server)["sessions"]}
+    everything = json.dumps(records)
+    assert "pop-password" not in everything and "imap-password" not in everything
+    assert "secret body" not in everything
+    assert ("client", "PASS ****") in lines_of(records["POP3"])
+    assert any(re.fullmatch(r"\+OK \d+ octets <the message of \S+>", text)
+               for who, text in lines_of(records["POP3"]) if who == "server")
+    assert any(text.endswith("LOGIN ann@d.test ****") for _, text in lines_of(records["IMAP"]))
+    assert records["POP3"]["user"] == records["IMAP"]["user"] == "ann@d.test"
+
+
+def test_transcript_keeps_a_bounded_record_and_says_what_it_left_out():
+    transcript = sheesh.Transcript("SMTP", "192.0.2.1")
+    for number in range(10_000):
+        transcript.client(f"NOOP {number}")
+        transcript.server(sheesh.OK)
+    record = transcript.public()
+    assert sum(len(line["text"]) for line in record["transcript"]) < 2 * sheesh.TRANSCRIPT_LIMIT
+    assert record["transcript"][-1]["text"].endswith("more lines not kept: a transcript keeps "
+                                                     "8,192 characters)")
+
+
+@pytest.fixture
+def receiver():
+    """A web service that takes webhooks: it answers with the statuses it is told to, in turn,
+    and keeps what it was sent."""
+    import http.server
+
+    class Receiver(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            self.server.received.append((dict(self.headers), body))
+            status = self.server.statuses.pop(0) if self.server.statuses else 200
+            self.send_response(status)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    service = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    service.received, service.statuses = [], []
+    threading.Thread(target=service.serve_forever, daemon=True).start()
+    yield service
+    service.shutdown()
+    service.server_close()
+
+
+def test_webhook_posts_the_summary_signed(tmp_path, receiver):
+    import hmac
+    url = f"http://127.0.0.1:{receiver.server_address[1]}/hook"
+    with make_server(tmp_path, http_port=0, webhooks=(url,), webhook_secret="s3cret") as server:
+        with smtplib.SMTP(server.host, server.port) as client:
+            client.sendmail("a@b.test", ["c@d.test"], b"Subject: hooked\r\n\r\nx\r\n")
+        key = server.wait_for_message().key
+        wait_until(lambda: receiver.received, what="the webhook")
+        headers, body = receiver.received[0]
+        listed = json.loads(http(server, "/api/messages")[2])["messages"][0]
+        history = relay_history_of(server, key, "webhooks")
+        detail_url = f"{server.web_url}api/messages/{key}"
+    expected = hmac.new(b"s3cret", body, hashlib.sha256).hexdigest()
+    assert headers["X-Sheesh-Signature"] == f"sha256={expected}"
+    assert headers["Content-Type"] == "application/json"
+    payload = json.loads(body)
+    assert payload == {**listed, "url": detail_url}
+    assert [(h["url"], h["outcome"]) for h in history] == [(url, "sent: 200 OK")]
+
+
+def relay_history_of(server, key, name, entries=1):
+    def history():
+        found = json.loads(http(server, f"/api/messages/{key}")[2])[name]
+        return found if len(found) >= entries else None
+    wait_until(history, what=f"the {name} outcome")
+    return history()
+
+
+def test_a_failing_webhook_is_retried_then_given_up(tmp_path, receiver, fast_retries):
+    receiver.statuses = [503, 500]  # then 200
+    url = f"http://127.0.0.1:{receiver.server_address[1]}/hook"
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))  # nobody listens: every attempt fails
+    dead_url = f"http://127.0.0.1:{dead.getsockname()[1]}/"
+    with make_server(tmp_path, http_port=0, webhooks=(url, dead_url)) as server:
+        with smtplib.SMTP(server.host, server.port) as client:
+            client.sendmail("a@b.test", ["c@d.test"], b"Subject: retried\r\n\r\nx\r\n")
+        key = server.wait_for_message().key
+        history = relay_history_of(server, key, "webhooks", 3 + sheesh.WEBHOOK_ATTEMPTS)
+    dead.close()
+    to_receiver = [h["outcome"] for h in history if h["url"] == url]
+    assert to_receiver == ["will retry: 503 Service Unavailable",
+                           "will retry: 500 Internal Server Error", "sent: 200 OK"]
+    to_dead = [h["outcome"].split(":")[0] for h in history if h["url"] == dead_url]
+    assert to_dead == ["will retry"] * (sheesh.WEBHOOK_ATTEMPTS - 1) + ["failed"]
+    assert len(receiver.received) == 3 and len({body for _, body in receiver.received}) == 1
+
+
+def test_cli_webhook_options(cli):
+    assert run_cli("--webhook", "ftp://x").returncode == 2
+    sheesh_process = cli("--webhook", "http://127.0.0.1:9/hook")
+    assert "posting each stored message to http://127.0.0.1:9/hook" in \
+        sheesh_process.proc.stderr.readline()
+
+
+
+# ---------------------------------------------------------------------------------------------
 # Forwarding: relay, release, and the sendmail entry point
 # ---------------------------------------------------------------------------------------------
 
@@ -3658,7 +3907,7 @@ def upstream(tmp_path):
 
 @pytest.fixture
 def fast_retries(monkeypatch):
-    monkeypatch.setattr(sheesh, "RELAY_FIRST_RETRY", 0.05)
+    monkeypatch.setattr(sheesh, "FIRST_RETRY", 0.05)
 
 
 def relaying(tmp_path, upstream, **options):
@@ -3751,7 +4000,7 @@ def test_relay_retries_a_temporary_failure(tmp_path, upstream, fast_retries):
 
 
 def test_relay_retry_finds_a_message_that_was_read_meanwhile(tmp_path, upstream, monkeypatch):
-    monkeypatch.setattr(sheesh, "RELAY_FIRST_RETRY", 1.0)
+    monkeypatch.setattr(sheesh, "FIRST_RETRY", 1.0)
     upstream.faults.replace([sheesh.parse_fault("data: 451 4.3.0 Try again later, first 1")])
     with relaying(tmp_path, upstream, relay_all=True) as server:
         with smtplib.SMTP(server.host, server.port) as client:
