@@ -4880,9 +4880,13 @@ def json_error(status: int, message: str) -> Response:
 # The HTML part of a message is shown under this policy: no scripts, no plugins, nothing
 # fetched from elsewhere (a tracking pixel would tell the sender the mail was read), and only
 # framed by sheesh's own page.
+# No script, no form, nothing fetched but data: (and remote images when asked for). Sandboxed,
+# but same-origin, so that the inbox can size its frame to the content: with no script
+# allowed, same-origin lets the part do nothing.
 HTML_PART_POLICY = ("default-src 'none'; style-src 'unsafe-inline' data:; img-src data:{remote}; "
-                    "font-src data:; frame-ancestors 'self'; sandbox allow-popups "
-                    "allow-popups-to-escape-sandbox")
+                    "font-src data:; form-action 'none'; base-uri 'none'; "
+                    "frame-ancestors 'self'; sandbox allow-popups "
+                    "allow-popups-to-escape-sandbox allow-same-origin")
 
 
 @dataclass(frozen=True)
@@ -4980,7 +4984,8 @@ class WebApp:
                 return self.page()
             case "GET", ["api", "health"]:
                 return json_response({"status": "ok", "version": __version__,
-                                      **self.store.status(), "relay": self.relay is not None})
+                                      **self.store.status(), "relay": self.relay is not None,
+                                      "changes": self.store.last_event})
             case "GET", ["api", "messages"]:
                 return self.list_messages(query)
             case "DELETE", ["api", "messages"]:
@@ -5462,62 +5467,275 @@ class WebServer(http.server.ThreadingHTTPServer):
 INBOX_PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>sheesh</title>
 <meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="color-scheme" content="light dark">
 <style>
-body{margin:0;font:14px/1.4 system-ui,sans-serif;color:#222;display:flex;height:100vh}
-#list{width:42%;min-width:320px;border-right:1px solid #ccc;display:flex;flex-direction:column}
-#bar{display:flex;gap:6px;padding:8px;border-bottom:1px solid #ccc}
-#bar input{flex:1;padding:4px}
+:root{--bg:#fff;--fg:#1d2330;--muted:#6b7385;--line:#e3e6ee;--panel:#f6f7fa;--accent:#2f6fed;
+ --accent-fg:#fff;--hover:#eef3fe;--selected:#dbe6fd;--warn:#fff6d6;--bad:#c62f2f;--good:#1f8a4c;
+ --code:#f3f4f7}
+@media (prefers-color-scheme:dark){:root{--bg:#15181e;--fg:#e3e6ec;--muted:#9aa2b1;
+ --line:#2a2f39;--panel:#1c2028;--accent:#6d9bff;--accent-fg:#0b0e13;--hover:#222834;
+ --selected:#2a3550;--warn:#3a3320;--bad:#ff7b7b;--good:#5fd08f;--code:#1f242d}}
+*{box-sizing:border-box}
+html,body{height:100%}
+body{margin:0;font:14px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;color:var(--fg);
+ background:var(--bg);display:flex;flex-direction:column}
+a{color:var(--accent)}
+button,select,input{font:inherit;color:inherit}
+button{background:var(--panel);border:1px solid var(--line);border-radius:6px;padding:4px 10px;
+ cursor:pointer}
+button:hover{border-color:var(--accent)}
+button.primary{background:var(--accent);color:var(--accent-fg);border-color:var(--accent)}
+button:disabled{opacity:.45;cursor:default}
+header{display:flex;align-items:center;gap:8px;padding:8px 12px;border-bottom:1px solid var(--line);
+ background:var(--panel);flex-wrap:wrap}
+#home{font-weight:700;font-size:16px;text-decoration:none;color:var(--fg)}
+#counts{color:var(--muted);font-size:12px}
+#search{flex:1;min-width:140px;padding:5px 8px;border:1px solid var(--line);border-radius:6px;
+ background:var(--bg)}
+#mailbox{max-width:220px;padding:4px;border:1px solid var(--line);border-radius:6px;
+ background:var(--bg)}
+nav{display:flex;gap:6px;align-items:center}
+nav a{padding:4px 8px;border-radius:6px;text-decoration:none}
+nav a.on{background:var(--selected)}
+#panes{flex:1;display:flex;min-height:0}
+#list{width:40%;max-width:520px;border-right:1px solid var(--line);display:flex;
+ flex-direction:column;min-width:0}
 #rows{overflow:auto;flex:1}
-.row{padding:6px 10px;border-bottom:1px solid #eee;cursor:pointer}
-.row:hover,.row.open{background:#eef4ff}
-.row.unread .subject{font-weight:bold}
-.meta{color:#666;font-size:12px;display:flex;justify-content:space-between;gap:8px}
-.subject{white-space:nowrap;overflow:hidden;text-overflow:ellipsis}
-#pager{padding:6px 10px;border-top:1px solid #ccc;display:flex;justify-content:space-between}
-#view{flex:1;overflow:auto;padding:12px 16px}
-table.envelope td{padding:1px 8px 1px 0;vertical-align:top}
-table.envelope td:first-child{color:#666;white-space:nowrap}
-#tabs button.on{background:#dde8ff}
-pre{white-space:pre-wrap;word-break:break-word;background:#f7f7f7;padding:8px}
-iframe{width:100%;height:60vh;border:1px solid #ccc}
-.empty{color:#888;padding:20px}
-.note{margin:0;padding:4px 10px;background:#fff8d6;font-size:12px}
-#bar select{max-width:40%}
+.row{display:block;padding:8px 12px;border-bottom:1px solid var(--line);color:inherit;
+ text-decoration:none;border-left:3px solid transparent}
+.row:hover{background:var(--hover)}
+.row.selected{background:var(--selected)}
+.row.open{border-left-color:var(--accent)}
+.row.unread .subject{font-weight:700}
+.line{display:flex;gap:8px;justify-content:space-between;min-width:0}
+.line>*{white-space:nowrap;overflow:hidden;text-overflow:ellipsis;min-width:0}
+.line>time,.line>.aside{flex:none;color:var(--muted);font-size:12px}
+.small{color:var(--muted);font-size:12px}
+.badge{display:inline-block;padding:0 6px;border-radius:9px;font-size:11px;border:1px solid}
+.badge.stored{color:var(--good)}.badge.refused,.badge.error{color:var(--bad)}
+.badge.none{color:var(--muted)}
+#pager{padding:6px 12px;border-top:1px solid var(--line);display:flex;align-items:center;
+ justify-content:space-between;gap:8px}
+#view{flex:1;overflow:auto;padding:14px 18px;min-width:0}
+#view h1{font-size:20px;margin:0 0 10px;overflow-wrap:anywhere}
+dl.fields{display:grid;grid-template-columns:max-content 1fr;gap:2px 12px;margin:0 0 10px}
+dl.fields dt{color:var(--muted)}
+dl.fields dd{margin:0;overflow-wrap:anywhere}
+.attachments{display:flex;flex-wrap:wrap;gap:6px;margin:0 0 10px;padding:0;list-style:none}
+.attachments li{max-width:100%}
+.attachments a{display:inline-block;padding:4px 8px;border:1px solid var(--line);
+ border-radius:6px;text-decoration:none;max-width:100%;overflow:hidden;text-overflow:ellipsis;
+ white-space:nowrap}
+.actions,.tabs{display:flex;gap:6px;flex-wrap:wrap}
+.toolbar{display:flex;gap:6px;justify-content:space-between;flex-wrap:wrap;margin:0 0 10px}
+button.quiet{border:0;background:none;color:var(--accent);padding:2px 0;font-size:12px}
+.tabs button.on{background:var(--selected);border-color:var(--accent)}
+pre{white-space:pre-wrap;overflow-wrap:anywhere;background:var(--code);padding:10px;
+ border-radius:6px;margin:0}
+iframe{width:100%;border:1px solid var(--line);border-radius:6px;background:#fff;
+ min-height:120px;display:block}
+.empty{color:var(--muted);padding:20px}
+.note{margin:0;padding:6px 12px;background:var(--warn);font-size:12px}
+.back{display:none}
+table.transcript{border-collapse:collapse;width:100%;font:12px/1.4 ui-monospace,Menlo,Consolas,
+ monospace}
+table.transcript td{padding:1px 6px;vertical-align:top;overflow-wrap:anywhere}
+table.transcript td:first-child{color:var(--muted);white-space:nowrap;text-align:right}
+tr.client td:nth-child(2){color:var(--accent)}
+tr.sheesh td{color:var(--muted);font-style:italic}
+#help{position:fixed;inset:0;background:rgba(0,0,0,.45);display:flex;align-items:center;
+ justify-content:center}
+#help[hidden]{display:none}
+#help>div{background:var(--bg);border:1px solid var(--line);border-radius:8px;padding:16px 20px;
+ max-width:90vw}
+kbd{border:1px solid var(--line);border-radius:4px;padding:0 5px;background:var(--panel);
+ font:12px ui-monospace,monospace}
+@media (max-width:760px){
+ #list{width:100%;max-width:none;border-right:0}
+ body.reading #list{display:none}
+ body:not(.reading) #view{display:none}
+ .back{display:inline-block}
+ #search{order:5;flex-basis:100%}
+ #mailbox{max-width:50%}
+}
 </style></head>
 <body>
-<section id="list">
-  <div id="bar"><select id="mailbox" title="Mailbox"><option value="">All mail</option></select>
-  <input id="search" type="search"
-   placeholder="Search: words, from:, to:, subject:, is:unread, has:attachment">
-  <button id="delete-all">Delete all</button></div>
-  <p id="indexing" class="note" hidden></p>
-  <div id="rows"><p class="empty">Loading...</p></div>
-  <div id="pager"><button id="newer">Newer</button><span id="count"></span>
-  <button id="older">Older</button></div>
-</section>
-<main id="view"><p class="empty">Mail sent to sheesh shows up here as it arrives.</p></main>
+<header>
+  <a id="home" href="#/">sheesh</a><span id="counts"></span>
+  <input id="search" type="search" aria-label="Search"
+   placeholder="Search  (/)" title="words, from:, to:, subject:, is:unread, has:attachment">
+  <select id="mailbox" aria-label="Mailbox"><option value="">All mail</option></select>
+  <nav><a id="to-inbox" href="#/">Inbox</a><a id="to-sessions" href="#/sessions">Sessions</a>
+  <button id="help-button" title="Keyboard shortcuts (?)">?</button></nav>
+</header>
+<div id="panes">
+  <section id="list" aria-label="List">
+    <p id="indexing" class="note" hidden></p>
+    <div id="rows"><p class="empty">Loading...</p></div>
+    <div id="pager"><button id="newer">Newer</button><span id="range" class="small"></span>
+    <button id="older">Older</button></div>
+  </section>
+  <main id="view"><p class="empty">Mail sent to sheesh shows up here as it arrives.</p></main>
+</div>
+<div id="help" hidden role="dialog" aria-label="Keyboard shortcuts"><div>
+  <h2>Keyboard shortcuts</h2>
+  <dl class="fields">
+    <dt><kbd>j</kbd> <kbd>&#8595;</kbd></dt><dd>next in the list</dd>
+    <dt><kbd>k</kbd> <kbd>&#8593;</kbd></dt><dd>previous in the list</dd>
+    <dt><kbd>Enter</kbd></dt><dd>open it</dd>
+    <dt><kbd>Delete</kbd></dt><dd>delete the open (or chosen) message</dd>
+    <dt><kbd>/</kbd></dt><dd>search</dd>
+    <dt><kbd>Esc</kbd></dt><dd>back to the list; close this</dd>
+    <dt><kbd>?</kbd></dt><dd>this help</dd>
+  </dl>
+  <p><button id="help-close">Close</button></p></div></div>
 <script nonce="{nonce}">
 "use strict";
-// Every value that comes from a message goes into the page as text, never as HTML.
+// Every value that comes from a message goes into the page as text (textContent), never as
+// HTML. The address says what is shown: #/ (with ?q= and ?mailbox=), #/messages/ID,
+// #/sessions and #/sessions/ID, so a message has a link and the back button works.
 const PAGE = 50;
-let offset = 0, query = "", mailbox = "", openId = null;
+const state = {view: "inbox", id: null, query: "", mailbox: "", offset: 0, items: [],
+               chosen: -1, total: 0};
 const $ = (selector) => document.querySelector(selector);
 
 function el(tag, attributes, ...children) {
   const node = document.createElement(tag);
-  for (const [name, value] of Object.entries(attributes || {})) node.setAttribute(name, value);
-  node.append(...children.map((child) => child instanceof Node ? child : String(child)));
+  for (const [name, value] of Object.entries(attributes || {})) {
+    if (value !== null && value !== undefined) node.setAttribute(name, value);
+  }
+  node.append(...children.filter((c) => c !== null && c !== undefined)
+                         .map((c) => c instanceof Node ? c : String(c)));
   return node;
 }
 
 async function api(path, options) {
   const response = await fetch(path, options);
-  if (!response.ok) throw new Error((await response.json()).error || response.statusText);
+  if (!response.ok) {
+    let reason = response.statusText;
+    try { reason = (await response.json()).error || reason; } catch (ignored) {}
+    throw new Error(reason);
+  }
   return response.json();
 }
 
-function when(seconds) {
-  return new Date(seconds * 1000).toLocaleString();
+const exact = (seconds) => new Date(seconds * 1000).toLocaleString();
+function ago(seconds) {
+  const gone = Date.now() / 1000 - seconds;
+  if (gone < 45) return "just now";
+  for (const [size, name] of [[86400 * 365, "year"], [86400 * 30, "month"], [86400, "day"],
+                              [3600, "hour"], [60, "minute"]]) {
+    const count = Math.round(gone / size);
+    if (count >= 1 && gone >= size * 0.9) return `${count} ${name}${count > 1 ? "s" : ""} ago`;
+  }
+  return "a minute ago";
+}
+const time = (seconds) => el("time", {"title": exact(seconds),
+  "datetime": new Date(seconds * 1000).toISOString()}, ago(seconds));
+
+function bytes(size) {
+  if (size < 1024) return `${size} B`;
+  const units = ["KB", "MB", "GB"];
+  let value = size / 1024, unit = 0;
+  while (value >= 1024 && unit < units.length - 1) { value /= 1024; unit += 1; }
+  return `${value < 10 ? value.toFixed(1) : Math.round(value)} ${units[unit]}`;
+}
+
+// -- the address
+
+function link(path, withFilters = true) {
+  const params = new URLSearchParams();
+  if (withFilters && state.query) params.set("q", state.query);
+  if (withFilters && state.mailbox) params.set("mailbox", state.mailbox);
+  const search = params.toString();
+  return "#" + path + (search ? "?" + search : "");
+}
+const messageLink = (id) => link("/messages/" + encodeURIComponent(id));
+const sessionLink = (id) => link("/sessions/" + id, false);
+
+function readAddress() {
+  const [path, search] = location.hash.replace(/^#/, "").split("?");
+  const params = new URLSearchParams(search || "");
+  const parts = (path || "/").split("/").filter(Boolean).map(decodeURIComponent);
+  const sessions = parts[0] === "sessions";
+  const filters = [params.get("q") || "", params.get("mailbox") || ""];
+  if (!sessions && (filters[0] !== state.query || filters[1] !== state.mailbox)) {
+    state.offset = 0;
+  }
+  [state.query, state.mailbox] = sessions ? ["", ""] : filters;
+  state.view = sessions ? "sessions" : "inbox";
+  state.id = parts[1] || null;
+}
+
+async function show() {
+  readAddress();
+  document.body.classList.toggle("reading", state.id !== null);
+  $("#to-inbox").classList.toggle("on", state.view === "inbox");
+  $("#to-sessions").classList.toggle("on", state.view === "sessions");
+  if ($("#search").value !== state.query) $("#search").value = state.query;
+  $("#search").disabled = $("#mailbox").disabled = state.view === "sessions";
+  await loadList();
+  if (state.id === null) {
+    $("#view").replaceChildren(el("p", {"class": "empty"}, state.view === "sessions"
+      ? "Every SMTP, POP3 and IMAP conversation is kept here: choose one."
+      : "Mail sent to sheesh shows up here as it arrives."));
+    setTitle(null);
+  } else if (state.view === "sessions") {
+    await showSession(state.id);
+  } else {
+    await showMessage(state.id);
+  }
+}
+
+function setTitle(subject) {
+  const unread = state.unread ? `(${state.unread}) ` : "";
+  document.title = subject === null ? unread + "sheesh" : `${subject} - sheesh`;
+}
+
+// -- the list
+
+async function loadList() {
+  try {
+    if (state.view === "sessions") await loadSessions(); else await loadMessages();
+  } catch (error) {  // a search that does not parse: say why
+    $("#rows").replaceChildren(el("p", {"class": "empty"}, error.message));
+    return;
+  }
+  const rows = [...$("#rows").querySelectorAll(".row")];
+  state.chosen = Math.min(state.chosen, rows.length - 1);
+  rows.forEach((row, n) => {
+    row.classList.toggle("open", row.dataset.id === state.id);
+    row.classList.toggle("selected", n === state.chosen);
+  });
+  $("#range").textContent = state.total ? `${state.offset + 1}-${state.offset + rows.length} ` +
+                                          `of ${state.total}` : "";
+  $("#newer").disabled = state.offset === 0;
+  $("#older").disabled = state.offset + PAGE >= state.total;
+}
+
+async function loadMessages() {
+  const data = await api(`/api/messages?limit=${PAGE}&offset=${state.offset}` +
+    `&query=${encodeURIComponent(state.query)}&mailbox=${encodeURIComponent(state.mailbox)}`);
+  state.total = data.total;
+  state.unread = data.unread;
+  const indexing = data.indexing;
+  $("#indexing").hidden = !indexing;
+  $("#indexing").textContent = indexing ? `Indexing the Maildir: ${indexing.done} of ` +
+    `${indexing.total === null ? "?" : indexing.total} messages so far.` : "";
+  if (indexing) setTimeout(soon, 1000);
+  $("#counts").textContent = `${data.total} messages` + (data.unread ? `, ${data.unread} unread`
+                                                                     : "");
+  loadMailboxes().catch(() => {});
+  const rows = data.messages.map((m) => el("a", {
+      "class": "row" + (m.seen ? "" : " unread"), "href": messageLink(m.id), "data-id": m.id},
+    el("div", {"class": "line"}, el("span", {}, m.from || "<" + m.sender + ">"), time(m.time)),
+    el("div", {"class": "line"}, el("span", {"class": "subject"}, m.subject || "(no subject)")),
+    el("div", {"class": "line small"}, el("span", {}, "to " + m.recipients.join(", ")),
+       el("span", {"class": "aside"}, (m.attachments ? `${m.attachments} attached, ` : "") +
+          bytes(m.size)))));
+  $("#rows").replaceChildren(...(rows.length ? rows : [el("p", {"class": "empty"},
+    state.query || state.mailbox ? "Nothing matches." : "No mail yet.")]));
+  if (state.id === null) setTitle(null);
 }
 
 async function loadMailboxes() {
@@ -5525,125 +5743,255 @@ async function loadMailboxes() {
   const options = data.mailboxes.map((box) => el("option", {"value": box.address},
     `${box.address} (${box.unread ? box.unread + "/" : ""}${box.total})`));
   $("#mailbox").replaceChildren(el("option", {"value": ""}, "All mail"), ...options);
-  $("#mailbox").value = mailbox;
+  $("#mailbox").value = state.mailbox;
 }
 
-async function loadList() {
-  let data;
+async function loadSessions() {
+  const data = await api(`/api/sessions?limit=${PAGE}&offset=${state.offset}`);
+  state.total = data.total;
+  const rows = data.sessions.map((s) => el("a", {"class": "row", "href": sessionLink(s.id),
+                                                  "data-id": String(s.id)},
+    el("div", {"class": "line"}, el("span", {}, `${s.protocol} from ${s.peer}`),
+       time(s.started)),
+    el("div", {"class": "line"}, el("span", {},
+       el("span", {"class": "badge " + s.outcome}, s.open ? "open" : s.outcome), " ",
+       s.error || (s.messages ? `${s.messages} stored` : "nothing stored")),
+       el("span", {"class": "aside"}, [s.user, s.tls ? "TLS" : null].filter(Boolean)
+                                                                      .join(", ")))));
+  $("#rows").replaceChildren(...(rows.length ? rows : [el("p", {"class": "empty"},
+    "No sessions yet.")]));
+  $("#counts").textContent = `${data.total} sessions`;
+}
+
+// -- a message
+
+function field(list, name, value) {
+  if (value === null || value === undefined || value === "") return;
+  list.append(el("dt", {}, name), el("dd", {}, value));
+}
+
+async function showMessage(id) {
+  let m;
   try {
-    data = await api(`/api/messages?limit=${PAGE}&offset=${offset}` +
-                     `&query=${encodeURIComponent(query)}&mailbox=${encodeURIComponent(mailbox)}`);
-  } catch (error) {  // a search that does not parse: say why
-    $("#rows").replaceChildren(el("p", {"class": "empty"}, error.message));
+    m = await api(`/api/messages/${encodeURIComponent(id)}`);
+  } catch (error) {
+    $("#view").replaceChildren(back(), el("p", {"class": "empty"}, error.message));
     return;
   }
-  const indexing = data.indexing;
-  $("#indexing").hidden = !indexing;
-  $("#indexing").textContent = indexing ? `Indexing the Maildir: ${indexing.done} of ` +
-    `${indexing.total === null ? "?" : indexing.total} messages so far.` : "";
-  if (indexing) setTimeout(soon, 1000);
-  loadMailboxes().catch(() => {});
-  const rows = data.messages.map((m) => {
-    const row = el("div", {"class": "row" + (m.seen ? "" : " unread") +
-                              (m.id === openId ? " open" : ""), "data-id": m.id},
-      el("div", {"class": "meta"}, el("span", {}, m.from || m.sender || "<>"),
-         el("span", {}, when(m.time))),
-      el("div", {"class": "subject"}, m.subject || "(no subject)"),
-      el("div", {"class": "meta"}, el("span", {}, "to " + m.recipients.join(", ")),
-         el("span", {}, (m.attachments ? `${m.attachments} attached, ` : "") +
-            Math.ceil(m.size / 1024) + " KB")));
-    row.addEventListener("click", () => show(m.id));
-    return row;
-  });
-  $("#rows").replaceChildren(...(rows.length ? rows : [el("p", {"class": "empty"}, "No mail.")]));
-  $("#count").textContent = data.total ? `${offset + 1}-${offset + data.messages.length} of ` +
-                                         `${data.total}` : "";
-  $("#newer").disabled = offset === 0;
-  $("#older").disabled = offset + PAGE >= data.total;
-  document.title = (data.unread ? `(${data.unread}) ` : "") + "sheesh";
-}
-
-async function show(id) {
-  openId = id;
-  const m = await api(`/api/messages/${encodeURIComponent(id)}`);
-  if (!m.seen) api(`/api/messages/${encodeURIComponent(id)}/seen`, {method: "PUT"}).catch(() => {});
-  const envelope = el("table", {"class": "envelope"});
-  const line = (name, value) => envelope.append(el("tr", {}, el("td", {}, name), el("td", {}, value)));
-  line("MAIL FROM", "<" + m.sender + ">");
-  line("RCPT TO", m.recipients.map((r) => "<" + r + ">").join(", "));
-  line("From", m.from); line("To", m.to); line("Received", when(m.time));
-  const body = el("div");
-  const tabs = el("div", {"id": "tabs"});
-  const views = {
-    "Text": () => el("pre", {}, m.text || "(no text part)"),
-    "HTML": () => {
-      if (!m.html_url) return el("p", {"class": "empty"}, "(no HTML part)");
-      const frame = el("iframe", {"sandbox": "allow-popups allow-popups-to-escape-sandbox",
-                                   "src": m.html_url, "title": "HTML part"});
-      const images = el("button", {}, "Load remote images");
-      images.addEventListener("click", () => { frame.src = m.html_url + "?remote=1"; });
-      return el("div", {}, images, frame);
-    },
-    "Headers": () => el("pre", {}, m.headers.map(([n, v]) => n + ": " + v).join("\\n")),
-    "Raw": () => {
-      const pre = el("pre", {}, "Loading...");
-      fetch(m.raw_url).then((r) => r.text()).then((text) => { pre.textContent = text; });
-      return pre;
-    },
-  };
-  for (const name of Object.keys(views)) {
-    const button = el("button", {}, name);
+  if (state.id !== id) return;  // another was chosen meanwhile
+  if (!m.seen) api(`/api/messages/${encodeURIComponent(id)}/seen`, {method: "PUT"})
+    .then(soon, () => {});
+  setTitle(m.subject || "(no subject)");
+  const fields = el("dl", {"class": "fields"});
+  field(fields, "From", m.from || "<" + m.sender + ">");
+  field(fields, "To", m.to);
+  field(fields, "Cc", m.cc);
+  field(fields, "Date", m.date);
+  field(fields, "Received", el("span", {}, time(m.time), " (" + exact(m.time) + ")"));
+  field(fields, "MAIL FROM", "<" + m.sender + ">");
+  field(fields, "RCPT TO", m.recipients.map((r) => "<" + r + ">").join(", "));
+  if (m.session) field(fields, "Session", el("a", {"href": sessionLink(m.session.id)},
+                                             `#${m.session.id}: what the client said`));
+  for (const attempt of m.relay || []) {
+    field(fields, "Relay", `${exact(attempt.time)}: ${attempt.to.join(", ")}: ${attempt.outcome}`);
+  }
+  for (const attempt of m.webhooks || []) {
+    field(fields, "Webhook", `${exact(attempt.time)}: ${attempt.url}: ${attempt.outcome}`);
+  }
+  const attachments = el("ul", {"class": "attachments"}, ...m.attachments.map((a) =>
+    el("li", {}, el("a", {"href": a.url, "download": a.filename,
+                          "title": `${a.filename} (${a.content_type})`},
+                    `${a.filename} \\u00b7 ${a.content_type} \\u00b7 ${bytes(a.size)}`))));
+  const body = el("div", {"id": "body"});
+  const tabs = el("div", {"class": "tabs", "role": "tablist"});
+  const parts = [];
+  if (m.html_url) parts.push(["HTML", () => htmlFrame(m)]);
+  if (m.text) parts.push(["Text", () => el("pre", {}, m.text)]);
+  parts.push(["Headers", () => el("pre", {}, m.headers.map(([n, v]) => n + ": " + v)
+                                               .join(String.fromCharCode(10)))]);
+  parts.push(["Raw", () => {
+    const pre = el("pre", {}, "Loading...");
+    fetch(m.raw_url).then((r) => r.text()).then((text) => { pre.textContent = text; });
+    return pre;
+  }]);
+  for (const [name, make] of parts) {
+    const button = el("button", {"role": "tab"}, name);
     button.addEventListener("click", () => {
       for (const other of tabs.children) other.classList.toggle("on", other === button);
-      body.replaceChildren(views[name]());
+      body.replaceChildren(make());
     });
     tabs.append(button);
   }
-  const attachments = el("ul");
-  for (const a of m.attachments) {
-    attachments.append(el("li", {}, el("a", {"href": a.url, "download": a.filename}, a.filename),
-                          ` (${a.content_type}, ${a.size} bytes)`));
-  }
-  const remove = el("button", {}, "Delete");
-  remove.addEventListener("click", async () => {
-    await api(`/api/messages/${encodeURIComponent(id)}`, {method: "DELETE"});
-    $("#view").replaceChildren(el("p", {"class": "empty"}, "Deleted."));
+  $("#view").replaceChildren(back(), el("h1", {}, m.subject || "(no subject)"), fields,
+                             ...(m.attachments.length ? [attachments] : []),
+                             el("div", {"class": "toolbar"}, tabs, actions(m)), body);
+  tabs.firstChild.click();
+}
+
+function htmlFrame(m) {
+  // Sandboxed without scripts (and the part's own policy forbids them too); same-origin only
+  // so that the frame can be made as tall as what it shows.
+  const frame = el("iframe", {"sandbox": "allow-popups allow-popups-to-escape-sandbox " +
+                              "allow-same-origin", "src": m.html_url, "title": "HTML part"});
+  const fit = () => {
+    const page = frame.contentDocument && frame.contentDocument.documentElement;
+    if (page) frame.style.height = (page.scrollHeight + 2) + "px";
+  };
+  frame.addEventListener("load", () => {
+    fit();
+    if (window.ResizeObserver && frame.contentDocument) {
+      new ResizeObserver(fit).observe(frame.contentDocument.documentElement);
+    }
   });
-  const actions = el("p", {}, remove);
+  const images = el("button", {"class": "quiet"}, "Load remote images");
+  images.addEventListener("click", () => { frame.src = m.html_url + "?remote=1"; });
+  return el("div", {}, frame, images);
+}
+
+function actions(m) {
+  const row = el("div", {"class": "actions"});
+  const remove = el("button", {}, "Delete");
+  remove.addEventListener("click", () => deleteMessage(m.id));
+  row.append(remove);
   if (m.relay !== null) {
     const release = el("button", {}, "Release");
     release.addEventListener("click", async () => {
       const to = prompt("Release to (comma-separated)", m.recipients.join(", "));
       if (!to) return;
-      const answer = await api(`/api/messages/${encodeURIComponent(id)}/release`, {
+      const answer = await api(`/api/messages/${encodeURIComponent(m.id)}/release`, {
         method: "POST", headers: {"Content-Type": "application/json"},
         body: JSON.stringify({to: to.split(",").map((a) => a.trim()).filter(Boolean)})});
-      actions.append(" queued for " + answer.to.join(", "));
+      row.append(el("span", {"class": "small"}, " queued for " + answer.to.join(", ")));
     });
-    actions.append(" ", release);
-    for (const attempt of m.relay) {
-      line("Relay", `${when(attempt.time)}: ${attempt.to.join(", ")}: ${attempt.outcome}`);
-    }
+    row.append(release);
   }
-  $("#view").replaceChildren(el("h2", {}, m.subject || "(no subject)"), envelope, actions, tabs,
-                             body, ...(m.attachments.length ? [el("h3", {}, "Attachments"),
-                                                               attachments] : []));
-  tabs.children[m.html_url && !m.text ? 1 : 0].click();
-  loadList();
+  return row;
 }
+
+function back() {
+  const button = el("button", {"class": "back"}, "\\u2190 Back");
+  button.addEventListener("click", () => { location.hash = link(state.view === "sessions"
+                                                                  ? "/sessions" : "/"); });
+  return button;
+}
+
+async function deleteMessage(id) {
+  await api(`/api/messages/${encodeURIComponent(id)}`, {method: "DELETE"});
+  if (state.id === id) location.hash = link("/");
+  else loadList();
+}
+
+// -- a session
+
+async function showSession(id) {
+  let s;
+  try {
+    s = await api(`/api/sessions/${encodeURIComponent(id)}`);
+  } catch (error) {
+    $("#view").replaceChildren(back(), el("p", {"class": "empty"}, error.message));
+    return;
+  }
+  setTitle(`${s.protocol} session #${s.id}`);
+  const fields = el("dl", {"class": "fields"});
+  field(fields, "Client", s.peer);
+  field(fields, "Began", el("span", {}, time(s.started), " (" + exact(s.started) + ")"));
+  field(fields, "Ended", s.open ? "still open" : exact(s.ended));
+  field(fields, "TLS", s.tls);
+  field(fields, "User", s.user);
+  field(fields, "Outcome", el("span", {}, el("span", {"class": "badge " + s.outcome},
+                                                 s.outcome), s.error ? " " + s.error : ""));
+  if (s.stored.length) {
+    field(fields, "Stored", el("span", {}, ...s.stored.flatMap((key, n) => [
+      n ? ", " : "", el("a", {"href": "#/messages/" + encodeURIComponent(key)}, key)])));
+  }
+  const table = el("table", {"class": "transcript"}, ...s.transcript.map((line) =>
+    el("tr", {"class": line.from}, el("td", {}, line.t === null ? "" : line.t.toFixed(3)),
+       el("td", {}, {"client": "C:", "server": "S:", "sheesh": "*"}[line.from]),
+       el("td", {}, line.text))));
+  $("#view").replaceChildren(back(), el("h1", {}, `${s.protocol} session #${s.id}`), fields,
+                             table);
+}
+
+// -- keys, search, live updates
+
+function choose(step) {
+  const rows = [...$("#rows").querySelectorAll(".row")];
+  if (!rows.length) return;
+  const current = state.chosen >= 0 ? state.chosen
+    : rows.findIndex((row) => row.dataset.id === state.id);
+  state.chosen = Math.max(0, Math.min(rows.length - 1, current + step));
+  rows.forEach((row, n) => row.classList.toggle("selected", n === state.chosen));
+  rows[state.chosen].scrollIntoView({block: "nearest"});
+}
+
+function chosenRow() {
+  return [...$("#rows").querySelectorAll(".row")][state.chosen] || null;
+}
+
+document.addEventListener("keydown", (event) => {
+  const typing = ["INPUT", "SELECT", "TEXTAREA"].includes(event.target.tagName);
+  if (event.key === "Escape") {
+    if (!$("#help").hidden) $("#help").hidden = true;
+    else if (typing) event.target.blur();
+    else if (state.id !== null) location.hash = link(state.view === "sessions" ? "/sessions"
+                                                                                : "/");
+    return;
+  }
+  if (typing || event.ctrlKey || event.metaKey || event.altKey) return;
+  const row = chosenRow();
+  if (event.key === "j" || event.key === "ArrowDown") choose(1);
+  else if (event.key === "k" || event.key === "ArrowUp") choose(-1);
+  else if (event.key === "Enter" && row) location.hash = row.getAttribute("href");
+  else if (event.key === "Delete" && state.view === "inbox" && (state.id || row)) {
+    deleteMessage(state.id || row.dataset.id);
+  } else if (event.key === "/") $("#search").focus();
+  else if (event.key === "?") $("#help").hidden = !$("#help").hidden;
+  else return;
+  event.preventDefault();
+});
 
 let timer = null;
 function soon() { clearTimeout(timer); timer = setTimeout(loadList, 150); }
-$("#search").addEventListener("input", (e) => { query = e.target.value; offset = 0; soon(); });
-$("#mailbox").addEventListener("change", (e) => { mailbox = e.target.value; offset = 0; loadList(); });
-$("#newer").addEventListener("click", () => { offset = Math.max(0, offset - PAGE); loadList(); });
-$("#older").addEventListener("click", () => { offset += PAGE; loadList(); });
-$("#delete-all").addEventListener("click", async () => {
-  if (confirm("Delete every message?")) { await api("/api/messages", {method: "DELETE"}); }
+$("#search").addEventListener("input", (event) => {
+  clearTimeout(timer);
+  timer = setTimeout(() => { state.query = event.target.value;
+                             history.replaceState(null, "", link("/")); show(); }, 250);
 });
-const events = new EventSource("/api/events");
-for (const kind of ["new", "deleted", "seen"]) events.addEventListener(kind, soon);
-loadList();
+$("#mailbox").addEventListener("change", (event) => {
+  state.mailbox = event.target.value;
+  location.hash = link("/");
+});
+$("#newer").addEventListener("click", () => { state.offset = Math.max(0, state.offset - PAGE);
+                                               loadList(); });
+$("#older").addEventListener("click", () => { state.offset += PAGE; loadList(); });
+$("#help-button").addEventListener("click", () => { $("#help").hidden = false; });
+$("#help-close").addEventListener("click", () => { $("#help").hidden = true; });
+$("#help").addEventListener("click", (event) => {
+  if (event.target === $("#help")) $("#help").hidden = true;
+});
+window.addEventListener("hashchange", () => { state.chosen = -1; show(); });
+setInterval(() => {  // "3 minutes ago" stays true
+  for (const node of document.querySelectorAll("time[datetime]")) {
+    node.textContent = ago(Date.parse(node.getAttribute("datetime")) / 1000);
+  }
+}, 30000);
+
+// Changes (new mail, deletions, flags) are noticed by asking /api/health once a second for
+// the number of the latest one: a short request, where an event stream would stay open, and
+// a browser that takes a screenshot (headless Chromium's --virtual-time-budget) waits for
+// every open request to end. (Programs can use /api/events.)
+let changes = null;
+async function watch() {
+  try {
+    if (document.visibilityState !== "hidden") {
+      const health = await api("/api/health");
+      if (changes !== null && health.changes !== changes) soon();
+      changes = health.changes;
+    }
+  } catch (ignored) {}
+  setTimeout(watch, 1000);
+}
+show().finally(watch);
 </script>
 </body></html>
 """

@@ -3104,54 +3104,178 @@ class Browser:
         os.close(self.to_browser)
         os.close(self.from_browser)
 
+    def key(self, name):
+        """A key pressed and released, as a person would (DevTools' Input domain)."""
+        text = name if len(name) == 1 else ""
+        code = {"Enter": 13, "Delete": 46, "Escape": 27, "ArrowDown": 40}.get(name, 0)
+        for kind in ("keyDown", "keyUp"):
+            self.call("Input.dispatchKeyEvent", type=kind, key=name, text=text,
+                      windowsVirtualKeyCode=code or ord(name.upper()[0]))
 
-def test_browser_shows_new_mail_without_reload_and_escapes_it(web_server, tmp_path):
-    browser = Browser(tmp_path / "profile")
-    try:
-        evil = '<img src=x onerror="window.hacked=1"> first'
-        with smtplib.SMTP(web_server.host, web_server.port) as client:
-            client.sendmail("a@b.test", ["c@d.test"], f"Subject: {evil}\r\n\r\nx\r\n".encode())
-        browser.open(web_server.web_url)
-        browser.wait_for(f"document.body.innerText.includes({json.dumps(evil)})",
-                         "the first subject, as text")
-        assert browser.evaluate("document.querySelectorAll('#rows img').length") == 0
-        assert browser.evaluate("window.hacked === undefined")
-        assert browser.evaluate("document.title") == "(1) sheesh"
-        browser.wait_for("[...document.querySelectorAll('#mailbox option')].some("
-                         "(o) => o.value === 'c@d.test')", "the recipient's mailbox")
-        with smtplib.SMTP(web_server.host, web_server.port) as client:
-            client.sendmail("a@b.test", ["c@d.test"], b"Subject: second arrives live\r\n\r\nx\r\n")
-        browser.wait_for("document.body.innerText.includes('second arrives live')",
-                         "the second message, without a reload")
-        browser.wait_for("document.title === '(2) sheesh'", "the unread count in the title")
-        with smtplib.SMTP(web_server.host, web_server.port) as client:
-            client.sendmail("app@b.test", ["to@d.test", "hidden@d.test"],
-                            rich_message("rich one", html="<p id=x>Hi <script>window.ran=1"
-                                          "</script></p>"))
-        browser.wait_for("document.body.innerText.includes('rich one')", "the third message")
-        browser.wait_for("[...document.querySelectorAll('#mailbox option')].some("
-                         "(o) => o.value === 'hidden@d.test')", "the Bcc recipient's mailbox")
-        browser.evaluate("const box = document.querySelector('#mailbox'); box.value = "
-                         "'hidden@d.test'; box.dispatchEvent(new Event('change'))")
-        browser.wait_for("document.querySelectorAll('.row').length === 1", "one mailbox's mail")
-        browser.evaluate("[...document.querySelectorAll('.row')].find("
-                         "(row) => row.innerText.includes('rich one')).click()")
-        browser.wait_for("document.querySelector('#view h2')?.innerText === 'rich one'",
-                         "the message view")
-        view = browser.evaluate("document.querySelector('#view').innerText")
-        assert "<to@d.test>, <hidden@d.test>" in view  # the envelope, Bcc included
-        assert "plain text body" in view and "données.bin" in view
-        browser.evaluate("[...document.querySelectorAll('#tabs button')].find("
-                         "(b) => b.innerText === 'HTML').click()")
-        frame = "document.querySelector('#view iframe')"
-        browser.wait_for(f"{frame} !== null", "the HTML part's frame")
-        assert browser.evaluate(f"{frame}.getAttribute('sandbox')") == (
-            "allow-popups allow-popups-to-escape-sandbox")  # no allow-scripts
-        assert browser.evaluate("window.ran === undefined")
-        # the title counts the unread mail of the mailbox shown: hidden@'s one is now read
-        browser.wait_for("document.title === 'sheesh'", "the opened message marked read")
-    finally:
-        browser.close()
+    def viewport(self, width, height, mobile=False):
+        self.call("Emulation.setDeviceMetricsOverride", width=width, height=height,
+                  deviceScaleFactor=1, mobile=mobile)
+
+
+@pytest.fixture
+def browser(tmp_path):
+    started = Browser(tmp_path / "profile")
+    yield started
+    started.close()
+
+
+def send(server, subject, to=("c@d.test",), message=None):
+    with smtplib.SMTP(server.host, server.port) as client:
+        client.sendmail("a@b.test", list(to), message or f"Subject: {subject}\r\n\r\nx\r\n")
+    return server.wait_for_message().key
+
+
+def test_browser_shows_new_mail_without_reload_and_escapes_it(web_server, browser):
+    evil = '<img src=x onerror="window.hacked=1"> first'
+    send(web_server, None, message=f"Subject: {evil}\r\n\r\nx\r\n".encode())
+    browser.open(web_server.web_url)
+    browser.wait_for(f"document.body.innerText.includes({json.dumps(evil)})",
+                     "the first subject, as text")
+    assert browser.evaluate("document.querySelectorAll('#rows img').length") == 0
+    assert browser.evaluate("window.hacked === undefined")
+    assert browser.evaluate("document.title") == "(1) sheesh"
+    browser.wait_for("[...document.querySelectorAll('#mailbox option')].some("
+                     "(o) => o.value === 'c@d.test')", "the recipient's mailbox")
+    send(web_server, "second arrives live")
+    browser.wait_for("document.body.innerText.includes('second arrives live')",
+                     "the second message, without a reload")
+    browser.wait_for("document.title === '(2) sheesh'", "the unread count in the title")
+    send(web_server, None, ("to@d.test", "hidden@d.test"),
+         rich_message("rich one", html="<p id=x>Hi <script>window.ran=1</script></p>"))
+    browser.wait_for("[...document.querySelectorAll('#mailbox option')].some("
+                     "(o) => o.value === 'hidden@d.test')", "the Bcc recipient's mailbox")
+    browser.evaluate("const box = document.querySelector('#mailbox'); box.value = "
+                     "'hidden@d.test'; box.dispatchEvent(new Event('change'))")
+    browser.wait_for("document.querySelectorAll('.row').length === 1", "one mailbox's mail")
+    assert browser.evaluate("location.hash") == "#/?mailbox=hidden%40d.test"
+    browser.evaluate("document.querySelector('.row').click()")
+    browser.wait_for("document.querySelector('#view h1')?.innerText === 'rich one'",
+                     "the message view")
+    view = browser.evaluate("document.querySelector('#view').innerText")
+    assert "<to@d.test>, <hidden@d.test>" in view  # the envelope, Bcc included
+    assert "données.bin" in view
+    frame = "document.querySelector('#view iframe')"
+    browser.wait_for(f"{frame} !== null", "the HTML part, shown first")
+    assert "allow-scripts" not in browser.evaluate(f"{frame}.getAttribute('sandbox')")
+    assert browser.evaluate("window.ran === undefined")
+    browser.wait_for(f"{frame}.contentDocument?.getElementById('x')?.id === 'x'",
+                     "the HTML part")
+    assert browser.evaluate(f"{frame}.contentWindow.ran === undefined")  # no script ran there
+    assert browser.evaluate("document.title") == "rich one - sheesh"
+
+
+def test_browser_message_links_the_back_button_and_the_keyboard(web_server, browser):
+    first, second = send(web_server, "first"), send(web_server, "second")
+    browser.open(f"{web_server.web_url}#/messages/{first}")
+    browser.wait_for("document.querySelector('#view h1')?.innerText === 'first'",
+                     "the message its address names")
+    assert browser.evaluate("document.title") == "first - sheesh"
+    browser.evaluate(f"document.querySelector('.row[data-id=\"{second}\"]').click()")
+    browser.wait_for("document.querySelector('#view h1')?.innerText === 'second'",
+                     "the second message")
+    assert browser.evaluate("location.hash") == f"#/messages/{second}"
+    browser.evaluate("history.back()")
+    browser.wait_for("document.querySelector('#view h1')?.innerText === 'first'",
+                     "the first message again, by the back button")
+    browser.key("Escape")
+    browser.wait_for("location.hash === '#/' && document.querySelector('#view h1') === null "
+                     "&& document.querySelector('.row.open') === null", "the list, by Escape")
+    browser.key("j")  # the newest first: j chooses "second", j again "first"
+    browser.key("j")
+    assert browser.evaluate("document.querySelector('.row.selected').dataset.id") == first
+    browser.key("k")
+    browser.key("Enter")
+    browser.wait_for("document.querySelector('#view h1')?.innerText === 'second'",
+                     "the chosen message, opened by Enter")
+    browser.key("Delete")
+    browser.wait_for("document.querySelectorAll('.row').length === 1", "the deleted message gone")
+    assert [m.key for m in web_server.messages()] == [first]
+    browser.key("/")
+    assert browser.evaluate("document.activeElement.id") == "search"
+    browser.evaluate("document.activeElement.blur()")
+    browser.key("?")
+    assert browser.evaluate("document.querySelector('#help').hidden") is False
+    browser.key("Escape")
+    assert browser.evaluate("document.querySelector('#help').hidden") is True
+
+
+def test_browser_on_a_phone_shows_one_pane_at_a_time(web_server, browser):
+    key = send(web_server, None, message=rich_message("on a phone", html="<p>" + "word " * 300))
+    browser.open(web_server.web_url)
+    browser.viewport(390, 844, mobile=True)
+    browser.wait_for("document.querySelectorAll('.row').length === 1", "the list")
+    visible = "(selector) => document.querySelector(selector).getBoundingClientRect().width"
+    assert browser.evaluate(f"({visible})('#list')") >= 380
+    assert browser.evaluate(f"({visible})('#view')") == 0  # hidden until a message is open
+    browser.evaluate("document.querySelector('.row').click()")
+    browser.wait_for("document.querySelector('#view h1')?.innerText === 'on a phone'",
+                     "the message")
+    assert browser.evaluate(f"({visible})('#list')") == 0
+    assert browser.evaluate(f"({visible})('#view iframe')") >= 0.9 * 390 - 36  # its padding
+    assert browser.evaluate("document.documentElement.scrollWidth") <= 390  # no sideways scroll
+    browser.evaluate("document.querySelector('#view .back').click()")
+    browser.wait_for(f"({visible})('#list') >= 380", "the list again")
+    assert browser.evaluate("location.hash") == "#/"
+    assert key
+
+
+def test_browser_puts_the_html_part_first_and_the_attachments_in_view(web_server, browser):
+    long_html = "<h2 id=top>Newsletter</h2>" + "<p>paragraph</p>" * 60
+    key = send(web_server, None, message=rich_message("newsletter", html=long_html))
+    browser.open(f"{web_server.web_url}#/messages/{key}")
+    browser.viewport(1280, 800)
+    frame = "document.querySelector('#view iframe')"
+    browser.wait_for(f"{frame}?.contentDocument?.getElementById('top')?.id === 'top'",
+                     "the HTML part")
+    assert browser.evaluate("document.querySelector('.tabs button.on').innerText") == "HTML"
+    assert browser.evaluate("[...document.querySelectorAll('.tabs button')].map("
+                            "(b) => b.innerText)") == ["HTML", "Text", "Headers", "Raw"]
+    bottom = browser.evaluate("document.querySelector('.attachments').getBoundingClientRect()"
+                              ".bottom")
+    assert 0 < bottom < 800  # the attachments, without scrolling
+    assert "9 B" in browser.evaluate("document.querySelector('.attachments').innerText")
+    browser.wait_for(f"{frame}.getBoundingClientRect().height >= "
+                     f"{frame}.contentDocument.documentElement.scrollHeight",
+                     "the frame as tall as its content")
+    browser.call("Emulation.setEmulatedMedia",
+                 features=[{"name": "prefers-color-scheme", "value": "dark"}])
+    dark = browser.evaluate("getComputedStyle(document.body).backgroundColor")
+    assert sum(map(int, re.findall(r"\d+", dark)[:3])) < 150, dark
+    assert sum(map(int, re.findall(r"\d+", browser.evaluate(
+        "getComputedStyle(document.body).color"))[:3])) > 500
+
+
+def test_browser_shows_the_sessions_and_their_transcripts(web_server, browser):
+    key = send(web_server, "with a session")
+    browser.open(f"{web_server.web_url}#/messages/{key}")
+    browser.wait_for("document.querySelector('#view a[href^=\"#/sessions/\"]') !== null",
+                     "the link to the message's session")
+    browser.evaluate("document.querySelector('#view a[href^=\"#/sessions/\"]').click()")
+    browser.wait_for("document.querySelector('table.transcript') !== null", "the transcript")
+    text = browser.evaluate("document.querySelector('#view').innerText")
+    assert "220 sink.test ESMTP sheesh" in text and f"stored as {key}" in text
+    assert browser.evaluate("document.querySelector('#to-sessions').classList.contains('on')")
+    assert browser.evaluate("document.querySelectorAll('#rows .row').length") == 1
+
+
+def test_headless_chromium_finishes_loading_the_page_for_a_screenshot(web_server, tmp_path):
+    import shutil
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("no Chromium installed (.ci/run installs Debian's chromium)")
+    key = send(web_server, "a screenshot")
+    picture = tmp_path / "inbox.png"
+    result = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu",
+                             f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,800",
+                             f"--screenshot={picture}", "--virtual-time-budget=3000",
+                             f"{web_server.web_url}#/messages/{key}"],
+                            capture_output=True, timeout=60)
+    assert result.returncode == 0 and picture.stat().st_size > 10_000
 
 
 # ---------------------------------------------------------------------------------------------
