@@ -86,6 +86,7 @@ import urllib.parse
 from dataclasses import dataclass, field, replace
 from email.message import EmailMessage
 from html import unescape as html_unescape
+from html.parser import HTMLParser
 from pathlib import Path
 
 try:
@@ -756,7 +757,7 @@ class Envelope:
     # What the trace headers record (RFC 5321 section 4.4), filled in when DATA begins:
     client_name: str = ""  # what the client said in HELO or EHLO
     peer: str = ""  # the client's IP address
-    protocol: str = "SMTP"  # SMTP, ESMTP, ESMTPS, ESMTPA, ESMTPSA (RFC 3848)
+    protocol: str = "SMTP"  # SMTP, ESMTP, ESMTPS, ESMTPA, ESMTPSA (RFC 3848); UTF8SMTP... (6531)
     auth_user: str | None = None
     tls: str | None = None  # the TLS version and cipher, when the session used TLS
     # What the client asked of delivery status notifications (RFC 3461); sheesh sends none,
@@ -1026,7 +1027,10 @@ class Session:
         envelope = self.envelope
         envelope.client_name, envelope.peer, envelope.tls = self.client_name, self.peer, self.tls
         envelope.auth_user = self.auth_user
-        envelope.protocol = "SMTP" if not self.extended else "ESMTP" + (
+        # RFC 3848's with-protocol names: ESMTP, S for TLS, A for AUTH; UTF8SMTP... when the
+        # client used SMTPUTF8 (RFC 6531 section 3.7.3), so a reader knows it was allowed.
+        envelope.protocol = "SMTP" if not self.extended else (
+            "UTF8SMTP" if envelope.smtputf8 else "ESMTP") + (
             "S" if self.tls is not None else "") + ("A" if self.auth_user is not None else "")
         try:
             self._writer = self.store.begin(self.envelope)
@@ -2211,6 +2215,10 @@ class StoredMessage:
         with self.open() as file:
             return file.read()
 
+    def checks(self) -> list[Finding]:
+        """What real mail servers will say of it (7.7): an empty list for a clean message."""
+        return self.store.checks(self.summary) or []
+
     @functools.cached_property
     def message(self) -> EmailMessage:
         """The whole message parsed by the email package (for tests: it reads every byte)."""
@@ -2263,6 +2271,7 @@ class Summary:
     attachments: list[str] = field(default_factory=list)  # their file names
     modseq: int = 0
     dsn: dict | None = None  # what the client asked of delivery notifications (RFC 3461)
+    checks: dict | None = None  # findings by severity (7.7), once someone has looked
 
     @property
     def seen(self) -> bool:
@@ -2273,7 +2282,8 @@ class Summary:
                 "sender": self.sender, "recipients": self.recipients, "from": self.from_,
                 "to": self.to, "cc": self.cc, "subject": self.subject, "date": self.date,
                 "message_id": self.message_id, "attachments": len(self.attachments),
-                "seen": self.seen, "flags": self.flags, "dsn": self.dsn}
+                "seen": self.seen, "flags": self.flags, "dsn": self.dsn,
+                "checks": self.checks}
 
 
 @dataclass
@@ -2536,16 +2546,16 @@ def phrase_in(words: tuple[str, ...], tokens: list[str]) -> bool:
 
 _SUMMARY_COLUMNS = ", ".join(f"messages.{name}" for name in (
     "uid key location flags time size crlf_size sender recipients from_ to_ cc subject date "
-    "message_id attachments modseq dsn".split()))
+    "message_id attachments modseq dsn checks".split()))
 
 
 def _summary(row) -> Summary:
     (uid, key, location, flags, time_, size, crlf, sender, recipients, from_, to, cc, subject,
-     date, message_id, attachments, modseq, dsn) = row
+     date, message_id, attachments, modseq, dsn, checks) = row
     return Summary(uid, key, location, flags, time_, size, crlf, sender,
                    recipients.split("\n") if recipients else [], from_, to, cc, subject, date,
                    message_id, attachments.split("\n") if attachments else [], modseq,
-                   json.loads(dsn) if dsn else None)
+                   json.loads(dsn) if dsn else None, json.loads(checks) if checks else None)
 
 
 # What a condition of the search syntax is in SQL; the words go to SQLite's full-text index.
@@ -2575,7 +2585,7 @@ class SqlIndex:
             from_ TEXT NOT NULL DEFAULT '', to_ TEXT NOT NULL DEFAULT '',
             cc TEXT NOT NULL DEFAULT '', subject TEXT NOT NULL DEFAULT '',
             date TEXT NOT NULL DEFAULT '', message_id TEXT NOT NULL DEFAULT '',
-            attachments TEXT NOT NULL DEFAULT '', dsn TEXT);
+            attachments TEXT NOT NULL DEFAULT '', dsn TEXT, checks TEXT);
         CREATE INDEX messages_unindexed ON messages (uid) WHERE NOT indexed;
         CREATE INDEX messages_modseq ON messages (modseq);
         CREATE INDEX messages_time ON messages (time);
@@ -2637,6 +2647,9 @@ class SqlIndex:
         if not self._writer.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
             self._create()
         self._writer.executescript(self.SESSIONS)
+        columns = {row[1] for row in self._writer.execute("PRAGMA table_info(messages)")}
+        if "checks" not in columns:  # an index made before message checks: add the column
+            self._writer.execute("ALTER TABLE messages ADD COLUMN checks TEXT")
         self.full_text = self._writer.execute(
             "SELECT sql LIKE '%fts5%' FROM sqlite_master WHERE name = 'search'").fetchone()[0]
         return problem
@@ -2878,6 +2891,11 @@ class SqlIndex:
                               (*params, limit, offset)).fetchall()
         return total, [_summary(row) for row in rows]
 
+    def set_checks(self, counts: dict[int, dict]) -> None:
+        """Remember what the checks found (by UID): they are made when first asked for."""
+        self._writer.executemany("UPDATE messages SET checks = ? WHERE uid = ?",
+                                 [(json.dumps(c), uid) for uid, c in counts.items()])
+
     # -- session transcripts
 
     def add_sessions(self, records: list[dict], keep: int) -> None:
@@ -3059,6 +3077,12 @@ class MemoryIndex:
 
     def open(self) -> None:
         return None
+
+    def set_checks(self, counts: dict[int, dict]) -> None:
+        with self._lock:
+            for uid, found in counts.items():
+                if uid in self._rows:
+                    self._rows[uid].checks = found
 
     def add_sessions(self, records: list[dict], keep: int) -> None:
         with self._lock:
@@ -3748,11 +3772,36 @@ class Store:
         query = parse_search(query) if isinstance(query, str) else query
         self.catch_up()
         total, messages = self.index.page(query, mailbox, limit, offset)
-        return Page(total, self.index.counts(mailbox)[1], messages)
+        return Page(total, self.index.counts(mailbox)[1], self.with_checks(messages))
 
     def summary(self, key: str) -> Summary | None:
         self.catch_up()
-        return self.index.get(key) if len(key) < 256 else None
+        found = self.index.get(key) if len(key) < 256 else None
+        return self.with_checks([found])[0] if found is not None else None
+
+    def with_checks(self, summaries: list[Summary]) -> list[Summary]:
+        """The summaries with what the checks (7.7) found, by severity: made for those that
+        lack it, and kept. Made when someone looks, never while a message is delivered."""
+        made = {}
+        for summary in summaries:
+            if summary.checks is None and (findings := self.checks(summary)) is not None:
+                summary.checks = made[summary.uid] = check_counts(findings)
+        if made:
+            with self._lock, self.index.transaction():
+                self.index.set_checks(made)
+        return summaries
+
+    def checks(self, summary: Summary) -> list[Finding] | None:
+        """What the checks find in a stored message, as it was sent; None if it is gone."""
+        try:
+            with self.open_file(summary.key) as file:
+                raw = file.read()
+        except LookupError:
+            return None
+        received = re.search(rb"\bwith (UTF8SMTP|E?SMTP)", raw[:4096])
+        envelope = Envelope(summary.sender, list(summary.recipients),
+                            smtputf8=received is not None and received.group(1) == b"UTF8SMTP")
+        return check_message(strip_trace_headers(raw), envelope)
 
     def message(self, key: str) -> StoredMessage | None:
         summary = self.summary(key)
@@ -3996,6 +4045,433 @@ def format_duration(seconds: float) -> str:
         if seconds >= size and seconds % size == 0:
             return f"{seconds // size:g}{unit}"
     return f"{seconds:g}s"
+
+
+# -- 7.7 Message checks: what real servers will say of a message -------------------------------
+#
+# A sink shows what an app sends; it can also say, before a real server does, why that mail
+# will be refused, broken, clipped or junked. check_message() reads a message's bytes (any
+# bytes at all: it never raises) and returns findings, each with a severity (error: servers
+# refuse or break it; warning: it will be junked, clipped or shown badly; info), where it is,
+# and the rule it comes from. Nothing here changes, delays or refuses a delivery: the web
+# inbox and the API ask when someone looks, and `python3 sheesh.py check` asks of files.
+
+CHECK_SEVERITIES = ("error", "warning", "info")
+LINE_LIMIT_OCTETS = 998  # RFC 5322 section 2.1.1, without the CRLF
+BASE64_LINE_LIMIT = 76  # RFC 2045 section 6.8
+GMAIL_CLIP_OCTETS = 102 * 1024  # Gmail shows "[Message clipped]" past this much HTML
+PROVIDER_SIZE_LIMIT = 25 * 1024 * 1024  # Gmail's and Outlook.com's largest message
+BULK_RECIPIENTS = 10  # this many envelope recipients or more looks like a mailing
+FINDINGS_PER_CHECK = 5  # the same problem on many lines is said this often, then counted
+HTML_CHECK_LIMIT = 2 * 1024 * 1024  # characters of an HTML part that are read for its checks
+SINGLE_FIELDS = ("subject", "to", "cc", "bcc", "reply-to", "sender", "message-id",
+                 "in-reply-to", "references")  # RFC 5322 section 3.6: at most one of each
+GMAIL_RULES = "Gmail's email sender guidelines (support.google.com/a/answer/81126)"
+BULK_RULES = ("Gmail's and Yahoo's bulk sender requirements of February 2024 "
+              "(support.google.com/a/answer/81126, senders.yahooinc.com/best-practices)")
+
+
+@dataclass(frozen=True)
+class Finding:
+    id: str  # date-missing, line-too-long...: stable, for a test to name
+    severity: str  # error, warning or info
+    text: str  # what is wrong, in plain words
+    where: str  # a header, a part, a line
+    reference: str  # the RFC section, or the provider's published rule
+
+    def public(self) -> dict:
+        return {"id": self.id, "severity": self.severity, "text": self.text,
+                "where": self.where, "reference": self.reference}
+
+
+def check_counts(findings: list[Finding]) -> dict[str, int]:
+    return {severity: sum(f.severity == severity for f in findings)
+            for severity in CHECK_SEVERITIES}
+
+
+def check_message(raw: bytes, envelope: Envelope | None = None) -> list[Finding]:
+    """What real mail servers and clients will object to in a message, as it was sent
+    (without sheesh's trace headers). With an envelope, also what depends on it: SMTPUTF8,
+    the number of recipients, and whether the From domain aligns with the envelope sender's."""
+    root = outline(raw)
+    headers = root.headers
+    leaves = list(itertools.islice(root.leaves(), MIME_PARTS_LIMIT))
+    return (check_lines(raw, root, envelope) + check_fields(headers)
+            + check_mime(raw, root, headers, leaves)
+            + check_deliverability(raw, headers, leaves, envelope))
+
+
+def repeated(numbers: list, finding) -> list[Finding]:
+    """One finding for each of the first few places; then one that counts the rest."""
+    found = [finding(n) for n in numbers[:FINDINGS_PER_CHECK]]
+    if len(numbers) > FINDINGS_PER_CHECK:
+        found.append(replace(found[-1], where=f"and {len(numbers) - FINDINGS_PER_CHECK} more"))
+    return found
+
+
+def check_lines(raw: bytes, root: MimePart, envelope: Envelope | None) -> list[Finding]:
+    """RFC 5322 section 2.1.1 and 2.3: lines of at most 998 octets, CR and LF only together
+    as CRLF; RFC 6532: header bytes beyond ASCII only over SMTPUTF8."""
+    long_lines, bare = [], []
+    lines = raw.split(b"\n")
+    for number, line in enumerate(lines, start=1):
+        ended = number < len(lines)  # a LF followed it
+        text = line[:-1] if ended and line.endswith(b"\r") else line
+        if len(text) > LINE_LIMIT_OCTETS:
+            long_lines.append(number)
+        if b"\r" in text or ended and not line.endswith(b"\r"):
+            bare.append(number)
+    findings = repeated(long_lines, lambda n: Finding(
+        "line-too-long", "error", "a line longer than 998 octets: relays break it or refuse "
+        "the message (quoted-printable or base64 keeps lines short)", f"line {n}",
+        "RFC 5322 section 2.1.1"))
+    findings += repeated(bare, lambda n: Finding(
+        "bare-line-ending", "error", "a CR or an LF alone, not CRLF: servers that guard "
+        "against SMTP smuggling refuse such messages", f"line {n}", "RFC 5322 section 2.3"))
+    head = raw[:root.body_start]
+    if not head.isascii() and not (envelope is not None and envelope.smtputf8):
+        number = next((n for n, line in enumerate(head.split(b"\n"), start=1)
+                       if not line.isascii()), 1)
+        findings.append(Finding(
+            "header-8bit", "error", "header bytes beyond ASCII, without SMTPUTF8: encode them "
+            "as RFC 2047 encoded-words, or send with SMTPUTF8", f"line {number}",
+            "RFC 6532 section 3, RFC 5322 section 2.2"))
+    return findings
+
+
+def check_fields(headers) -> list[Finding]:
+    """RFC 5322 section 3.6: one From and one Date, at most one of the others, a Date and a
+    Message-ID that parse, Sender beside a From of several mailboxes; RFC 2047 words."""
+    findings = []
+
+    def values(name: str) -> list[str]:
+        return [str(value) for value in headers.get_all(name) or []]
+    for name, where in (("from", "3.6.2"), ("date", "3.6.1")):
+        found = values(name)
+        if len(found) != 1:
+            findings.append(Finding(
+                f"{name}-{'missing' if not found else 'repeated'}", "error",
+                f"{'no' if not found else 'more than one'} {name.title()} header: a message "
+                f"has exactly one", f"header {name.title()}", f"RFC 5322 section {where}"))
+    findings += check_date(values("date")[:1])
+    for name in SINGLE_FIELDS:
+        if len(values(name)) > 1:
+            findings.append(Finding(
+                "header-repeated", "error", f"{len(values(name))} {name.title()} headers: "
+                f"there may be one at most", f"header {name.title()}", "RFC 5322 section 3.6"))
+    message_ids = values("message-id")
+    if not message_ids:
+        findings.append(Finding(
+            "message-id-missing", "error", "no Message-ID: Gmail refuses such mail, and "
+            "replies cannot refer to it", "header Message-ID",
+            f"RFC 5322 section 3.6.4, {GMAIL_RULES}"))
+    elif not re.fullmatch(r"\s*<[^<>@\s]+@[^<>@\s]+>\s*", message_ids[0]):
+        findings.append(Finding(
+            "message-id-invalid", "error", f"a Message-ID that is not <left@right>: "
+            f"{message_ids[0].strip()[:80]!r}", "header Message-ID", "RFC 5322 section 3.6.4"))
+    authors = email.utils.getaddresses(values("from"))
+    if len([a for a in authors if a[1]]) > 1 and not values("sender"):
+        findings.append(Finding(
+            "sender-missing", "error", "a From of several mailboxes needs a Sender header "
+            "naming the one who sent it", "header From", "RFC 5322 section 3.6.2"))
+    for name, value in headers.items():
+        if "=?" in str(value) and not words_decode(str(value)):
+            findings.append(Finding(
+                "encoded-word-invalid", "warning", "an RFC 2047 encoded-word that does not "
+                "decode (an unknown charset, or broken base64 or quoted-printable): readers "
+                "show it raw", f"header {name}", "RFC 2047 section 5"))
+    return findings
+
+
+def check_date(dates: list[str]) -> list[Finding]:
+    if not dates:
+        return []
+    try:
+        parsed = email.utils.parsedate_tz(dates[0])
+    except (ValueError, IndexError, TypeError, OverflowError):
+        parsed = None
+    if parsed is None:
+        return [Finding("date-invalid", "error", f"a Date that does not parse: "
+                        f"{dates[0].strip()[:60]!r}", "header Date", "RFC 5322 section 3.3")]
+    if not re.search(r"[+-]\d{4}\s*(\([^()]*\)\s*)?$", dates[0]):
+        return [Finding("date-zone", "warning", "a Date without a numeric zone (such as "
+                        "+0100): names like GMT or EST are obsolete, and readers may guess "
+                        "wrong", "header Date", "RFC 5322 section 3.3, 4.3")]
+    return []
+
+
+def words_decode(value: str) -> bool:
+    """Whether every RFC 2047 encoded-word in a header value decodes."""
+    try:
+        for data, charset in email.header.decode_header(value):
+            if charset is not None and isinstance(data, bytes):
+                data.decode(charset)
+    except (ValueError, LookupError, email.errors.MessageError, binascii.Error):
+        return False
+    return True
+
+
+def check_mime(raw: bytes, root: MimePart, headers, leaves: list[MimePart]) -> list[Finding]:
+    """RFC 2045-2049: MIME-Version, boundaries present and closed, charsets, transfer
+    encodings that match the bytes, attachments' names; RFC 2392: cid: references."""
+    findings = []
+    if (headers.get("content-type") is not None or root.parts) and not headers.get(
+            "mime-version"):
+        findings.append(Finding(
+            "mime-version-missing", "warning", "a Content-Type without MIME-Version: 1.0: "
+            "some readers then show the raw MIME", "header MIME-Version", "RFC 2045 section 4"))
+    findings += check_boundaries(raw, root)
+    for number, part in enumerate(leaves, start=1):
+        findings += check_part(raw, part, f"part {number} ({part.content_type})")
+    findings += check_content_ids(raw, leaves)
+    return findings
+
+
+def check_boundaries(raw: bytes, part: MimePart, depth: int = 0) -> list[Finding]:
+    findings = []
+    if part.content_type.startswith("multipart/") and depth < MIME_DEPTH_LIMIT:
+        boundary = part.parameters.get("boundary")
+        body = raw[part.body_start:part.end]
+        where = f"the {part.content_type} part"
+        if not boundary:
+            findings.append(Finding("boundary-missing", "error", f"{where} has no boundary "
+                                    "parameter: its parts cannot be found", where,
+                                    "RFC 2046 section 5.1.1"))
+        else:
+            delimiter = re.escape(b"--" + boundary.encode("utf-8", "replace"))
+            if not re.search(rb"(?m)^" + delimiter + rb"[ \t]*\r?$", body):
+                findings.append(Finding(
+                    "boundary-missing", "error", f"{where}'s boundary {boundary!r} never "
+                    f"starts a part: readers see one garbled part", where,
+                    "RFC 2046 section 5.1.1"))
+            elif not re.search(rb"(?m)^" + delimiter + rb"--[ \t]*\r?$", body):
+                findings.append(Finding(
+                    "boundary-unclosed", "error", f"{where} never closes (--{boundary}--): "
+                    "the message may have been cut off", where, "RFC 2046 section 5.1.1"))
+        for child in part.parts:
+            findings += check_boundaries(raw, child, depth + 1)
+    return findings
+
+
+def check_part(raw: bytes, part: MimePart, where: str) -> list[Finding]:
+    findings = []
+    body = raw[part.body_start:part.end]
+    encoding = part.transfer_encoding
+    if encoding in ("7bit", "quoted-printable", "base64") and not body.isascii():
+        findings.append(Finding(
+            "encoding-mismatch", "error", f"8-bit bytes in a part labelled {encoding}: "
+            "declare 8bit (and send with 8BITMIME) or encode it", where,
+            "RFC 2045 sections 2.7 and 6"))
+    if encoding == "base64":
+        findings += check_base64(body, where)
+    if part.content_type.startswith("text/") and "charset" not in part.parameters and (
+            not b"".join(decode_range(raw, part.body_start, part.end, encoding)).isascii()):
+        findings.append(Finding(
+            "charset-missing", "warning", "text beyond ASCII without a charset: readers "
+            "guess, and often guess wrong", where, "RFC 2046 section 4.1.2"))
+    attached = part.disposition == "attachment" or part.disposition is None and not (
+        part.content_type.startswith(("text/", "multipart/", "message/"))
+        or part.headers.get("content-id"))
+    if attached and not part.filename:
+        findings.append(Finding(
+            "attachment-name-missing", "warning", "an attachment without a file name: readers "
+            "call it noname or ATT00001.bin", where, "RFC 2183 section 2.3"))
+    return findings
+
+
+def check_base64(body: bytes, where: str) -> list[Finding]:
+    findings = []
+    lines = body.split(b"\n")
+    if any(len(line.rstrip(b"\r")) > BASE64_LINE_LIMIT for line in lines):
+        findings.append(Finding(
+            "base64-line-too-long", "warning", "base64 lines longer than 76 characters: some "
+            "gateways refuse or break them", where, "RFC 2045 section 6.8"))
+    data = body.translate(None, b" \t\r\n")
+    try:
+        binascii.a2b_base64(data, strict_mode=True)
+    except binascii.Error:
+        findings.append(Finding(
+            "base64-invalid", "error", "base64 that does not decode: readers show a broken "
+            "file or nothing", where, "RFC 2045 section 6.8"))
+    return findings
+
+
+def check_content_ids(raw: bytes, leaves: list[MimePart]) -> list[Finding]:
+    """RFC 2392: every cid: an HTML part refers to names a part's Content-ID."""
+    ids = {str(part.headers.get("content-id")).strip().strip("<>"): number
+           for number, part in enumerate(leaves, start=1) if part.headers.get("content-id")}
+    wanted = {}
+    for number, part in enumerate(leaves, start=1):
+        if part.content_type == "text/html":
+            html = part_text(raw, part, HTML_CHECK_LIMIT)
+            for found in re.findall(r"cid:([^\"'\s>)]+)", html):
+                wanted.setdefault(urllib.parse.unquote(found), number)
+    findings = repeated([cid for cid in wanted if cid not in ids], lambda cid: Finding(
+        "cid-missing", "warning", f"the HTML shows cid:{cid}, but no part has that "
+        "Content-ID: a broken image", f"part {wanted[cid]} (text/html)", "RFC 2392 section 2"))
+    findings += repeated([cid for cid in ids if cid not in wanted], lambda cid: Finding(
+        "cid-unused", "info", f"a part with Content-ID <{cid}> that the HTML never shows: "
+        "readers list it as an attachment", f"part {ids[cid]}", "RFC 2392 section 2"))
+    return findings
+
+
+def check_deliverability(raw: bytes, headers, leaves: list[MimePart],
+                         envelope: Envelope | None) -> list[Finding]:
+    """What gets mail junked, clipped or refused by the big providers."""
+    findings = []
+    kinds = {part.content_type for part in leaves}
+    if "text/html" in kinds and "text/plain" not in kinds:
+        findings.append(Finding(
+            "html-only", "warning", "HTML without a text/plain alternative: spam filters "
+            "score it, and text-only readers show nothing useful", "the message",
+            "RFC 2046 section 5.1.4, SpamAssassin's MIME_HTML_ONLY"))
+    for number, part in enumerate(leaves, start=1):
+        if part.content_type == "text/html":
+            size = sum(map(len, decode_range(raw, part.body_start, part.end,
+                                             part.transfer_encoding)))
+            if size > GMAIL_CLIP_OCTETS:
+                findings.append(Finding(
+                    "html-clipped", "warning", f"{size:,} octets of HTML: Gmail shows the "
+                    f"first 102 KB and a link to the rest", f"part {number} (text/html)",
+                    "Gmail's clipping at 102 KB of HTML, as measured by senders (spamresource"
+                    ".com/2022/01/what-is-gmail-clipping-and-what-to-do.html)"))
+            findings += check_html(part_text(raw, part, HTML_CHECK_LIMIT),
+                                   f"part {number} (text/html)")
+    if len(raw) > PROVIDER_SIZE_LIMIT:
+        findings.append(Finding(
+            "message-too-big", "error", f"{len(raw):,} octets: Gmail and Outlook.com refuse "
+            "messages over 25 MB", "the message",
+            "Gmail's and Outlook.com's published limits (support.google.com/mail/answer/6584)"))
+    findings += check_unsubscribe(headers, envelope)
+    findings += check_authentication(headers, envelope)
+    return findings
+
+
+def check_unsubscribe(headers, envelope: Envelope | None) -> list[Finding]:
+    """RFC 8058: a mailing needs List-Unsubscribe with an https URI, and List-Unsubscribe-Post
+    for one click. A mailing: List-Id, Precedence bulk or list, or many recipients."""
+    precedence = str(headers.get("precedence") or "").strip().lower()
+    bulk = (headers.get("list-id") is not None or precedence in ("bulk", "list")
+            or envelope is not None and len(envelope.recipients) >= BULK_RECIPIENTS)
+    if not bulk:
+        return []
+    unsubscribe = str(headers.get("list-unsubscribe") or "")
+    post = str(headers.get("list-unsubscribe-post") or "").replace(" ", "").lower()
+    if not unsubscribe:
+        return [Finding("unsubscribe-missing", "warning", "a mailing without "
+                        "List-Unsubscribe: Gmail and Yahoo junk or refuse bulk mail without "
+                        "it", "header List-Unsubscribe", f"RFC 2369 section 3.2, {BULK_RULES}")]
+    if post != "list-unsubscribe=one-click" or "<https:" not in unsubscribe.lower():
+        return [Finding("one-click-unsubscribe-missing", "warning", "no one-click unsubscribe "
+                        "(an https List-Unsubscribe and List-Unsubscribe-Post: "
+                        "List-Unsubscribe=One-Click), which Gmail and Yahoo require of bulk "
+                        "senders", "header List-Unsubscribe-Post",
+                        f"RFC 8058 section 3.1, {BULK_RULES}")]
+    return []
+
+
+def check_authentication(headers, envelope: Envelope | None) -> list[Finding]:
+    findings = []
+    if headers.get("dkim-signature") is None:
+        findings.append(Finding(
+            "dkim-missing", "warning", "no DKIM-Signature (sheesh cannot check one, only see "
+            "it): unsigned mail is junked more, and bulk mail refused", "header DKIM-Signature",
+            f"RFC 6376, {GMAIL_RULES}"))
+    authors = [address for _, address in email.utils.getaddresses(
+        [str(value) for value in headers.get_all("from") or []]) if "@" in address]
+    if envelope is not None and "@" in envelope.sender and authors:
+        mail_from = organizational_domain(envelope.sender.rpartition("@")[2])
+        author = organizational_domain(authors[0].rpartition("@")[2])
+        if mail_from != author:
+            findings.append(Finding(
+                "from-not-aligned", "warning", f"the From domain ({author}) is not the "
+                f"envelope sender's ({mail_from}): DMARC passes only if a DKIM signature of "
+                f"{author} aligns instead", "header From", "RFC 7489 section 3.1"))
+    return findings
+
+
+def organizational_domain(domain: str) -> str:
+    """Roughly the domain a DMARC policy belongs to: the last two labels (three under a
+    two-letter country code with a short second label, as example.co.uk). Without the
+    Public Suffix List, which the standard library lacks, this is an approximation."""
+    labels = domain.strip().strip(".").lower().split(".")
+    keep = 3 if len(labels) > 2 and len(labels[-1]) == 2 and len(labels[-2]) <= 3 else 2
+    return ".".join(labels[-keep:])
+
+
+class HtmlChecker(HTMLParser):
+    """What mail clients strip or spam filters flag in an HTML part."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.no_alt: list[str] = []
+        self.insecure: list[str] = []
+        self.mismatched: list[tuple[str, str]] = []
+        self.stripped: list[str] = []
+        self.pixels: list[str] = []
+        self._link: str | None = None
+        self._link_text: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs) -> None:
+        found = {name: value or "" for name, value in attrs}
+        if tag == "img":
+            source = found.get("src", "")
+            if "alt" not in found:
+                self.no_alt.append(source[:80])
+            if found.get("width", "").strip() in ("0", "1") and found.get(
+                    "height", "").strip() in ("0", "1"):
+                self.pixels.append(source[:80])
+        elif tag == "a" and "href" in found:
+            self._link, self._link_text = found["href"].strip(), []
+            if self._link.lower().startswith("http:"):
+                self.insecure.append(self._link[:80])
+        elif tag in ("script", "form", "iframe", "object", "embed") or tag == "link" and (
+                "stylesheet" in found.get("rel", "").lower()):
+            self.stripped.append(tag)
+
+    def handle_data(self, data: str) -> None:
+        if self._link is not None:
+            self._link_text.append(data)
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "a" and self._link is not None:
+            text = "".join(self._link_text).strip()
+            shown = re.match(r"(?:https?://)?((?:[\w-]+\.)+[a-z]{2,})(?:[/:?#]|$)", text,
+                             re.IGNORECASE)
+            target = urllib.parse.urlsplit(self._link).hostname or ""
+            if shown and ("://" in text or text.lower().startswith("www.")) and (
+                    shown.group(1).lower() != target.lower()):
+                self.mismatched.append((text[:80], target))
+            self._link = None
+
+
+def check_html(html_text: str, where: str) -> list[Finding]:
+    checker = HtmlChecker()
+    try:
+        checker.feed(html_text)
+        checker.close()
+    except (AssertionError, ValueError, TypeError):  # html.parser gives up on some input
+        return [Finding("html-unreadable", "warning", "HTML that Python's parser cannot read "
+                        "through: mail clients may show it badly too", where,
+                        "the HTML Living Standard (html.spec.whatwg.org)")]
+    findings = repeated(checker.no_alt, lambda source: Finding(
+        "img-alt-missing", "warning", f"an image without alt text ({source or 'no src'}): "
+        "clients that block images show nothing in its place", where, "WCAG 2.2, 1.1.1"))
+    findings += repeated(checker.mismatched, lambda pair: Finding(
+        "link-text-mismatch", "warning", f"a link that shows {pair[0]!r} but goes to "
+        f"{pair[1] or 'somewhere else'}: phishing filters flag this", where,
+        "SpamAssassin's HTTPS_HTTP_MISMATCH and URI checks"))
+    findings += repeated(checker.insecure, lambda link: Finding(
+        "link-insecure", "warning", f"a link over plain http ({link}): browsers warn, and "
+        "filters score it", where, "RFC 9110 section 4.2.2 (https)"))
+    findings += repeated(sorted(set(checker.stripped)), lambda tag: Finding(
+        "html-stripped", "warning", f"a <{tag}>: mail clients remove it (scripts, forms, "
+        "frames, plug-ins and external style sheets do not work in mail)", where,
+        "caniemail.com's support tables"))
+    findings += repeated(checker.pixels, lambda source: Finding(
+        "tracking-pixel", "info", f"a 1x1 image ({source or 'no src'}), the usual tracking "
+        "pixel: some clients block or proxy it", where, "Apple Mail Privacy Protection"))
+    return findings
 
 
 # ---------------------------------------------------------------------------------------------
@@ -5009,6 +5485,8 @@ class WebApp:
                         else json_error(404, "no such message"))
             case "GET", ["api", "messages", key, "raw"]:
                 return self.raw(key)
+            case "GET", ["api", "messages", key, "checks"]:
+                return self.checks(key)
             case "GET", ["api", "messages", key, "html"]:
                 return self.html_part(key, remote=query.get("remote") == "1")
             case "GET", ["api", "messages", key, "attachments", number]:
@@ -5029,6 +5507,14 @@ class WebApp:
                                   f"no such endpoint: {method} /{'/'.join(parts)}")
             case _:
                 return Response(404, b"Not found", "text/plain; charset=utf-8")
+
+    def checks(self, key: str) -> Response:
+        summary = self.store.summary(key)
+        findings = self.store.checks(summary) if summary is not None else None
+        if findings is None:
+            return json_error(404, "no such message")
+        return json_response({"counts": check_counts(findings),
+                              "findings": [finding.public() for finding in findings]})
 
     def list_sessions(self, query: dict) -> Response:
         limit, offset = number(query, "limit", 50), number(query, "offset", 0)
@@ -5513,7 +5999,9 @@ nav a.on{background:var(--selected)}
 .small{color:var(--muted);font-size:12px}
 .badge{display:inline-block;padding:0 6px;border-radius:9px;font-size:11px;border:1px solid}
 .badge.stored{color:var(--good)}.badge.refused,.badge.error{color:var(--bad)}
-.badge.none{color:var(--muted)}
+.badge.none,.badge.info{color:var(--muted)}.badge.warning{color:#b7791f}
+.checks ul{list-style:none;padding:0;margin:0}
+.checks li{padding:8px 0;border-bottom:1px solid var(--line)}
 #pager{padding:6px 12px;border-top:1px solid var(--line);display:flex;align-items:center;
  justify-content:space-between;gap:8px}
 #view{flex:1;overflow:auto;padding:14px 18px;min-width:0}
@@ -5731,8 +6219,12 @@ async function loadMessages() {
     el("div", {"class": "line"}, el("span", {}, m.from || "<" + m.sender + ">"), time(m.time)),
     el("div", {"class": "line"}, el("span", {"class": "subject"}, m.subject || "(no subject)")),
     el("div", {"class": "line small"}, el("span", {}, "to " + m.recipients.join(", ")),
-       el("span", {"class": "aside"}, (m.attachments ? `${m.attachments} attached, ` : "") +
-          bytes(m.size)))));
+       el("span", {"class": "aside"},
+          m.checks && m.checks.error ? el("span", {"class": "badge error", "title":
+            "what real servers will refuse or break: see the message's Checks"},
+            `${m.checks.error} error${m.checks.error > 1 ? "s" : ""}`) : null,
+          m.checks && m.checks.error ? " " : null,
+          (m.attachments ? `${m.attachments} attached, ` : "") + bytes(m.size)))));
   $("#rows").replaceChildren(...(rows.length ? rows : [el("p", {"class": "empty"},
     state.query || state.mailbox ? "Nothing matches." : "No mail yet.")]));
   if (state.id === null) setTitle(null);
@@ -5809,6 +6301,8 @@ async function showMessage(id) {
   if (m.text) parts.push(["Text", () => el("pre", {}, m.text)]);
   parts.push(["Headers", () => el("pre", {}, m.headers.map(([n, v]) => n + ": " + v)
                                                .join(String.fromCharCode(10)))]);
+  parts.push([m.checks && m.checks.error ? `Checks (${m.checks.error})` : "Checks",
+              () => checksOf(m)]);
   parts.push(["Raw", () => {
     const pre = el("pre", {}, "Loading...");
     fetch(m.raw_url).then((r) => r.text()).then((text) => { pre.textContent = text; });
@@ -5826,6 +6320,19 @@ async function showMessage(id) {
                              ...(m.attachments.length ? [attachments] : []),
                              el("div", {"class": "toolbar"}, tabs, actions(m)), body);
   tabs.firstChild.click();
+}
+
+function checksOf(m) {
+  const list = el("div", {"class": "checks"}, el("p", {"class": "empty"}, "Checking..."));
+  api(`/api/messages/${encodeURIComponent(m.id)}/checks`).then((data) => {
+    const rows = data.findings.map((f) => el("li", {"class": f.severity},
+      el("span", {"class": "badge " + f.severity}, f.severity), " ", el("b", {}, f.id),
+      el("span", {"class": "small"}, " " + f.where), el("div", {}, f.text),
+      el("div", {"class": "small"}, f.reference)));
+    list.replaceChildren(rows.length ? el("ul", {}, ...rows) : el("p", {},
+      "Nothing found: no real server should refuse, break or junk this message for its form."));
+  }, (error) => list.replaceChildren(el("p", {"class": "empty"}, error.message)));
+  return list;
 }
 
 function htmlFrame(m) {
@@ -8705,6 +9212,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["sendmail"]:
         return sendmail_main(argv[1:])
+    if argv[:1] == ["check"]:
+        return check_main(argv[1:])
     parser = build_parser()
     options = vars(parser.parse_args(argv))
     if problem := check_tls_options(options):
@@ -8781,6 +9290,46 @@ def check_relay(relay: Relay) -> None:
     else:
         log.warning("relay check failed, messages will not be relayed as things are: %s",
                     escape_for_log(how))
+
+
+def check_main(argv: list[str]) -> int:
+    """python3 sheesh.py check [--smtputf8] [--sender ADDRESS] FILE.eml... (or - for stdin)
+
+    Says what real mail servers will object to in messages on disk, as the web inbox's
+    Checks tab does for the mail sheesh caught (see README, Message checks). Exit status: 1 if
+    any finding is an error, 2 if a file cannot be read, else 0: an app's e-mail templates can
+    be checked in its CI, without a server.
+    """
+    parser = ArgumentParser(prog="sheesh check", description=check_main.__doc__.split(
+        "\n\n")[1].strip(), formatter_class=HelpFormatter)
+    parser.add_argument("files", nargs="+", metavar="FILE", help="a message, or - for stdin")
+    parser.add_argument("--smtputf8", action="store_true",
+                        help="it will be sent with SMTPUTF8 (UTF-8 headers are then fine)")
+    parser.add_argument("--sender", default="", metavar="ADDRESS",
+                        help="the envelope sender it will be sent from (checks alignment)")
+    options = parser.parse_args(argv)
+    status = 0
+    for name in options.files:
+        try:
+            raw = sys.stdin.buffer.read() if name == "-" else Path(name).read_bytes()
+        except OSError as error:
+            print(f"sheesh check: cannot read {name}: {error.strerror or error}",
+                  file=sys.stderr)
+            status = 2
+            continue
+        if b"\r\n" not in raw:  # a file saved with Unix line endings: sent as CRLF, as
+            raw = raw.replace(b"\n", b"\r\n")  # sendmail and mail libraries send it
+        findings = check_message(raw, Envelope(options.sender, [], smtputf8=options.smtputf8))
+        counts = check_counts(findings)
+        print(f"{name}: {counts['error']} error{'s' * (counts['error'] != 1)}, "
+              f"{counts['warning']} warning{'s' * (counts['warning'] != 1)}, "
+              f"{counts['info']} info")
+        for finding in findings:
+            print(f"  {finding.severity:7} {finding.id:30} {finding.where}: {finding.text} "
+                  f"({finding.reference})")
+        if counts["error"] and status == 0:
+            status = 1
+    return status
 
 
 def start_failure(server: Server, error: OSError | ValueError) -> str:

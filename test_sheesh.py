@@ -3234,7 +3234,8 @@ def test_browser_puts_the_html_part_first_and_the_attachments_in_view(web_server
                      "the HTML part")
     assert browser.evaluate("document.querySelector('.tabs button.on').innerText") == "HTML"
     assert browser.evaluate("[...document.querySelectorAll('.tabs button')].map("
-                            "(b) => b.innerText)") == ["HTML", "Text", "Headers", "Raw"]
+                            "(b) => b.innerText)") == ["HTML", "Text", "Headers", "Checks (2)",
+                                                       "Raw"]  # no Date, no Message-ID
     bottom = browser.evaluate("document.querySelector('.attachments').getBoundingClientRect()"
                               ".bottom")
     assert 0 < bottom < 800  # the attachments, without scrolling
@@ -3242,6 +3243,13 @@ def test_browser_puts_the_html_part_first_and_the_attachments_in_view(web_server
     browser.wait_for(f"{frame}.getBoundingClientRect().height >= "
                      f"{frame}.contentDocument.documentElement.scrollHeight",
                      "the frame as tall as its content")
+    assert browser.evaluate("document.querySelector('.row .badge.error').innerText") == "2 errors"
+    browser.evaluate("[...document.querySelectorAll('.tabs button')].find("
+                     "(b) => b.innerText.startsWith('Checks')).click()")
+    browser.wait_for("document.querySelectorAll('.checks li.error').length === 2",
+                     "the findings of the checks")
+    checks = browser.evaluate("document.querySelector('.checks').innerText")
+    assert "message-id-missing" in checks and "RFC 5322 section 3.6.4" in checks
     browser.call("Emulation.setEmulatedMedia",
                  features=[{"name": "prefers-color-scheme", "value": "dark"}])
     dark = browser.evaluate("getComputedStyle(document.body).backgroundColor")
@@ -3765,6 +3773,242 @@ def test_cli_fail_rules_are_checked_and_logged(cli):
         with pytest.raises(smtplib.SMTPRecipientsRefused):
             client.sendmail("a@b.test", ["x@bounce.test"], b"x\r\n")
     assert "injected fault for 127.0.0.1: rcpt x@bounce.test" in sheesh_process.proc.stderr.readline()
+
+
+# ---------------------------------------------------------------------------------------------
+# Message checks: what real servers will say of a message
+# ---------------------------------------------------------------------------------------------
+
+PNG = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==")
+
+
+def clean_message(**changes) -> bytes:
+    """Text, HTML with an inline image, an attachment, one-click unsubscribe: nothing to find."""
+    message = EmailMessage()
+    message["From"] = "Shop <news@shop.example>"
+    message["To"] = "dana@example.com"
+    message["Subject"] = "Your November letter"
+    message["Date"] = "Mon, 30 Nov 2026 10:00:00 +0100"
+    message["Message-ID"] = "<letter-42@shop.example>"
+    message["List-Id"] = "Shop news <news.shop.example>"
+    message["List-Unsubscribe"] = "<https://shop.example/u/42>, <mailto:u@shop.example>"
+    message["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
+    message["DKIM-Signature"] = "v=1; a=rsa-sha256; d=shop.example; s=s1; bh=x; b=y"
+    for name, value in changes.items():
+        del message[name.replace("_", "-")]
+        if value is not None:
+            message[name.replace("_", "-")] = value
+    message.set_content("Hello Dana,\nhere is the letter: https://shop.example/news\n")
+    message.add_alternative('<p>Hello Dana, <img src="cid:logo@shop.example" alt="Shop"> '
+                            '<a href="https://shop.example/news">the letter</a></p>',
+                            subtype="html")
+    message.get_payload()[1].add_related(PNG, "image", "png", cid="<logo@shop.example>")
+    message.add_attachment(b"%PDF-1.4 the letter", maintype="application", subtype="pdf",
+                           filename="letter.pdf")
+    return message.as_bytes(policy=message.policy.clone(linesep="\r\n"))
+
+
+SHOP = sheesh.Envelope("bounce@shop.example", ["dana@example.com"])
+
+
+def ids(raw: bytes, envelope=SHOP) -> set[str]:
+    return {finding.id for finding in sheesh.check_message(raw, envelope)}
+
+
+def test_a_clean_message_has_nothing_to_find():
+    assert sheesh.check_message(clean_message(), SHOP) == []
+
+
+def simple(head: bytes = b"", body: bytes = b"Hello.\r\n", date=b"Mon, 30 Nov 2026 10:00:00 +0100",
+           message_id=b"<1@shop.example>") -> bytes:
+    """A small text message from shop.example, with these headers added (or replaced)."""
+    fields = {b"From": b"news@shop.example", b"Date": date, b"Message-ID": message_id,
+              b"DKIM-Signature": b"v=1; d=shop.example"}
+    lines = [name + b": " + value for name, value in fields.items() if value is not None]
+    return b"\r\n".join(lines) + b"\r\n" + head + b"\r\n" + body
+
+
+def multipart(*parts: bytes, boundary=b"b1", close=True, kind=b"mixed") -> bytes:
+    body = b"".join(b"--" + boundary + b"\r\n" + part + b"\r\n" for part in parts)
+    return simple(b"MIME-Version: 1.0\r\nContent-Type: multipart/" + kind + b"; boundary=" +
+                  boundary + b"\r\n", body + (b"--" + boundary + b"--\r\n" if close else b""))
+
+
+TEXT = b"Content-Type: text/plain; charset=utf-8\r\n\r\nHello."
+
+
+def html_part(html: bytes) -> bytes:
+    return b"Content-Type: text/html; charset=utf-8\r\n\r\n" + html
+
+
+CHECK_CORPUS = [
+    ("line-too-long", simple(body=b"x" * 999 + b"\r\n")),
+    ("bare-line-ending", simple(body=b"one\nbare LF\r\n")),
+    ("bare-line-ending", simple(body=b"one\rbare CR\r\n")),
+    ("header-8bit", simple(b"Subject: Gr\xc3\xbc\xc3\x9fe\r\n")),
+    ("from-missing", simple().replace(b"From: news@shop.example\r\n", b"")),
+    ("from-repeated", simple(b"From: other@shop.example\r\n")),
+    ("date-missing", simple(date=None)),
+    ("date-repeated", simple(b"Date: Tue, 1 Dec 2026 10:00:00 +0100\r\n")),
+    ("date-invalid", simple(date=b"yesterday at noon")),
+    ("date-zone", simple(date=b"Mon, 30 Nov 2026 10:00:00 EST")),
+    ("header-repeated", simple(b"Subject: one\r\nSubject: two\r\n")),
+    ("message-id-missing", simple(message_id=None)),
+    ("message-id-invalid", simple(message_id=b"no angle brackets")),
+    ("sender-missing", simple(b"From: second@shop.example\r\n").replace(
+        b"From: news@shop.example\r\nDate", b"From: a@shop.example, b@shop.example\r\nDate")),
+    ("encoded-word-invalid", simple(b"Subject: =?x-no-such-charset?q?abc?=\r\n")),
+    ("mime-version-missing", simple(b"Content-Type: text/plain; charset=utf-8\r\n")),
+    ("boundary-missing", simple(b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed\r\n",
+                                b"--x\r\n" + TEXT + b"\r\n--x--\r\n")),
+    ("boundary-missing", multipart(TEXT).replace(b"--b1", b"--zz")),
+    ("boundary-unclosed", multipart(TEXT, close=False)),
+    ("charset-missing", simple(b"MIME-Version: 1.0\r\nContent-Type: text/plain\r\n"
+                               b"Content-Transfer-Encoding: 8bit\r\n", "Grüße\r\n".encode())),
+    ("encoding-mismatch", simple(b"MIME-Version: 1.0\r\nContent-Type: text/plain; "
+                                 b"charset=utf-8\r\n", "Grüße\r\n".encode())),
+    ("base64-invalid", multipart(TEXT, b"Content-Type: application/pdf; name=a.pdf\r\n"
+                                       b"Content-Transfer-Encoding: base64\r\n\r\n$$$not base64")),
+    ("base64-line-too-long", multipart(TEXT, b"Content-Type: application/pdf; name=a.pdf\r\n"
+                                             b"Content-Transfer-Encoding: base64\r\n\r\n" +
+                                       b"QUJD" * 20)),
+    ("attachment-name-missing", multipart(TEXT, b"Content-Type: application/pdf\r\n"
+                                                b"Content-Disposition: attachment\r\n\r\n%PDF")),
+    ("cid-missing", multipart(TEXT, html_part(b'<img src="cid:gone@x" alt="x">'),
+                              kind=b"alternative")),
+    ("cid-unused", multipart(TEXT, b"Content-Type: image/png\r\nContent-ID: <unused@x>\r\n"
+                                   b"Content-Disposition: inline; filename=a.png\r\n\r\nPNG")),
+    ("html-only", multipart(html_part(b"<p>only HTML</p>"))),
+    ("html-clipped", multipart(TEXT, html_part(b"<p>" + b"x" * 200 + b"</p>\r\n") * 600,
+                               kind=b"alternative")),
+    ("unsubscribe-missing", simple(b"List-Id: <news.shop.example>\r\n")),
+    ("unsubscribe-missing", simple(b"Precedence: bulk\r\n")),
+    ("one-click-unsubscribe-missing", simple(b"List-Id: <news.shop.example>\r\n"
+                                             b"List-Unsubscribe: <https://shop.example/u>\r\n")),
+    ("dkim-missing", simple().replace(b"DKIM-Signature: v=1; d=shop.example\r\n", b"")),
+    ("img-alt-missing", multipart(TEXT, html_part(b'<img src="https://shop.example/a.png">'),
+                                  kind=b"alternative")),
+    ("link-text-mismatch", multipart(TEXT, html_part(
+        b'<a href="https://evil.example/login">https://bank.example/login</a>'),
+        kind=b"alternative")),
+    ("link-insecure", multipart(TEXT, html_part(b'<a href="http://shop.example/">shop</a>'),
+                                kind=b"alternative")),
+    ("html-stripped", multipart(TEXT, html_part(b"<form action=/x><script>1</script></form>"),
+                                kind=b"alternative")),
+    ("tracking-pixel", multipart(TEXT, html_part(
+        b'<img src="https://t.example/p.gif" width="1" height="1" alt="">'),
+        kind=b"alternative")),
+]
+ENVELOPE_CORPUS = [
+    ("from-not-aligned", simple(), sheesh.Envelope("bounce@mailer.example", ["d@example.com"])),
+    ("unsubscribe-missing", simple(),
+     sheesh.Envelope("bounce@shop.example", [f"u{n}@example.com" for n in range(12)])),
+]
+
+
+@pytest.mark.parametrize("check, raw", CHECK_CORPUS,
+                         ids=[f"{check}-{n}" for n, (check, _) in enumerate(CHECK_CORPUS)])
+def test_each_check_is_triggered_by_its_message(check, raw):
+    assert check in ids(raw)
+
+
+@pytest.mark.parametrize("check, raw, envelope", ENVELOPE_CORPUS)
+def test_checks_that_depend_on_the_envelope(check, raw, envelope):
+    assert check in ids(raw, envelope) and check not in ids(raw, SHOP)
+
+
+def test_8bit_headers_are_fine_over_smtputf8_and_the_corpus_covers_every_check():
+    raw = simple(b"Subject: Gr\xc3\xbc\xc3\x9fe\r\n")
+    assert "header-8bit" not in ids(raw, sheesh.Envelope("bounce@shop.example", ["d@e.x"],
+                                                         smtputf8=True))
+    source = (HERE / "sheesh.py").read_text()
+    named = set(re.findall(r'Finding\(\s*"([a-z0-9-]+)"', source))
+    named |= {"from-missing", "from-repeated", "date-missing", "date-repeated"}  # f-strings
+    covered = {check for check, _ in CHECK_CORPUS} | {check for check, *_ in ENVELOPE_CORPUS}
+    assert named - covered == {"html-unreadable", "message-too-big"}  # see the two below
+
+
+def test_a_message_over_25_mb_is_an_error():
+    raw = simple(body=(b"x" * 76 + b"\r\n") * (26 * 1024 * 1024 // 78))
+    assert "message-too-big" in ids(raw)
+
+
+def test_every_finding_has_a_severity_a_place_and_a_reference():
+    for _, raw in CHECK_CORPUS:
+        for finding in sheesh.check_message(raw, SHOP):
+            assert finding.severity in sheesh.CHECK_SEVERITIES
+            assert finding.text and finding.where
+            assert re.search(r"RFC \d+|\w+\.(com|org)|SpamAssassin|WCAG|Apple|HTML",
+                             finding.reference), finding
+
+
+def test_check_message_never_raises_on_any_bytes():
+    """Random bytes and mutated messages for three seconds, with a fixed seed."""
+    rng = random.Random(20261130)
+    seeds = [clean_message()] + [raw for _, raw in CHECK_CORPUS[:20]]
+    deadline, runs = time.monotonic() + 3, 0
+    while time.monotonic() < deadline:
+        raw = bytearray(rng.choice(seeds))
+        for _ in range(rng.randint(1, 20)):
+            at = rng.randrange(len(raw) + 1)
+            match rng.randrange(4):
+                case 0:
+                    raw[at:at + 1] = bytes([rng.randrange(256)])
+                case 1:
+                    del raw[at:at + rng.randint(1, 200)]
+                case 2:
+                    raw[at:at] = rng.choice([b"\r\n", b"\n--b1--\r\n", b"=?utf-8?b?", b"<a href=",
+                                             b"cid:", b"\r\n\r\n", b"\xff\xfe", b"Content-Type:"])
+                case 3:
+                    raw = bytearray(rng.randbytes(rng.randint(0, 300)))
+        findings = sheesh.check_message(bytes(raw), rng.choice([None, SHOP]))
+        assert all(isinstance(f, sheesh.Finding) for f in findings)
+        runs += 1
+    assert runs > 200
+
+
+def test_checks_in_the_api_the_summaries_and_the_in_process_api(tmp_path):
+    with make_server(tmp_path, http_port=0) as server:
+        with smtplib.SMTP(server.host, server.port) as client:
+            client.sendmail("bounce@shop.example", ["dana@example.com"], clean_message())
+            client.sendmail("a@b.test", ["c@d.test"], b"Subject: careless\r\n\r\nx\r\n")
+        clean, careless = server.wait_for_message(), server.wait_for_message()
+        listed = {m["id"]: m["checks"] for m in api(server, "/api/messages")["messages"]}
+        detail = api(server, f"/api/messages/{careless.key}/checks")
+        assert http(server, "/api/messages/nope/checks")[0] == 404
+    assert listed[clean.key] == {"error": 0, "warning": 0, "info": 0}
+    assert listed[careless.key]["error"] == 3  # no From, no Date, no Message-ID
+    assert detail["counts"] == listed[careless.key]
+    assert {f["id"] for f in detail["findings"]} >= {"from-missing", "date-missing",
+                                                     "message-id-missing", "dkim-missing"}
+    assert clean.checks() == [] and {f.id for f in careless.checks()} >= {"from-missing"}
+
+
+def test_smtputf8_messages_say_so_in_their_trace_and_their_checks(server):
+    with smtplib.SMTP(server.host, server.port) as client:
+        client.sendmail("jörg@shop.example", ["dana@example.com"],
+                        simple(b"Subject: Gr\xc3\xbc\xc3\x9fe\r\n"), mail_options=["SMTPUTF8"])
+    stored = server.wait_for_message()
+    assert " with UTF8SMTP id " in str(stored.message["Received"])  # RFC 6531 section 3.7.3
+    assert "header-8bit" not in {f.id for f in stored.checks()}
+
+
+def test_cli_check_exits_1_on_errors_and_0_on_a_clean_message(tmp_path):
+    clean, careless = tmp_path / "clean.eml", tmp_path / "careless.eml"
+    clean.write_bytes(clean_message().replace(b"\r\n", b"\n"))  # as saved by an editor
+    careless.write_bytes(b"Subject: careless\n\nx\n")
+    good = run_cli("check", "--sender", "bounce@shop.example", str(clean))
+    assert (good.returncode, good.stdout) == (0, f"{clean}: 0 errors, 0 warnings, 0 info\n")
+    bad = run_cli("check", str(clean), str(careless))
+    assert bad.returncode == 1
+    assert f"{careless}: 3 errors, 1 warning, 0 info" in bad.stdout
+    assert re.search(r"error +from-missing +header From: .*\(RFC 5322 section 3\.6\.2\)",
+                     bad.stdout)
+    piped = subprocess.run([sys.executable, str(HERE / "sheesh.py"), "check", "-"],
+                           input=clean_message(), capture_output=True, timeout=10)
+    assert piped.returncode == 0
+    missing = run_cli("check", str(tmp_path / "nothing.eml"))
+    assert missing.returncode == 2 and "cannot read" in missing.stderr
 
 
 # ---------------------------------------------------------------------------------------------
