@@ -269,13 +269,56 @@ TOO_MANY_AUTH_FAILURES = reply(421, "4.7.0 Error: too many failed authentication
 TOO_MANY_LOGIN_FAILURES = reply(454, "4.7.0 Error: too many failed logins from your address, "
                                 "try again later")
 TLS_ON_PLAIN_PORT = reply(421, "4.7.0 Error: this port speaks plain SMTP first, use STARTTLS")
-# Not a reply: what an injected "disconnect" fault returns, so the handler hangs up instead.
-HANG_UP = Reply(0, ("(the connection is closed without a reply)",))
+# Not a reply: what an injected "disconnect" fault answers, inside the session only; the Turn
+# it makes has hang_up set and no reply for it.
+NO_REPLY = Reply(0, ("(the connection is closed without a reply)",))
 TOO_MANY_CONNECTIONS = reply(421, "4.7.0 Error: too many connections, try again later")
 CROWDED = reply(421, "4.7.0 Error: too many connections from your address, try again later")
 TIMEOUT = reply(421, "4.4.2 Error: timeout exceeded, goodbye")
 SHUTTING_DOWN = reply(421, "4.3.2 Service shutting down, goodbye")
 INTERNAL_ERROR = reply(421, "4.3.0 Error: internal server error, goodbye")
+
+
+class Turn(list):
+    """What a session asks of its handler after each input (greeting(), receive(), tick()):
+    the replies to send, in order, which a Turn is, and everything else the handler must do,
+    as h11's events say it, so that the handler never looks inside a session:
+
+        wait       seconds to wait before sending the replies (a failed login, an injected
+                   delay): only this client waits
+        log        (level, what, text) lines for the log and the transcript: a refusal, an
+                   injected fault, why the session closed
+        start_tls  once the replies are sent, run the TLS handshake (STARTTLS was accepted)
+        hang_up    once the replies are sent, close the connection
+    """
+
+    def __init__(self, replies=()) -> None:
+        super().__init__(replies)
+        self.wait = 0.0
+        self.log: list[tuple[int, str, str]] = []
+        self.start_tls = False
+        self.hang_up = False
+
+
+class TakesTurns:
+    """What every session (SMTP, POP3, IMAP) does to answer in Turns: it gathers in
+    self._turn what it asks of the handler while it works, and hands it over with its
+    replies. A session also says, when asked: closed, busy (a command or message under way:
+    the whole of it must come within one timeout) and in_data (a message under way: a
+    stopping server lets it finish)."""
+
+    _turn: Turn
+
+    def hand_over(self, replies: list) -> Turn:
+        """The turn made of these replies and what was asked meanwhile (see Turn)."""
+        turn, self._turn = self._turn, Turn()
+        turn.extend(reply_ for reply_ in replies if reply_ is not NO_REPLY)
+        turn.hang_up = self.closed
+        return turn
+
+    def note(self, level: int, what: str, text: str) -> None:
+        """A line for the log and the transcript: what happened and why."""
+        self._turn.log.append((level, what, text))
 
 
 def usage(syntax: str) -> Reply:
@@ -781,7 +824,7 @@ class Policy:
 
 
 @dataclass(slots=True)  # slots: a smaller session, for servers holding many connections
-class Session:
+class Session(TakesTurns):
     """The SMTP state machine for one connection. Feed it with receive(); it returns replies."""
 
     store: object  # anything with begin(envelope) -> writer; see the section's introduction
@@ -793,15 +836,12 @@ class Session:
     extended: bool = False  # EHLO rather than HELO: ESMTP
     auth_user: str | None = None
     tls: str | None = None  # the TLS version and cipher, once STARTTLS has succeeded
-    tls_requested: bool = False  # STARTTLS was accepted: the handler must now run the handshake
     envelope: Envelope = field(default_factory=Envelope)
     unknown_commands: int = 0
-    auth_failures: int = 0
-    closing_note: str = ""  # why the session closed itself, for the log
     faults: FaultPlan | None = None  # failures to inject on purpose (--fail)
     logins: LoginGuard | None = None  # failed logins by client address, across sessions
-    fault_notes: list[str] = field(default_factory=list)  # injected faults, for the log
-    delay: float = 0.0  # seconds the handler should wait before sending the next replies
+    _turn: Turn = field(default_factory=Turn)  # what the handler is to do, so far
+    _tls_pending: bool = False  # STARTTLS accepted: what follows it is never read
     _unread: bytes = b""  # the start of a command line whose end has not arrived
     _overlong: bool = False  # dropping the rest of a command line that was too long
     _data: DataReader | None = None
@@ -811,17 +851,14 @@ class Session:
     _chunk_left: int = 0  # octets of a BDAT chunk still to come
     _chunk_last: bool = False  # ...and whether it is the message's last
     _chunk_refusal: Reply | None = None  # what to answer once a refused chunk has been read
-    notes: list[str] = field(default_factory=list)  # refusals, for the log
     transcript: Transcript | None = None  # what was said, kept when the handler asks
-    _auth_mechanism: str = ""
-    _auth_username: str | None = None
-    _auth_challenge: bytes = b""
+    _login: Login | None = None  # AUTH's exchange, from the first AUTH on
 
-    def greeting(self) -> Reply:
+    def greeting(self) -> Turn:
         if (fault := self.inject("connect")) is not None:
             self.state = State.CLOSED  # a refused connection: say why, then close
-            return fault
-        return greeting(self.hostname)
+            return self.hand_over([fault])
+        return self.hand_over([greeting(self.hostname)])
 
     @property
     def closed(self) -> bool:
@@ -837,16 +874,18 @@ class Session:
         message, in DATA or in chunks, must arrive whole within one timeout."""
         return self.in_data or bool(self._unread) or self._overlong
 
-    def receive(self, data: bytes) -> list[Reply]:
-        """Take the bytes the client sent; return the replies they call for, in order.
+    def receive(self, data: bytes) -> Turn:
+        """Take the bytes the client sent; return the replies they call for, in order, in
+        the Turn that says what else the handler must do.
 
         A client that pipelines (RFC 2920) sends several commands, or a whole message and the
         next transaction, in one write: they are answered one by one, in the order they came.
         """
         if self.state is State.CONNECTED and not self._unread and data.startswith(b"\x16\x03"):
-            return [self.close(TLS_ON_PLAIN_PORT, "the client spoke TLS to the plain port")]
+            return self.hand_over([self.close(TLS_ON_PLAIN_PORT,
+                                              "the client spoke TLS to the plain port")])
         buffer, position, replies = self._unread + data, 0, []
-        while position < len(buffer) and not self.closed and not self.tls_requested:
+        while position < len(buffer) and not self.closed and not self._tls_pending:
             if self.state is State.DATA:
                 done, buffer, position = self.handle_data(buffer[position:]), b"", 0
                 if done:
@@ -867,13 +906,13 @@ class Session:
             if reply_ is not None:  # BDAT answers once its chunk has come
                 replies.append(reply_)
         self._unread = self._hold_partial_line(buffer[position:])
-        return replies
+        return self.hand_over(replies)
 
     def _hold_partial_line(self, partial: bytes) -> bytes:
         # After STARTTLS, what the client sent before the handshake is dropped, never read as
         # commands: a man in the middle could have put it there (RFC 3207 section 4.2, and
         # CVE-2011-0411, "STARTTLS command injection").
-        if self.closed or self.state is State.DATA or self._chunk_left or self.tls_requested:
+        if self.closed or self.state is State.DATA or self._chunk_left or self._tls_pending:
             return b""
         if len(partial) >= COMMAND_LINE_LIMIT:
             self._overlong = True  # drop it, and answer once its end arrives
@@ -906,7 +945,7 @@ class Session:
     def handle_line(self, line: str) -> Reply:
         """One command line: the heart of SMTP."""
         if self.state is State.AUTH:
-            return self.continue_auth(line)
+            return self.login_step(self._login.answer(line))
         match parse_command(line):
             case Helo(name) | Ehlo(name) as hello:
                 if (fault := self.inject("ehlo")) is not None:
@@ -1141,7 +1180,7 @@ class Session:
 
     def refuse(self, reply_: Reply, why: str) -> Reply:
         """A refusal worth a line in the log, as a stored message has one."""
-        self.notes.append(f"{reply_.code} {reply_.lines[0]}: {why}")
+        self.note(logging.INFO, "refused", f"{reply_.code} {reply_.lines[0]}: {why}")
         return reply_
 
     def inject(self, stage: str, subject: str = "") -> Reply | None:
@@ -1150,13 +1189,14 @@ class Session:
         rule = self.faults.decide(stage, subject) if self.faults is not None else None
         if rule is None:
             return None
-        self.fault_notes.append(f"{stage} {subject}: {rule.text}".replace("  ", " "))
+        self.note(logging.WARNING, "injected fault",
+                  f"{stage} {subject}: {rule.text}".replace("  ", " "))
         if rule.delay:
-            self.delay += rule.delay
+            self._turn.wait += rule.delay
             return None
         if rule.disconnect:
             self.state = State.CLOSED
-            return HANG_UP
+            return NO_REPLY
         return rule.reply
 
     def goodbye(self, reason: str) -> Reply:
@@ -1166,9 +1206,10 @@ class Session:
         return {"timeout": TIMEOUT, "shutdown": SHUTTING_DOWN, "busy": TOO_MANY_CONNECTIONS,
                 "crowded": CROWDED, "error": INTERNAL_ERROR}[reason]
 
-    def close(self, last_reply: Reply, note: str) -> Reply:
+    def close(self, last_reply: Reply, why: str) -> Reply:
         """End the session from our side, with a last reply and a note for the log."""
-        self.state, self.closing_note = State.CLOSED, note
+        self.state = State.CLOSED
+        self.note(logging.INFO, "closed", why)
         return last_reply
 
     def starttls(self) -> Reply:
@@ -1179,14 +1220,14 @@ class Session:
             return TLS_ALREADY_ACTIVE
         if self.state is State.CONNECTED:
             return NEED_EHLO
-        self.tls_requested = True
+        self._tls_pending = self._turn.start_tls = True
         return READY_FOR_TLS
 
     def tls_started(self, description: str) -> None:
         """The handshake succeeded. RFC 3207 section 4.2: forget all that the client said
         before it, since it could have been forged; it must say EHLO again."""
         self.reset_transaction()
-        self.state, self.tls, self.tls_requested = State.CONNECTED, description, False
+        self.state, self.tls, self._tls_pending = State.CONNECTED, description, False
         self.client_name, self.extended, self.auth_user = "", False, None
 
     def auth(self, mechanism: str, initial_response: str | None) -> Reply:
@@ -1204,31 +1245,72 @@ class Session:
             return UNKNOWN_MECHANISM
         if (fault := self.inject("auth")) is not None:
             return fault
-        self._auth_mechanism, self._auth_username = mechanism, None
-        self.state = State.AUTH
-        if mechanism == "CRAM-MD5":  # RFC 2195: the server speaks first, with a fresh challenge
-            self._auth_challenge = f"<{secrets.token_hex(12)}@{self.hostname}>".encode()
-            return reply(334, base64.b64encode(self._auth_challenge).decode())
-        if initial_response is None:
-            return AUTH_GO_ON if mechanism == "PLAIN" else AUTH_USERNAME
-        return self.continue_auth(initial_response)
+        if self._login is None:
+            self._login = Login(self.policy.users, self.peer, self.hostname, self.logins)
+        return self.login_step(self._login.begin(mechanism, initial_response))
 
-    def continue_auth(self, response: str) -> Reply:
+    def login_step(self, reply_: Reply) -> Reply:
+        """After each step of AUTH: wait for the client's next response, or take the user it
+        proved to be, or count a wrong password (each one slows the client down)."""
+        login = self._login
+        self.state = State.AUTH if login.waiting else State.GREETED
+        if login.user is not None:
+            self.auth_user = login.user
+        if login.refused_user is not None:
+            self.refuse(BAD_CREDENTIALS, f"a wrong password for {login.refused_user!r}")
+            self._turn.wait += AUTH_FAILURE_DELAY  # slows down guessing; only this client waits
+            if login.failures >= MAX_AUTH_FAILURES:
+                return self.close(TOO_MANY_AUTH_FAILURES, "too many failed authentications")
+        return reply_
+
+    def connection_lost(self) -> None:
+        """The connection ended, however it ended: a message not yet acknowledged leaves no trace."""
+        self.reset_transaction()
+        self.state = State.CLOSED
+
+
+class Login:
+    """SMTP AUTH's exchange (RFC 4954), one step at a time, and the session's count of wrong
+    passwords. PLAIN (RFC 4616) sends "authzid NUL user NUL password"; LOGIN sends the user
+    name, then the password, each when asked; CRAM-MD5 (RFC 2195) answers a challenge with
+    an HMAC of it, so the password never travels. Each response is a line of base64; "*"
+    gives up. After each step: waiting (a 334 is out), user (who it proved to be), or
+    refused_user (a wrong password for that name)."""
+
+    def __init__(self, users: dict[str, str] | None, peer: str, hostname: str,
+                 guard: LoginGuard | None = None) -> None:
+        self.users, self.peer, self.hostname, self.guard = users, peer, hostname, guard
+        self.failures = 0
+        self.waiting, self.user, self.refused_user = False, None, None
+        self._mechanism, self._username, self._challenge = "", None, b""
+
+    def begin(self, mechanism: str, initial_response: str | None) -> Reply:
+        self._mechanism, self._username = mechanism, None
+        self.user = self.refused_user = None
+        if mechanism == "CRAM-MD5":  # RFC 2195: the server speaks first, with a fresh challenge
+            self._challenge = f"<{secrets.token_hex(12)}@{self.hostname}>".encode()
+            self.waiting = True
+            return reply(334, base64.b64encode(self._challenge).decode())
+        if initial_response is None:
+            self.waiting = True
+            return AUTH_GO_ON if mechanism == "PLAIN" else AUTH_USERNAME
+        return self.answer(initial_response)
+
+    def answer(self, response: str) -> Reply:
         """The client's answer to a 334 challenge: a line of base64, or "*" to give up."""
-        self.state = State.GREETED  # unless a further challenge is sent, below
+        self.waiting, self.refused_user = False, None  # unless a further challenge is sent
         if response == "*":
             return AUTH_CANCELLED
         try:
             decoded = base64.b64decode(response.encode("ascii"), validate=True)
         except (UnicodeError, binascii.Error):
             return BAD_BASE64
-        match self._auth_mechanism:
-            case "LOGIN" if self._auth_username is None:
-                self._auth_username = decoded.decode("utf-8", "replace")
-                self.state = State.AUTH
+        match self._mechanism:
+            case "LOGIN" if self._username is None:
+                self._username, self.waiting = decoded.decode("utf-8", "replace"), True
                 return AUTH_PASSWORD
             case "LOGIN":
-                return self.check_password(self._auth_username, decoded)
+                return self.check_password(self._username, decoded)
             case "PLAIN":  # RFC 4616: authorization identity, NUL, user name, NUL, password
                 parts = decoded.split(b"\0")
                 if len(parts) != 3:
@@ -1239,38 +1321,30 @@ class Session:
                 return self.check_cram_md5(user, digest.lower().encode())
 
     def check_password(self, user: str, password: bytes) -> Reply:
-        if self.logins is not None and self.logins.refuses(self.peer):
+        if self.guard is not None and self.guard.refuses(self.peer):
             return TOO_MANY_LOGIN_FAILURES  # even a right password: the guessing stops here
-        if self.policy.users is None or password_matches(self.policy.users, user, password):
-            return self.authenticated(user)
-        return self.auth_failed(user)
+        if self.users is None or password_matches(self.users, user, password):
+            return self.accepted(user)
+        return self.refused(user)
 
     def check_cram_md5(self, user: str, digest: bytes) -> Reply:
-        if self.logins is not None and self.logins.refuses(self.peer):
+        if self.guard is not None and self.guard.refuses(self.peer):
             return TOO_MANY_LOGIN_FAILURES
-        known = self.policy.users.get(user)
-        expected = hmac.new((known or "\0 unknown").encode(), self._auth_challenge, "md5")
+        known = self.users.get(user)
+        expected = hmac.new((known or "\0 unknown").encode(), self._challenge, "md5")
         same = hmac.compare_digest(digest, expected.hexdigest().encode())
-        return self.authenticated(user) if same and known is not None else self.auth_failed(user)
+        return self.accepted(user) if same and known is not None else self.refused(user)
 
-    def authenticated(self, user: str) -> Reply:
-        self.auth_user = user
+    def accepted(self, user: str) -> Reply:
+        self.user = user
         return AUTH_OK
 
-    def auth_failed(self, user: str) -> Reply:
-        if self.logins is not None:
-            self.logins.failed(self.peer, user, "SMTP")
-        self.refuse(BAD_CREDENTIALS, f"a wrong password for {user!r}")
-        self.auth_failures += 1
-        self.delay += AUTH_FAILURE_DELAY  # slows down guessing; only this client waits
-        if self.auth_failures >= MAX_AUTH_FAILURES:
-            return self.close(TOO_MANY_AUTH_FAILURES, "too many failed authentications")
+    def refused(self, user: str) -> Reply:
+        if self.guard is not None:
+            self.guard.failed(self.peer, user, "SMTP")
+        self.failures += 1
+        self.refused_user = user
         return BAD_CREDENTIALS
-
-    def connection_lost(self) -> None:
-        """The connection ended, however it ended: a message not yet acknowledged leaves no trace."""
-        self.reset_transaction()
-        self.state = State.CLOSED
 
 
 class LoginGuard:
@@ -4617,9 +4691,6 @@ class ConnectionHandler(socketserver.StreamRequestHandler):
             self.send_last(self.session.goodbye("error"))  # never the exception's text
         finally:
             session = self.session
-            if session.closing_note:
-                log.info("closed the session with %s: %s", self.client_address[0],
-                         session.closing_note)
             if not session.closed and session.busy:
                 self.ended_badly("the connection ended in the middle of a command or message")
             session.connection_lost()
@@ -4627,8 +4698,6 @@ class ConnectionHandler(socketserver.StreamRequestHandler):
             if self.transcript is not None:
                 self.transcript.user = getattr(session, "auth_user", None) or getattr(
                     session, "user", None)
-                if session.closing_note:
-                    self.transcript.note(f"closed: {session.closing_note}")
                 server.transcript_done(self.transcript)
 
     def ended_badly(self, why: str) -> None:
@@ -4642,28 +4711,29 @@ class ConnectionHandler(socketserver.StreamRequestHandler):
             self.request.close()  # the TLS socket; socketserver closes only the one it made
 
     def converse(self) -> None:
-        """The connection loop: read, let the session answer, write."""
+        """The connection loop: read, let the session answer, do what its Turn says."""
         session, server = self.session, self.server
         if server.implicit_tls and not self.start_tls():
             return
-        self.answer([session.greeting()])
+        if not self.carry_out(session.greeting()):
+            return
         self.unit_started = self.quiet_since = time.monotonic()
-        while not session.closed:
+        while True:
             data = self.read()
             if data is None:  # nothing came, and the session asked to look (IMAP's IDLE)
-                self.answer(session.tick())
+                if not self.carry_out(session.tick()):
+                    return
                 continue
             if not data:
                 if server.stopping:
                     self.send_last(session.goodbye("shutdown"))
                 return
             was_busy = session.busy
-            self.answer(session.receive(data))
+            if not self.carry_out(session.receive(data)):
+                return
             if session.busy and not was_busy:
                 self.unit_started = time.monotonic()
-            if session.tls_requested and not self.start_tls():
-                return
-            if server.stopping and not session.busy and not session.closed:
+            if server.stopping and not session.busy:
                 self.send_last(session.goodbye("shutdown"))
                 return
 
@@ -4719,32 +4789,25 @@ class ConnectionHandler(socketserver.StreamRequestHandler):
             self.transcript.note(f"TLS started: {described}")
         return True
 
-    def answer(self, replies: list[Reply]) -> None:
-        """Send the session's replies, after any delay it asked for (a failed AUTH, an injected
-        fault); an injected "disconnect" hangs up instead of sending its reply."""
-        session, transcript = self.session, self.transcript
-        for note in session.fault_notes:
-            log.warning("injected fault for %s: %s", self.client_address[0], escape_for_log(note))
-            if transcript is not None:
-                transcript.note(f"injected fault: {note}")
-        session.fault_notes.clear()
-        for note in session.notes:
-            log.info("refused %s: %s", self.client_address[0], escape_for_log(note))
-            if transcript is not None:
-                transcript.note(f"refused: {note}")
-        session.notes.clear()
-        if session.delay:
-            self.pause(session.delay)
-            session.delay = 0.0
-        if session.closed and replies and replies[-1] is HANG_UP:
-            replies = replies[:-1]  # the session stopped there: nothing follows it
-        self.send(replies)
+    def carry_out(self, turn: Turn) -> bool:
+        """Do what the session asked (see Turn): log, wait, send the replies, then start TLS
+        or hang up. Whether the conversation goes on."""
+        for level, what, text in turn.log:
+            log.log(level, "%s for %s: %s", what, self.client_address[0], escape_for_log(text))
+            if self.transcript is not None:
+                self.transcript.note(f"{what}: {text}")
+        if turn.wait:
+            self.pause(turn.wait)
+        self.send(turn)
+        if turn.hang_up:
+            return False
+        return self.start_tls() if turn.start_tls else True
 
     def pause(self, seconds: float) -> None:
         """Wait before answering (after a failed login, for an injected delay), but no longer
         than the client stays, sheesh runs, or the fault rules stay as they were: a waiting
         connection holds a slot that others may need."""
-        faults = getattr(self.session, "faults", None)
+        faults = self.server.faults
         generation = faults.generation if faults is not None else 0
         deadline = time.monotonic() + seconds
         while (left := deadline - time.monotonic()) > 0 and not self.server.stopping:
@@ -4896,9 +4959,10 @@ class Listener(socketserver.ThreadingTCPServer):
     def __init__(self, config: Config, port: int, make_session, tls_context=None,
                  implicit_tls: bool = False, idle_timeout: float | None = None,
                  addresses: ConnectionsByAddress | None = None, protocol: str = "SMTP",
-                 store: Store | None = None) -> None:
+                 store: Store | None = None, faults: FaultPlan | None = None) -> None:
         self.config, self.make_session = config, make_session
         self.protocol, self.store = protocol, store  # the store keeps the transcripts
+        self.faults = faults  # a wait for an injected delay ends when its rules change
         self.addresses = addresses or ConnectionsByAddress(config.max_connections_per_ip)
         self.tls_context, self.implicit_tls = tls_context, implicit_tls
         self.idle_timeout = config.timeout if idle_timeout is None else idle_timeout
@@ -5130,7 +5194,8 @@ class Server:
                     listener = Listener(config, port, make_session, context,
                                         implicit_tls=name.endswith("s"),
                                         idle_timeout=idle_timeout, addresses=self.addresses,
-                                        protocol=name.upper(), store=self.store)
+                                        protocol=name.upper(), store=self.store,
+                                        faults=self.faults)
                 self._listeners.append(listener)
                 self.ports[name] = listener.server_address[1]
         if config.http_port is not None:
@@ -7200,7 +7265,7 @@ def top_of(chunks, body_lines: int):
 
 
 @dataclass
-class Pop3Session:
+class Pop3Session(TakesTurns):
     """One POP3 conversation: bytes in, replies out."""
 
     store: Store  # where the maildrop is
@@ -7212,7 +7277,6 @@ class Pop3Session:
     state: Pop3State = Pop3State.AUTHORIZATION
     user: str | None = None
     tls: str | None = None
-    tls_requested: bool = False
     # The maildrop, fixed at login: message n is UID uids[n - 1]. An array, not objects: a
     # maildrop of a million messages costs 8 MB. Their sizes stay in the index.
     uids: array.array = field(default_factory=lambda: array.array("q"))
@@ -7220,18 +7284,15 @@ class Pop3Session:
     deleted: dict[int, int] = field(default_factory=dict)  # number -> size, marked by DELE
     unknown_commands: int = 0
     auth_failures: int = 0
-    closing_note: str = ""
-    fault_notes: list[str] = field(default_factory=list)  # (the handler reads these)
-    notes: list[str] = field(default_factory=list)  # refusals (the handler logs these too)
     transcript: Transcript | None = None
-    delay: float = 0.0
-    in_data: bool = False
+    _turn: Turn = field(default_factory=Turn)
+    _tls_pending: bool = False
     _maildrop_name: str | None = None  # the maildrop this session has locked
     _unread: bytes = b""
     _overlong: bool = False
 
-    def greeting(self) -> Pop3Reply:
-        return pop3_ok("sheesh POP3 server ready")
+    def greeting(self) -> Turn:
+        return self.hand_over([pop3_ok("sheesh POP3 server ready")])
 
     def goodbye(self, reason: str) -> Pop3Reply:
         return pop3_error({"timeout": "[SYS/TEMP] timeout, goodbye",
@@ -7248,10 +7309,12 @@ class Pop3Session:
     def busy(self) -> bool:
         return bool(self._unread) or self._overlong
 
-    def receive(self, data: bytes) -> list[Pop3Reply]:
+    in_data = False  # POP3 reads no message from the client
+
+    def receive(self, data: bytes) -> Turn:
         """Lines in, replies out, in order (RFC 2449 PIPELINING)."""
         buffer, position, replies = self._unread + data, 0, []
-        while not self.closed and not self.tls_requested:
+        while not self.closed and not self._tls_pending:
             end = buffer.find(b"\n", position)
             if end < 0:
                 break
@@ -7264,10 +7327,10 @@ class Pop3Session:
             if self.transcript is not None:  # never the password
                 self.transcript.client("PASS ****" if line[:5].upper() == "PASS " else line)
             replies.append(self.handle_line(line))
-        partial = b"" if self.closed or self.tls_requested else buffer[position:]
+        partial = b"" if self.closed or self._tls_pending else buffer[position:]
         self._overlong = self._overlong or len(partial) >= COMMAND_LINE_LIMIT
         self._unread = b"" if self._overlong else partial
-        return replies
+        return self.hand_over(replies)
 
     def handle_line(self, line: str) -> Pop3Reply:
         verb, _, argument = line.strip().partition(" ")
@@ -7311,7 +7374,8 @@ class Pop3Session:
             case _:
                 self.unknown_commands += 1
                 if self.unknown_commands > MAX_UNKNOWN_COMMANDS:
-                    self.state, self.closing_note = Pop3State.CLOSED, "too many bad commands"
+                    self.state = Pop3State.CLOSED
+                    self.note(logging.INFO, "closed", "too many bad commands")
                     return pop3_error("too many unknown commands, goodbye")
                 return pop3_error("unknown command")
 
@@ -7328,11 +7392,11 @@ class Pop3Session:
         """STLS (RFC 2595), with the same care as SMTP's STARTTLS for what came before it."""
         if not self.tls_available or self.tls is not None:
             return pop3_error("TLS is not available" if self.tls is None else "TLS is already on")
-        self.tls_requested = True
+        self._tls_pending = self._turn.start_tls = True
         return pop3_ok("begin TLS negotiation")
 
     def tls_started(self, description: str) -> None:
-        self.tls, self.tls_requested, self.user = description, False, None
+        self.tls, self._tls_pending, self.user = description, False, None
 
     def password(self, password: str) -> Pop3Reply:
         if self.user is None:
@@ -7344,9 +7408,10 @@ class Pop3Session:
             if self.logins is not None:
                 self.logins.failed(self.peer, self.user, "POP3")
             self.auth_failures += 1
-            self.delay += AUTH_FAILURE_DELAY
+            self._turn.wait += AUTH_FAILURE_DELAY
             if self.auth_failures >= MAX_AUTH_FAILURES:
-                self.state, self.closing_note = Pop3State.CLOSED, "too many failed logins"
+                self.state = Pop3State.CLOSED
+                self.note(logging.INFO, "closed", "too many failed logins")
             return pop3_error("[AUTH] invalid user name or password")
         address = self.user.lower() if "@" in self.user else None
         if not self.locks.acquire(address or "*"):
@@ -8044,7 +8109,7 @@ class Selected:
 
 
 @dataclass
-class ImapSession:
+class ImapSession(TakesTurns):
     """One IMAP conversation: bytes in, replies out (some of them Streamed from files)."""
 
     store: Store
@@ -8058,11 +8123,8 @@ class ImapSession:
     state: ImapState = ImapState.NOT_AUTHENTICATED
     user: str | None = None
     tls: str | None = None
-    tls_requested: bool = False
     selected: Selected | None = None
     idling: str | None = None  # the tag of the IDLE command in progress
-    closing_note: str = ""
-    delay: float = 0.0
     unknown_commands: int = 0
     auth_failures: int = 0
     _buffer: bytes = b""
@@ -8074,13 +8136,13 @@ class ImapSession:
     _refusal: ImapReply | None = None  # what to answer once the refused command has ended
     _authenticating: str | None = None  # the tag of an AUTHENTICATE waiting for its response
     _overlong: bool = False
-
-    fault_notes: list[str] = field(default_factory=list)  # (the handler reads these)
-    notes: list[str] = field(default_factory=list)  # refusals (the handler logs these too)
+    _turn: Turn = field(default_factory=Turn)
+    _tls_pending: bool = False
     transcript: Transcript | None = None
 
-    def greeting(self) -> ImapReply:
-        return untagged(f"OK [CAPABILITY {self.capabilities()}] sheesh IMAP4rev1 ready")
+    def greeting(self) -> Turn:
+        return self.hand_over([untagged(f"OK [CAPABILITY {self.capabilities()}] sheesh "
+                                        f"IMAP4rev1 ready")])
 
     def goodbye(self, reason: str) -> ImapReply:
         return untagged({"timeout": "BYE autologout: idle for too long",
@@ -8107,8 +8169,8 @@ class ImapSession:
         """While IDLE, the handler asks tick() this often for changes to push."""
         return IMAP_IDLE_TICK if self.idling is not None else None
 
-    def tick(self) -> list[ImapReply]:
-        return self.updates() if self.idling is not None else []
+    def tick(self) -> Turn:
+        return self.hand_over(self.updates() if self.idling is not None else [])
 
     def capabilities(self) -> str:
         words = ["IMAP4rev1", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE", "NAMESPACE",
@@ -8124,11 +8186,11 @@ class ImapSession:
 
     # -- reading commands: lines, and literals between them
 
-    def receive(self, data: bytes) -> list:
+    def receive(self, data: bytes) -> Turn:
         """Bytes in; the replies they call for, in order (commands may be pipelined)."""
         self._buffer += data
         replies = []
-        while self._buffer and not self.closed and not self.tls_requested:
+        while self._buffer and not self.closed and not self._tls_pending:
             if self._literal_left:
                 replies += self.take_literal()
                 continue
@@ -8143,9 +8205,9 @@ class ImapSession:
                 self._overlong = False  # the end of a line already answered
                 continue
             replies += self.handle_line(line.rstrip(b"\r\n"))
-        if self.closed or self.tls_requested:
+        if self.closed or self._tls_pending:
             self._buffer = b""  # RFC 3501 section 6.2.1: nothing sent before TLS is used
-        return replies
+        return self.hand_over(replies)
 
     def too_long(self) -> ImapReply:
         self.abort_append(self._pieces)
@@ -8197,7 +8259,8 @@ class ImapSession:
             self._pieces, self._literal_left = [], 0
             return [refusal]
         if size > max(self.max_size, IMAP_LITERAL_LIMIT) * 2:
-            self.state, self.closing_note = ImapState.LOGOUT, "a literal far too big"
+            self.state = ImapState.LOGOUT
+            self.note(logging.INFO, "closed", "a literal far too big")
             return [refusal, untagged("BYE literal too big")]
         self._discarding, self._refusal = True, refusal
         return []
@@ -8246,7 +8309,8 @@ class ImapSession:
     def unknown(self, tag: str, text: str) -> list:
         self.unknown_commands += 1
         if self.unknown_commands > MAX_UNKNOWN_COMMANDS:
-            self.state, self.closing_note = ImapState.LOGOUT, "too many bad commands"
+            self.state = ImapState.LOGOUT
+            self.note(logging.INFO, "closed", "too many bad commands")
             return [untagged("BYE too many bad commands")]
         return [tagged(tag, "BAD", text)]
 
@@ -8343,11 +8407,11 @@ class ImapSession:
         if not self.tls_available or self.tls is not None:
             return [tagged(tag, "NO" if self.tls is None else "BAD",
                            "TLS is not available" if self.tls is None else "TLS is already on")]
-        self.tls_requested = True
+        self._tls_pending = self._turn.start_tls = True
         return [tagged(tag, "OK", "begin TLS negotiation now")]
 
     def tls_started(self, description: str) -> None:
-        self.tls, self.tls_requested = description, False
+        self.tls, self._tls_pending = description, False
 
     def login(self, tag: str, arguments: list) -> list:
         if self.tls_required and self.tls is None:
@@ -8393,9 +8457,10 @@ class ImapSession:
             if self.logins is not None:
                 self.logins.failed(self.peer, user, "IMAP")
             self.auth_failures += 1
-            self.delay += AUTH_FAILURE_DELAY
+            self._turn.wait += AUTH_FAILURE_DELAY
             if self.auth_failures >= MAX_AUTH_FAILURES:
-                self.state, self.closing_note = ImapState.LOGOUT, "too many failed logins"
+                self.state = ImapState.LOGOUT
+                self.note(logging.INFO, "closed", "too many failed logins")
                 return [tagged(tag, "NO", "[AUTHENTICATIONFAILED] invalid credentials"),
                         untagged("BYE too many failed logins")]
             return [tagged(tag, "NO", "[AUTHENTICATIONFAILED] invalid credentials")]

@@ -393,7 +393,7 @@ EHLO_REPLY = (b"250-sink.test\r\n250-PIPELINING\r\n250-SIZE 52428800\r\n250-8BIT
 
 
 def test_session_greets_with_its_hostname():
-    assert bytes(new_session().greeting()) == b"220 sink.test ESMTP sheesh\r\n"
+    assert [bytes(r) for r in new_session().greeting()] == [b"220 sink.test ESMTP sheesh\r\n"]
 
 
 def test_session_answers_ehlo_with_its_extensions():
@@ -919,11 +919,13 @@ def test_bdat_over_the_size_limit_is_read_to_its_end_refused_and_ends_the_transa
         b"250 2.0.0 Ok: 8 octets so far\r\n")
     assert session.receive(b"BDAT 5\r\n123") == []
     assert store.open_writers == 0  # dropped as soon as it was too big
-    assert [bytes(r) for r in session.receive(b"45")] == [
+    turn = session.receive(b"45")
+    assert [bytes(r) for r in turn] == [
         b"552 5.3.4 Error: message exceeds the fixed maximum message size\r\n"]
     assert store.messages == [] and session.state is sheesh.State.GREETED
-    assert session.notes == ["552 5.3.4 Error: message exceeds the fixed maximum message size: "
-                             "the message from <a@b.test> was over --max-size 10"]
+    assert turn.log == [(logging.INFO, "refused", "552 5.3.4 Error: message exceeds the fixed "
+                         "maximum message size: the message from <a@b.test> was over "
+                         "--max-size 10")]
     # A chunk after the failed one is read, and refused: RFC 3030 section 2.
     assert [bytes(r) for r in session.receive(b"BDAT 6 LAST\r\nQUIT\r\n")] == [
         b"503 5.5.1 Error: need MAIL command\r\n"]
@@ -1057,8 +1059,8 @@ def test_dsn_parameters_after_plain_helo_are_not_recognised():
 ])
 def test_refusals_leave_a_note_for_the_log(lines, note):
     session = greeted(max_size=1000, max_recipients=1, users={"alice": "secret"})
-    say(session, *lines)
-    assert session.notes == [note]
+    turn = session.receive("".join(line + "\r\n" for line in lines).encode())
+    assert turn.log == [(logging.INFO, "refused", note)]
 
 
 @pytest.mark.parametrize("policy, line, note", [
@@ -1072,8 +1074,7 @@ def test_refusals_leave_a_note_for_the_log(lines, note):
 ])
 def test_refusals_for_tls_or_auth_leave_a_note_for_the_log(policy, line, note):
     session = greeted(**policy)
-    say(session, line)
-    assert session.notes == [note]
+    assert session.receive(f"{line}\r\n".encode()).log == [(logging.INFO, "refused", note)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1722,7 +1723,7 @@ def test_refused_messages_are_logged_with_the_reason(tmp_path, caplog):
                     + b"x" * 200)
         replies = client.replies(5)
         assert replies[1].startswith(b"552 ") and replies[4].startswith(b"552 ")
-        wait_until(lambda: caplog.text.count("refused 127.0.0.1: 552") == 2)
+        wait_until(lambda: caplog.text.count("refused for 127.0.0.1: 552") == 2)
         client.close()
     assert "SIZE=500 is over --max-size 100, from <big@b.test>" in caplog.text
     assert "the message from <a@b.test> was over --max-size 100" in caplog.text
@@ -2347,16 +2348,16 @@ def test_session_offers_starttls_when_tls_is_configured():
 def test_session_starttls_refusals(policy, before, reply):
     session = new_session(**policy)
     say(session, *before)
-    assert say(session, "STARTTLS") == reply
-    assert not session.tls_requested
+    turn = session.receive(b"STARTTLS\r\n")
+    assert [bytes(r) for r in turn] == [reply] and not turn.start_tls
 
 
 def test_session_drops_commands_pipelined_after_starttls():
     """RFC 3207 section 4.2 and CVE-2011-0411: what came before the handshake is not read."""
     session = greeted(tls_available=True)
-    replies = session.receive(b"STARTTLS\r\nMAIL FROM:<injected@x.test>\r\nRCPT TO:<a@b.test>\r\n")
-    assert [bytes(r) for r in replies] == [b"220 2.0.0 Ready to start TLS\r\n"]
-    assert session.tls_requested and not session.busy
+    turn = session.receive(b"STARTTLS\r\nMAIL FROM:<injected@x.test>\r\nRCPT TO:<a@b.test>\r\n")
+    assert [bytes(r) for r in turn] == [b"220 2.0.0 Ready to start TLS\r\n"]
+    assert turn.start_tls and not turn.hang_up and not session.busy
     session.tls_started("TLSv1.3 with cipher TLS_AES_256_GCM_SHA384")
     assert say(session, "EHLO x", "RCPT TO:<a@b.test>").endswith(
         b"503 5.5.1 Error: need MAIL command\r\n")  # the injected MAIL was never run
@@ -2405,10 +2406,11 @@ def test_session_auth_required_refuses_mail_until_auth():
 
 def test_session_closes_when_the_first_bytes_are_a_tls_handshake():
     session = new_session()
-    replies = session.receive(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\0" * 40)
-    assert [bytes(r) for r in replies] == [
+    turn = session.receive(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\0" * 40)
+    assert [bytes(r) for r in turn] == [
         b"421 4.7.0 Error: this port speaks plain SMTP first, use STARTTLS\r\n"]
-    assert session.closed and "TLS" in session.closing_note
+    assert session.closed and turn.hang_up
+    assert turn.log == [(logging.INFO, "closed", "the client spoke TLS to the plain port")]
 
 
 def test_session_with_users_checks_plain_and_login_passwords():
@@ -3653,13 +3655,14 @@ def faulty(*rules, seed=None, store=None):
 def test_fault_rejects_one_recipient_and_keeps_the_others():
     store = MemoryStore()
     session = faulty("rcpt *@bounce.test: 550 5.1.1 No such user", store=store)
-    assert say(session, "EHLO x", "MAIL FROM:<a@b.test>", "RCPT TO:<ok@d.test>",
-               "RCPT TO:<gone@BOUNCE.test>", "RCPT TO:<also@d.test>", "DATA", "x", ".").endswith(
-        b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n550 5.1.1 No such user\r\n250 2.1.5 Ok\r\n"
-        b"354 End data with <CR><LF>.<CR><LF>\r\n250 2.0.0 Ok: queued as Q1\r\n")
+    say(session, "EHLO x", "MAIL FROM:<a@b.test>", "RCPT TO:<ok@d.test>")
+    turn = session.receive(b"RCPT TO:<gone@BOUNCE.test>\r\n")
+    assert [bytes(r) for r in turn] == [b"550 5.1.1 No such user\r\n"]
+    assert turn.log == [(logging.WARNING, "injected fault", "rcpt gone@BOUNCE.test: rcpt "
+                         "*@bounce.test: 550 5.1.1 No such user")]
+    assert say(session, "RCPT TO:<also@d.test>", "DATA", "x", ".") == (
+        b"250 2.1.5 Ok\r\n354 End data with <CR><LF>.<CR><LF>\r\n250 2.0.0 Ok: queued as Q1\r\n")
     assert store.messages[0][0].recipients == ["ok@d.test", "also@d.test"]
-    assert session.fault_notes == ["rcpt gone@BOUNCE.test: rcpt *@bounce.test: 550 5.1.1 No "
-                                   "such user"]
 
 
 def test_fault_at_end_of_data_stores_nothing():
@@ -3679,8 +3682,8 @@ def test_fault_first_n_times_then_normal():
 
 def test_fault_delay_is_asked_of_the_handler_and_the_command_goes_on():
     session = faulty("ehlo: delay 1.5")
-    assert say(session, "HELO x") == b"250 sink.test\r\n"
-    assert session.delay == 1.5
+    turn = session.receive(b"HELO x\r\n")
+    assert [bytes(r) for r in turn] == [b"250 sink.test\r\n"] and turn.wait == 1.5
 
 
 def test_fault_seeded_probability_repeats_exactly():
@@ -4619,7 +4622,7 @@ def wire(reply):
 
 def test_pop3_session_greets_and_lists_capabilities():
     session = pop3(None)
-    assert session.greeting().wire == b"+OK sheesh POP3 server ready\r\n"
+    assert [r.wire for r in session.greeting()] == [b"+OK sheesh POP3 server ready\r\n"]
     assert tell(session, "CAPA") == (
         b"+OK capability list follows\r\nTOP\r\nUSER\r\nUIDL\r\nRESP-CODES\r\nAUTH-RESP-CODE\r\n"
         b"PIPELINING\r\nIMPLEMENTATION sheesh-" + sheesh.__version__.encode() + b"\r\n.\r\n")
@@ -4703,9 +4706,10 @@ def test_pop3_session_second_session_on_the_same_maildrop_is_in_use(maildrop):
 
 def test_pop3_session_checks_passwords_with_users(maildrop):
     session = pop3(maildrop, users=USERS)
-    assert tell(session, "USER alice", "PASS wrong") == (
-        b"+OK send PASS\r\n-ERR [AUTH] invalid user name or password\r\n")
-    assert session.delay == sheesh.AUTH_FAILURE_DELAY
+    turn = session.receive(b"USER alice\r\nPASS wrong\r\n")
+    assert [r.wire for r in turn] == [b"+OK send PASS\r\n",
+                                      b"-ERR [AUTH] invalid user name or password\r\n"]
+    assert turn.wait == sheesh.AUTH_FAILURE_DELAY
     assert tell(session, "USER alice", "PASS correct horse").endswith(b"+OK 3 messages\r\n")
     locked_out = pop3(maildrop, users=USERS)
     tell(locked_out, "USER alice", "PASS 1", "USER alice", "PASS 2", "USER alice", "PASS 3")
@@ -4898,7 +4902,7 @@ def converse(session, *lines):
 def test_imap_session_reads_like_rfc_3501_section_8(imap_store):
     """The example session of RFC 3501 section 8, against sheesh's own two messages."""
     session = imap(imap_store)
-    assert session.greeting().wire.startswith(b"* OK [CAPABILITY IMAP4rev1 ")
+    assert session.greeting()[0].wire.startswith(b"* OK [CAPABILITY IMAP4rev1 ")
     assert converse(session, "a001 login mrc secret") == (
         b"a001 OK [CAPABILITY " + session.capabilities().encode() + b"] logged in\r\n")
     selected = converse(session, "a002 select inbox")
@@ -4967,9 +4971,9 @@ def test_imap_session_authenticate_plain_and_users(imap_store):
     assert converse(stepwise, "a1 AUTHENTICATE PLAIN") == b"+\r\n"
     assert converse(stepwise, token).startswith(b"a1 OK ")
     wrong = imap(imap_store, users=USERS)
-    assert converse(wrong, "a1 LOGIN alice wrong") == (
-        b"a1 NO [AUTHENTICATIONFAILED] invalid credentials\r\n")
-    assert wrong.delay == sheesh.AUTH_FAILURE_DELAY
+    turn = wrong.receive(b"a1 LOGIN alice wrong\r\n")
+    assert [r.wire for r in turn] == [b"a1 NO [AUTHENTICATIONFAILED] invalid credentials\r\n"]
+    assert turn.wait == sheesh.AUTH_FAILURE_DELAY
     converse(wrong, "a2 LOGIN alice x", "a3 LOGIN alice y")
     assert wrong.closed
     private = imap(imap_store, tls_available=True, tls_required=True)
