@@ -2965,6 +2965,12 @@ class SqlIndex:
                               (*params, limit, offset)).fetchall()
         return total, [_summary(row) for row in rows]
 
+    def unchecked(self, limit: int) -> list[Summary]:
+        """The newest messages whose checks (7.7) were never made."""
+        rows = self._read(f"SELECT {_SUMMARY_COLUMNS} FROM messages WHERE indexed AND checks "
+                          f"IS NULL ORDER BY uid DESC LIMIT ?", (limit,))
+        return [_summary(row) for row in rows]
+
     def set_checks(self, counts: dict[int, dict]) -> None:
         """Remember what the checks found (by UID): they are made when first asked for."""
         self._writer.executemany("UPDATE messages SET checks = ? WHERE uid = ?",
@@ -3151,6 +3157,12 @@ class MemoryIndex:
 
     def open(self) -> None:
         return None
+
+    def unchecked(self, limit: int) -> list[Summary]:
+        with self._lock:
+            found = [uid for uid in sorted(self._bodies, reverse=True)
+                     if self._rows[uid].checks is None][:limit]
+            return [replace(self._rows[uid]) for uid in found]
 
     def set_checks(self, counts: dict[int, dict]) -> None:
         with self._lock:
@@ -3366,6 +3378,9 @@ EVENTS_KEPT = 100  # events remembered for event streams that fell behind (each 
 # up to EVENT_IDS messages: 100 of them cost at most a megabyte)
 EVENT_IDS = 100  # an event names at most this many messages (its "count" says how many)
 MAILBOX_INDEX_WAIT = 20.0  # a POP3 login or IMAP SELECT waits this long for a new index
+CHECK_QUIET = 1.0  # deliveries paused this long: check the messages not yet checked (7.7),
+CHECK_BATCH = 20  # this many at a time (about 5 ms), the newest first
+CHECK_BUDGET = 0.01  # seconds a list or search may spend checking messages not yet checked
 
 
 @dataclass
@@ -3438,6 +3453,7 @@ class Store:
         self._checked_at = self._last_sweep = self._trimmed = -math.inf
         self._verified_at = -math.inf  # when the index last matched the folders, for sure
         self._scan_cost = 0.0
+        self._checks_to_make = True  # messages may lack their checks (7.7): look when quiet
         self.uidvalidity = 0
 
     # -- starting and stopping
@@ -3500,6 +3516,7 @@ class Store:
                 self._overflowed = True  # a folder scan will find the rest
             self._queued_total += 1
             number = self._queued_total
+            self._checks_to_make = True
             self._last_queued = self._own_change = now
         # The indexing thread times itself from the queue: one wake-up will do.
         if first or fresh and (self.watchers or self._waiters):
@@ -3548,6 +3565,8 @@ class Store:
         if self._hurry or self._overflowed:
             return 0
         waits = [FOLDER_CHECK_INTERVAL]
+        if self._checks_to_make:  # a batch at a time, with pauses for others to run
+            waits.append(max(0.01, self._last_queued + CHECK_QUIET - time.monotonic()))
         if self._queue:
             waits.append(self._arrivals_due_in())
         if self._ended_sessions:
@@ -3594,6 +3613,9 @@ class Store:
                 self._progress.notify_all()
         if self.max_messages or self.max_age:
             self._keep_within_limits()
+        if self._checks_to_make and not self._queue and not self._rows_to_read and (
+                time.monotonic() - self._last_queued >= CHECK_QUIET):
+            self._checks_to_make = bool(self.with_checks(self.index.unchecked(CHECK_BATCH)))
         if time.monotonic() - self._trimmed >= MEMORY_TRIM_INTERVAL:
             self._trimmed = time.monotonic()
             give_back_memory()
@@ -3846,18 +3868,23 @@ class Store:
         query = parse_search(query) if isinstance(query, str) else query
         self.catch_up()
         total, messages = self.index.page(query, mailbox, limit, offset)
-        return Page(total, self.index.counts(mailbox)[1], self.with_checks(messages))
+        return Page(total, self.index.counts(mailbox)[1],
+                    self.with_checks(messages, budget=CHECK_BUDGET))
 
     def summary(self, key: str) -> Summary | None:
         self.catch_up()
         found = self.index.get(key) if len(key) < 256 else None
         return self.with_checks([found])[0] if found is not None else None
 
-    def with_checks(self, summaries: list[Summary]) -> list[Summary]:
+    def with_checks(self, summaries: list[Summary], budget: float | None = None
+                    ) -> list[Summary]:
         """The summaries with what the checks (7.7) found, by severity: made for those that
-        lack it, and kept. Made when someone looks, never while a message is delivered."""
-        made = {}
+        lack it (within `budget` seconds; those left are null, for now), and kept. The
+        indexing thread checks the others when deliveries pause, never while they go on."""
+        made, deadline = {}, None if budget is None else time.monotonic() + budget
         for summary in summaries:
+            if deadline is not None and time.monotonic() > deadline:
+                break
             if summary.checks is None and (findings := self.checks(summary)) is not None:
                 summary.checks = made[summary.uid] = check_counts(findings)
         if made:

@@ -3987,6 +3987,15 @@ def test_checks_in_the_api_the_summaries_and_the_in_process_api(tmp_path):
     assert clean.checks() == [] and {f.id for f in careless.checks()} >= {"from-missing"}
 
 
+def test_arrivals_are_checked_once_deliveries_pause_without_anyone_looking(server):
+    with smtplib.SMTP(server.host, server.port) as client:
+        client.sendmail("a@b.test", ["c@d.test"], b"Subject: careless\r\n\r\nx\r\n")
+    key = server.wait_for_message().key
+    server.store.catch_up()
+    wait_until(lambda: (server.store.index.get(key).checks or {}).get("error") == 3,
+               what="the checks, made by the indexing thread")
+
+
 def test_smtputf8_messages_say_so_in_their_trace_and_their_checks(server):
     with smtplib.SMTP(server.host, server.port) as client:
         client.sendmail("jörg@shop.example", ["dana@example.com"],
