@@ -4893,6 +4893,15 @@ class ConnectionHandler(socketserver.StreamRequestHandler):
 # ---------------------------------------------------------------------------------------------
 
 
+def split_host_and_port(text: str) -> tuple[str, int]:
+    """"smtp.example.com:587" or "[2001:db8::1]:25" as (host, port); ValueError if not."""
+    host, colon, port = text.rpartition(":")
+    number = whole_number(port, 5)
+    if not colon or not host or number is None or not 0 < number < 65536:
+        raise ValueError(f"--relay expected HOST:PORT, not {text}")
+    return host.strip("[]"), number
+
+
 @dataclass(frozen=True)
 class Config:
     host: str = DEFAULT_HOST
@@ -4939,6 +4948,22 @@ class Config:
     webhooks: tuple[str, ...] = ()  # URLs told of each stored message (section 11)
     webhook_secret: str | None = None  # signs what they are told (HMAC-SHA256)
     index: bool = True  # keep the index in a file beside the Maildir (else in memory)
+    # What the options above hold, read once, here (a mistake is a ValueError that says why):
+    fault_rules: tuple[FaultRule, ...] = field(init=False, default=())
+    relay_address: tuple[str, int] | None = field(init=False, default=None)
+    relay_pattern: re.Pattern | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "fault_rules", tuple(map(parse_fault, self.faults)))
+        if self.relay is not None:
+            object.__setattr__(self, "relay_address", split_host_and_port(self.relay))
+        if self.relay_match is not None:
+            try:
+                pattern = re.compile(self.relay_match)
+            except re.error as error:
+                raise ValueError(f"--relay-match {self.relay_match!r} is not a regular "
+                                 f"expression: {error}") from None
+            object.__setattr__(self, "relay_pattern", pattern)
 
     @property
     def tls(self) -> bool:
@@ -5168,20 +5193,28 @@ class Server:
         self.addresses = ConnectionsByAddress(self.config.max_connections_per_ip)
         self.tls_context = None
         self.web: WebServer | None = None
-        self.faults = FaultPlan([parse_fault(rule) for rule in self.config.faults],
+        self.faults = FaultPlan(list(self.config.fault_rules),
                                 self.config.fail_seed, max_delay=self.config.timeout)
         self.relay = Relay(self.config, self.store) if self.config.relay else None
         self.webhooks = (Webhooks(self.config.webhooks, self.config.webhook_secret, self.store)
                          if self.config.webhooks else None)
         self.policy = self.config.policy()
-        self._relay_match = re.compile(self.config.relay_match) if self.config.relay_match else None
+        self._relay_match = self.config.relay_pattern
 
     def start(self) -> Server:
         """Set up TLS, bind the ports, then create the Maildir and start serving. If any of it
-        fails: CannotStart (or ValueError, for a bad certificate), with nothing left running,
-        and nothing created if a port was refused."""
-        if self.config.tls:
-            self.tls_context = make_tls_context(self.config)
+        fails: CannotStart, saying which step and why, with nothing left running, and nothing
+        created if TLS or a port failed."""
+        config = self.config
+        if config.tls:
+            try:
+                self.tls_context = make_tls_context(config)
+            except (OSError, ValueError) as error:  # ssl.SSLError is an OSError
+                files = f" with {config.tls_cert} and {config.tls_key}" if config.tls_cert else ""
+                reason = (getattr(error, "reason", None) or getattr(error, "strerror", None)
+                          or error)
+                raise CannotStart(getattr(error, "errno", None),
+                                  f"cannot set up TLS{files}: {reason}") from error
         try:
             self._bind()
             try:
@@ -6725,8 +6758,7 @@ class Relay(RetryingWorker):
     def __init__(self, config: Config, store: Store) -> None:
         super().__init__()
         self.config, self.store = config, store
-        host, _, port = config.relay.rpartition(":")
-        self.host, self.port = host.strip("[]"), int(port)
+        self.host, self.port = config.relay_address
 
     def submit(self, key: str, sender: str, recipients: list[str]) -> bool:
         """Queue a message; False if the queue is full (it stays stored all the same)."""
@@ -9170,7 +9202,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_fault_options(failing) -> None:
     failing.add_argument("--fail", dest="faults", metavar="RULE", action="append",
-                         type=fault_rule, default=[],
+                         default=[],
                          help="inject a failure: " + FAULT_SYNTAX.replace("%", "%%"))
     failing.add_argument("--fail-seed", type=int, metavar="N",
                          help="seed for the chances in --fail rules, to replay a run")
@@ -9191,7 +9223,7 @@ def add_imap_options(imap) -> None:
 
 
 def add_relay_options(relay) -> None:
-    relay.add_argument("--relay", metavar="HOST:PORT", type=host_and_port,
+    relay.add_argument("--relay", metavar="HOST:PORT",
                        help="a real SMTP server to release messages to")
     relay.add_argument("--relay-user", help="user name to log in to it with")
     relay.add_argument("--relay-password", help="its password; better, set the environment "
@@ -9206,7 +9238,7 @@ def add_relay_options(relay) -> None:
     automatic = relay.add_mutually_exclusive_group()
     automatic.add_argument("--relay-all", action="store_true",
                            help="relay every message to its recipients as it arrives")
-    automatic.add_argument("--relay-match", metavar="REGEX", type=regex,
+    automatic.add_argument("--relay-match", metavar="REGEX",
                            help="relay as they arrive, but only to recipients matching REGEX")
 
 
@@ -9240,29 +9272,6 @@ def web_address(text: str) -> str:
     url = urllib.parse.urlsplit(text)
     if url.scheme not in ("http", "https") or not url.hostname:
         raise argparse.ArgumentTypeError(f"expected an http:// or https:// URL, not {text}")
-    return text
-
-
-def host_and_port(text: str) -> str:
-    host, colon, port = text.rpartition(":")
-    if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, not {text}")
-    return text
-
-
-def regex(text: str) -> str:
-    try:
-        re.compile(text)
-    except re.error as error:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a regular expression: {error}")
-    return text
-
-
-def fault_rule(text: str) -> str:
-    try:
-        parse_fault(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
     return text
 
 
@@ -9328,7 +9337,7 @@ def main(argv: list[str] | None = None) -> int:
             options[secret] = os.environ.get(variable)
     try:
         server = Server(Config(**options))
-    except ValueError as error:  # a fault rule that cannot run with these options
+    except ValueError as error:  # what Config read and found wrong: a rule, an address...
         parser.error(str(error))
     try:
         cpu = pin_to_one_cpu(cpu_choice_)
@@ -9336,10 +9345,8 @@ def main(argv: list[str] | None = None) -> int:
         return fail(f"cannot run on CPU {cpu_choice_}: {getattr(error, 'strerror', None) or error}")
     try:
         server.start()
-    except CannotStart as error:
+    except CannotStart as error:  # it says which step failed, and why
         return fail(error.strerror)
-    except (OSError, ValueError) as error:
-        return fail(start_failure(server, error))
     # Logged as a warning so that it shows even with --quiet: it says where everything is.
     smtps = "".join(f" ({name.upper()} on port {port})" for name, port in server.ports.items()
                     if name != "smtp")
@@ -9422,16 +9429,6 @@ def check_main(argv: list[str]) -> int:
         if counts["error"] and status == 0:
             status = 1
     return status
-
-
-def start_failure(server: Server, error: OSError | ValueError) -> str:
-    """Say what failed at start-up but a port or the Maildir: the TLS certificate, mostly."""
-    config = server.config
-    if config.tls and server.tls_context is None:
-        files = f" with {config.tls_cert} and {config.tls_key}" if config.tls_cert else ""
-        reason = getattr(error, "reason", None) or getattr(error, "strerror", None) or error
-        return f"cannot set up TLS{files}: {reason}"
-    return f"cannot start: {getattr(error, 'strerror', None) or error}"
 
 
 def fail(message: str) -> int:
