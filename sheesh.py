@@ -723,6 +723,70 @@ def parse_auth(argument: str) -> Auth | Invalid:
 END_OF_DATA = b"\r\n.\r\n"
 
 
+class Overlong:
+    """What Incoming.line() gives for a line that was too long, once its end has come."""
+
+
+LINE_TOO_LONG_MARK = Overlong()
+
+
+class Incoming:
+    """What a client has sent and is not read yet, as every line protocol reads it (SMTP,
+    POP3 and IMAP share this one): a line at a time, so many octets (a BDAT chunk, an IMAP
+    literal), or all there is (a message in DATA). A line is bounded: one of `limit` octets
+    or more is dropped as it arrives, and comes out once, when its end does, as
+    LINE_TOO_LONG_MARK: a client that never sends a line ending holds no more than that."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._data, self._at = b"", 0
+        self._overlong = False
+
+    def add(self, data: bytes) -> None:
+        self._data = self._data[self._at:] + data if self._at < len(self._data) else data
+        self._at = 0
+
+    @property
+    def waiting(self) -> bool:
+        """Whether a line has begun and not ended (or the end of a dropped one is awaited)."""
+        return self._at < len(self._data) or self._overlong
+
+    @property
+    def held(self) -> int:
+        """How many octets it holds: never a line's worth more than its limit."""
+        return len(self._data) - self._at
+
+    def line(self) -> bytes | Overlong | None:
+        """The next whole line, without its LF; None until one has come."""
+        end = self._data.find(b"\n", self._at)
+        if end < 0:
+            if len(self._data) - self._at >= self.limit:
+                self._data, self._at, self._overlong = b"", 0, True
+            return None
+        line, self._at = self._data[self._at:end], end + 1
+        if self._overlong or len(line) >= self.limit:
+            self._overlong = False
+            return LINE_TOO_LONG_MARK
+        return line
+
+    def take(self, count: int) -> bytes:
+        """Up to `count` octets, whatever they hold."""
+        piece = self._data[self._at:self._at + count]
+        self._at += len(piece)
+        return piece
+
+    def rest(self) -> bytes:
+        """All there is."""
+        piece = self._data[self._at:]
+        self._data, self._at = b"", 0
+        return piece
+
+    def clear(self) -> None:
+        """Forget it all: after STARTTLS (nothing sent before the handshake is read), or
+        once the session has closed."""
+        self._data, self._at, self._overlong = b"", 0, False
+
+
 class DataReader:
     """Reads one message body: un-stuffs dots and finds the CRLF.CRLF that ends it."""
 
@@ -842,8 +906,7 @@ class Session(TakesTurns):
     logins: LoginGuard | None = None  # failed logins by client address, across sessions
     _turn: Turn = field(default_factory=Turn)  # what the handler is to do, so far
     _tls_pending: bool = False  # STARTTLS accepted: what follows it is never read
-    _unread: bytes = b""  # the start of a command line whose end has not arrived
-    _overlong: bool = False  # dropping the rest of a command line that was too long
+    _incoming: Incoming = field(default_factory=lambda: Incoming(COMMAND_LINE_LIMIT))
     _data: DataReader | None = None
     _writer: object = None  # the store's writer for the message in DATA
     _message_size: int = 0
@@ -872,7 +935,7 @@ class Session(TakesTurns):
     def busy(self) -> bool:
         """Whether a command line or a message has begun to arrive and not yet ended: a
         message, in DATA or in chunks, must arrive whole within one timeout."""
-        return self.in_data or bool(self._unread) or self._overlong
+        return self.in_data or self._incoming.waiting
 
     def receive(self, data: bytes) -> Turn:
         """Take the bytes the client sent; return the replies they call for, in order, in
@@ -881,48 +944,41 @@ class Session(TakesTurns):
         A client that pipelines (RFC 2920) sends several commands, or a whole message and the
         next transaction, in one write: they are answered one by one, in the order they came.
         """
-        if self.state is State.CONNECTED and not self._unread and data.startswith(b"\x16\x03"):
+        incoming = self._incoming
+        if self.state is State.CONNECTED and not incoming.waiting and data.startswith(
+                b"\x16\x03"):
             return self.hand_over([self.close(TLS_ON_PLAIN_PORT,
                                               "the client spoke TLS to the plain port")])
-        buffer, position, replies = self._unread + data, 0, []
-        while position < len(buffer) and not self.closed and not self._tls_pending:
+        incoming.add(data)
+        replies = []
+        while not self.closed and not self._tls_pending:
             if self.state is State.DATA:
-                done, buffer, position = self.handle_data(buffer[position:]), b"", 0
-                if done:
-                    reply_, buffer = done
-                    replies.append(reply_)
+                if (done := self.handle_data(incoming.rest())) is None:
+                    break
+                reply_, rest = done
+                replies.append(reply_)
+                incoming.add(rest)
                 continue
             if self._chunk_left:  # BDAT: so many octets, exactly, whatever they hold
-                chunk = buffer[position:position + self._chunk_left]
-                position += len(chunk)
-                if (reply_ := self.handle_chunk(chunk)) is not None:
-                    replies.append(reply_)
-                continue
-            end = buffer.find(b"\n", position)
-            if end < 0:
+                if not (chunk := incoming.take(self._chunk_left)):
+                    break
+                reply_ = self.handle_chunk(chunk)
+            elif (line := incoming.line()) is None:
                 break
-            reply_ = self.handle_raw_line(buffer[position:end])
-            position = end + 1
+            else:
+                reply_ = self.handle_raw_line(line)
             if reply_ is not None:  # BDAT answers once its chunk has come
                 replies.append(reply_)
-        self._unread = self._hold_partial_line(buffer[position:])
+        if self.closed or self._tls_pending:
+            # After STARTTLS, what the client sent before the handshake is dropped, never
+            # read as commands: a man in the middle could have put it there (RFC 3207
+            # section 4.2, and CVE-2011-0411, "STARTTLS command injection").
+            incoming.clear()
         return self.hand_over(replies)
 
-    def _hold_partial_line(self, partial: bytes) -> bytes:
-        # After STARTTLS, what the client sent before the handshake is dropped, never read as
-        # commands: a man in the middle could have put it there (RFC 3207 section 4.2, and
-        # CVE-2011-0411, "STARTTLS command injection").
-        if self.closed or self.state is State.DATA or self._chunk_left or self._tls_pending:
-            return b""
-        if len(partial) >= COMMAND_LINE_LIMIT:
-            self._overlong = True  # drop it, and answer once its end arrives
-            return b""
-        return partial
-
-    def handle_raw_line(self, raw: bytes) -> Reply:
+    def handle_raw_line(self, raw: bytes | Overlong) -> Reply:
         """One command line as bytes, without its LF (a CR before the LF is removed here)."""
-        if self._overlong or len(raw) >= COMMAND_LINE_LIMIT:
-            self._overlong = False
+        if raw is LINE_TOO_LONG_MARK:
             if self.state is State.AUTH:
                 self.state = State.GREETED
             if self.transcript is not None:
@@ -7347,8 +7403,7 @@ class Pop3Session(TakesTurns):
     _turn: Turn = field(default_factory=Turn)
     _tls_pending: bool = False
     _maildrop_name: str | None = None  # the maildrop this session has locked
-    _unread: bytes = b""
-    _overlong: bool = False
+    _incoming: Incoming = field(default_factory=lambda: Incoming(COMMAND_LINE_LIMIT))
 
     def greeting(self) -> Turn:
         return self.hand_over([pop3_ok("sheesh POP3 server ready")])
@@ -7366,29 +7421,24 @@ class Pop3Session(TakesTurns):
 
     @property
     def busy(self) -> bool:
-        return bool(self._unread) or self._overlong
+        return self._incoming.waiting
 
     in_data = False  # POP3 reads no message from the client
 
     def receive(self, data: bytes) -> Turn:
         """Lines in, replies out, in order (RFC 2449 PIPELINING)."""
-        buffer, position, replies = self._unread + data, 0, []
-        while not self.closed and not self._tls_pending:
-            end = buffer.find(b"\n", position)
-            if end < 0:
-                break
-            raw, position = buffer[position:end], end + 1
-            if self._overlong or len(raw) >= COMMAND_LINE_LIMIT:
-                self._overlong = False
+        incoming, replies = self._incoming, []
+        incoming.add(data)
+        while not self.closed and not self._tls_pending and (raw := incoming.line()) is not None:
+            if raw is LINE_TOO_LONG_MARK:
                 replies.append(pop3_error("line too long"))
                 continue
             line = raw.removesuffix(b"\r").decode("utf-8", "replace")
             if self.transcript is not None:  # never the password
                 self.transcript.client("PASS ****" if line[:5].upper() == "PASS " else line)
             replies.append(self.handle_line(line))
-        partial = b"" if self.closed or self._tls_pending else buffer[position:]
-        self._overlong = self._overlong or len(partial) >= COMMAND_LINE_LIMIT
-        self._unread = b"" if self._overlong else partial
+        if self.closed or self._tls_pending:
+            incoming.clear()  # RFC 2595 section 4, as for SMTP: nothing before TLS is read
         return self.hand_over(replies)
 
     def handle_line(self, line: str) -> Pop3Reply:
@@ -8186,7 +8236,7 @@ class ImapSession(TakesTurns):
     idling: str | None = None  # the tag of the IDLE command in progress
     unknown_commands: int = 0
     auth_failures: int = 0
-    _buffer: bytes = b""
+    _incoming: Incoming = field(default_factory=lambda: Incoming(IMAP_LINE_LIMIT))
     _pieces: list = field(default_factory=list)  # the command so far: text, literal, text...
     _literal_left: int = 0
     _literal_parts: list[bytes] = field(default_factory=list)
@@ -8194,7 +8244,6 @@ class ImapSession(TakesTurns):
     _discarding: bool = False  # a refused non-synchronising literal: read and dropped
     _refusal: ImapReply | None = None  # what to answer once the refused command has ended
     _authenticating: str | None = None  # the tag of an AUTHENTICATE waiting for its response
-    _overlong: bool = False
     _turn: Turn = field(default_factory=Turn)
     _tls_pending: bool = False
     transcript: Transcript | None = None
@@ -8217,7 +8266,7 @@ class ImapSession(TakesTurns):
     @property
     def busy(self) -> bool:
         """A command (or a literal) has begun to arrive and not yet ended."""
-        return bool(self._buffer or self._pieces or self._literal_left) or self._overlong
+        return self._incoming.waiting or bool(self._pieces or self._literal_left)
 
     @property
     def in_data(self) -> bool:
@@ -8247,25 +8296,21 @@ class ImapSession(TakesTurns):
 
     def receive(self, data: bytes) -> Turn:
         """Bytes in; the replies they call for, in order (commands may be pipelined)."""
-        self._buffer += data
-        replies = []
-        while self._buffer and not self.closed and not self._tls_pending:
+        incoming, replies = self._incoming, []
+        incoming.add(data)
+        while not self.closed and not self._tls_pending:
             if self._literal_left:
-                replies += self.take_literal()
-                continue
-            end = self._buffer.find(b"\n")
-            if end < 0:
-                if len(self._buffer) > IMAP_LINE_LIMIT:
-                    self._buffer, self._overlong = b"", True  # dropped until its end comes
-                    replies.append(self.too_long())
+                if not (piece := incoming.take(self._literal_left)):
+                    break
+                replies += self.take_literal(piece)
+            elif (line := incoming.line()) is None:
                 break
-            line, self._buffer = self._buffer[:end + 1], self._buffer[end + 1:]
-            if self._overlong:
-                self._overlong = False  # the end of a line already answered
-                continue
-            replies += self.handle_line(line.rstrip(b"\r\n"))
+            elif line is LINE_TOO_LONG_MARK:
+                replies.append(self.too_long())
+            else:
+                replies += self.handle_line(line.removesuffix(b"\r"))
         if self.closed or self._tls_pending:
-            self._buffer = b""  # RFC 3501 section 6.2.1: nothing sent before TLS is used
+            incoming.clear()  # RFC 3501 section 6.2.1: nothing sent before TLS is used
         return self.hand_over(replies)
 
     def too_long(self) -> ImapReply:
@@ -8324,9 +8369,8 @@ class ImapSession(TakesTurns):
         self._discarding, self._refusal = True, refusal
         return []
 
-    def take_literal(self) -> list:
-        piece = self._buffer[:self._literal_left]
-        self._buffer, self._literal_left = self._buffer[len(piece):], self._literal_left - len(piece)
+    def take_literal(self, piece: bytes) -> list:
+        self._literal_left -= len(piece)
         if self._literal_writer is not None and not isinstance(self._literal_writer, OSError):
             try:
                 self._literal_writer.write(piece)

@@ -298,6 +298,21 @@ def test_addresses_with_control_characters_spaces_or_bad_bytes_are_refused(addre
 # 4. DATA: the terminator and dot-stuffing
 # ---------------------------------------------------------------------------------------------
 
+def test_incoming_gives_lines_octets_and_the_rest_and_bounds_a_line():
+    incoming = sheesh.Incoming(limit=10)
+    incoming.add(b"EHLO x\r\nBDAT 3\r\nab")
+    assert incoming.line() == b"EHLO x\r" and incoming.line() == b"BDAT 3\r"
+    assert incoming.take(3) == b"ab" and incoming.take(1) == b"" and not incoming.waiting
+    incoming.add(b"c" + b"x" * 25)  # no line ending: dropped as it arrives
+    assert incoming.take(1) == b"c" and incoming.line() is None
+    assert incoming.held == 0 and incoming.waiting
+    incoming.add(b"yyy\nNOOP\n")
+    assert incoming.line() is sheesh.LINE_TOO_LONG_MARK  # once, when its end comes
+    assert incoming.line() == b"NOOP" and incoming.line() is None
+    incoming.add(b"DATA follows\r\n.\r\n")
+    assert incoming.rest() == b"DATA follows\r\n.\r\n" and incoming.held == 0
+
+
 def test_data_reader_ends_at_crlf_dot_crlf_and_returns_what_follows():
     reader = sheesh.DataReader()
     assert reader.feed(b"Subject: x\r\n\r\nhello\r\n.\r\nMAIL FROM:<a@b>\r\n") == (
@@ -596,7 +611,7 @@ def test_session_drops_an_overlong_line_as_it_arrives_and_answers_once():
     session = greeted()
     for _ in range(1024):  # a 1 MiB line, 1 KiB at a time
         assert session.receive(b"x" * 1024) == []
-        assert len(session._unread) < sheesh.COMMAND_LINE_LIMIT
+        assert session._incoming.held < sheesh.COMMAND_LINE_LIMIT
     assert say(session, "", "NOOP") == b"500 5.5.2 Error: line too long\r\n250 2.0.0 Ok\r\n"
 
 
