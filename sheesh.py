@@ -216,67 +216,67 @@ class Reply:
         return self.shown  # made once: most replies are constants
 
 
-def reply(code: int, *lines: str) -> Reply:
+def smtp_reply(code: int, *lines: str) -> Reply:
     return Reply(code, lines)
 
 
-OK = reply(250, "2.0.0 Ok")
-SENDER_OK = reply(250, "2.1.0 Ok")
-RECIPIENT_OK = reply(250, "2.1.5 Ok")
-START_DATA = reply(354, "End data with <CR><LF>.<CR><LF>")
-BYE = reply(221, "2.0.0 Bye")
-CANNOT_VRFY = reply(252, "2.5.0 Cannot verify the user, but will accept mail for it")
-HELP = reply(214, "2.0.0 Commands: HELO EHLO MAIL RCPT DATA RSET NOOP VRFY HELP QUIT AUTH",
+OK = smtp_reply(250, "2.0.0 Ok")
+SENDER_OK = smtp_reply(250, "2.1.0 Ok")
+RECIPIENT_OK = smtp_reply(250, "2.1.5 Ok")
+START_DATA = smtp_reply(354, "End data with <CR><LF>.<CR><LF>")
+BYE = smtp_reply(221, "2.0.0 Bye")
+CANNOT_VRFY = smtp_reply(252, "2.5.0 Cannot verify the user, but will accept mail for it")
+HELP = smtp_reply(214, "2.0.0 Commands: HELO EHLO MAIL RCPT DATA RSET NOOP VRFY HELP QUIT AUTH",
              "2.0.0 See RFC 5321 for what each one does")
-AUTH_OK = reply(235, "2.7.0 Authentication successful")
-AUTH_USERNAME = reply(334, "VXNlcm5hbWU6")  # base64 of "Username:" (the LOGIN mechanism)
-AUTH_PASSWORD = reply(334, "UGFzc3dvcmQ6")  # base64 of "Password:"
-AUTH_GO_ON = reply(334, "")  # PLAIN without an initial response: an empty challenge
-READY_FOR_TLS = reply(220, "2.0.0 Ready to start TLS")
+AUTH_OK = smtp_reply(235, "2.7.0 Authentication successful")
+AUTH_USERNAME = smtp_reply(334, "VXNlcm5hbWU6")  # base64 of "Username:" (the LOGIN mechanism)
+AUTH_PASSWORD = smtp_reply(334, "UGFzc3dvcmQ6")  # base64 of "Password:"
+AUTH_GO_ON = smtp_reply(334, "")  # PLAIN without an initial response: an empty challenge
+READY_FOR_TLS = smtp_reply(220, "2.0.0 Ready to start TLS")
 
-UNKNOWN_COMMAND = reply(500, "5.5.2 Error: command not recognized")
-LINE_TOO_LONG = reply(500, "5.5.2 Error: line too long")  # RFC 5321 section 4.5.3.1.4
-NOT_IMPLEMENTED = reply(502, "5.5.1 Error: command not implemented")
-NEED_HELO = reply(503, "5.5.1 Error: send HELO or EHLO first")
-NEED_EHLO = reply(503, "5.5.1 Error: send EHLO first")
-NESTED_MAIL = reply(503, "5.5.1 Error: nested MAIL command")
-NEED_MAIL = reply(503, "5.5.1 Error: need MAIL command")
-NEED_RCPT = reply(503, "5.5.1 Error: need RCPT command")
-MIXED_WITH_BDAT = reply(503, "5.5.1 Error: BDAT and DATA or RCPT cannot be mixed in one "
+UNKNOWN_COMMAND = smtp_reply(500, "5.5.2 Error: command not recognized")
+LINE_TOO_LONG = smtp_reply(500, "5.5.2 Error: line too long")  # RFC 5321 section 4.5.3.1.4
+NOT_IMPLEMENTED = smtp_reply(502, "5.5.1 Error: command not implemented")
+NEED_HELO = smtp_reply(503, "5.5.1 Error: send HELO or EHLO first")
+NEED_EHLO = smtp_reply(503, "5.5.1 Error: send EHLO first")
+NESTED_MAIL = smtp_reply(503, "5.5.1 Error: nested MAIL command")
+NEED_MAIL = smtp_reply(503, "5.5.1 Error: need MAIL command")
+NEED_RCPT = smtp_reply(503, "5.5.1 Error: need RCPT command")
+MIXED_WITH_BDAT = smtp_reply(503, "5.5.1 Error: BDAT and DATA or RCPT cannot be mixed in one "
                         "transaction")  # RFC 3030 section 2
-BINARYMIME_NEEDS_BDAT = reply(503, "5.5.1 Error: BODY=BINARYMIME needs BDAT, not DATA")
-ALREADY_AUTHENTICATED = reply(503, "5.5.1 Error: already authenticated")
-TLS_ALREADY_ACTIVE = reply(503, "5.5.1 Error: TLS already active")
-NEED_TLS = reply(530, "5.7.0 Must issue a STARTTLS command first")  # RFC 3207 section 4
-NEED_AUTH = reply(530, "5.7.0 Authentication required")  # RFC 4954 section 6
-NEED_TLS_FOR_AUTH = reply(538, "5.7.11 Encryption required for requested authentication "
+BINARYMIME_NEEDS_BDAT = smtp_reply(503, "5.5.1 Error: BODY=BINARYMIME needs BDAT, not DATA")
+ALREADY_AUTHENTICATED = smtp_reply(503, "5.5.1 Error: already authenticated")
+TLS_ALREADY_ACTIVE = smtp_reply(503, "5.5.1 Error: TLS already active")
+NEED_TLS = smtp_reply(530, "5.7.0 Must issue a STARTTLS command first")  # RFC 3207 section 4
+NEED_AUTH = smtp_reply(530, "5.7.0 Authentication required")  # RFC 4954 section 6
+NEED_TLS_FOR_AUTH = smtp_reply(538, "5.7.11 Encryption required for requested authentication "
                           "mechanism")
-AUTH_IN_TRANSACTION = reply(503, "5.5.1 Error: AUTH not allowed during a mail transaction")
-UNKNOWN_MECHANISM = reply(504, "5.5.4 Error: unrecognized authentication type")
-AUTH_CANCELLED = reply(501, "5.0.0 Authentication cancelled")
-BAD_BASE64 = reply(501, "5.5.2 Error: cannot decode the response")
-BAD_CREDENTIALS = reply(535, "5.7.8 Error: authentication credentials invalid")
-BAD_SENDER = reply(501, "5.1.7 Error: bad sender address syntax")
-BAD_RECIPIENT = reply(501, "5.1.3 Error: bad recipient address syntax")
-UNKNOWN_PARAMETER = reply(555, "5.5.4 Error: MAIL FROM/RCPT TO parameter not recognized")
-TOO_MANY_RECIPIENTS = reply(452, "4.5.3 Error: too many recipients")  # RFC 5321 4.5.3.1.10
-MESSAGE_TOO_BIG = reply(552, "5.3.4 Error: message exceeds the fixed maximum message size")
-STORAGE_FULL = reply(452, "4.3.1 Error: insufficient system storage")
-STORAGE_FAILED = reply(451, "4.3.0 Error: local error in processing, try again later")
-TOO_MANY_UNKNOWN = reply(421, "4.7.0 Error: too many unrecognized commands, goodbye")
-TOO_MANY_AUTH_FAILURES = reply(421, "4.7.0 Error: too many failed authentications, goodbye")
+AUTH_IN_TRANSACTION = smtp_reply(503, "5.5.1 Error: AUTH not allowed during a mail transaction")
+UNKNOWN_MECHANISM = smtp_reply(504, "5.5.4 Error: unrecognized authentication type")
+AUTH_CANCELLED = smtp_reply(501, "5.0.0 Authentication cancelled")
+BAD_BASE64 = smtp_reply(501, "5.5.2 Error: cannot decode the response")
+BAD_CREDENTIALS = smtp_reply(535, "5.7.8 Error: authentication credentials invalid")
+BAD_SENDER = smtp_reply(501, "5.1.7 Error: bad sender address syntax")
+BAD_RECIPIENT = smtp_reply(501, "5.1.3 Error: bad recipient address syntax")
+UNKNOWN_PARAMETER = smtp_reply(555, "5.5.4 Error: MAIL FROM/RCPT TO parameter not recognized")
+TOO_MANY_RECIPIENTS = smtp_reply(452, "4.5.3 Error: too many recipients")  # RFC 5321 4.5.3.1.10
+MESSAGE_TOO_BIG = smtp_reply(552, "5.3.4 Error: message exceeds the fixed maximum message size")
+STORAGE_FULL = smtp_reply(452, "4.3.1 Error: insufficient system storage")
+STORAGE_FAILED = smtp_reply(451, "4.3.0 Error: local error in processing, try again later")
+TOO_MANY_UNKNOWN = smtp_reply(421, "4.7.0 Error: too many unrecognized commands, goodbye")
+TOO_MANY_AUTH_FAILURES = smtp_reply(421, "4.7.0 Error: too many failed authentications, goodbye")
 # RFC 4954 section 6: 454 is a temporary failure of authentication
-TOO_MANY_LOGIN_FAILURES = reply(454, "4.7.0 Error: too many failed logins from your address, "
+TOO_MANY_LOGIN_FAILURES = smtp_reply(454, "4.7.0 Error: too many failed logins from your address, "
                                 "try again later")
-TLS_ON_PLAIN_PORT = reply(421, "4.7.0 Error: this port speaks plain SMTP first, use STARTTLS")
+TLS_ON_PLAIN_PORT = smtp_reply(421, "4.7.0 Error: this port speaks plain SMTP first, use STARTTLS")
 # Not a reply: what an injected "disconnect" fault answers, inside the session only; the Turn
 # it makes has hang_up set and no reply for it.
 NO_REPLY = Reply(0, ("(the connection is closed without a reply)",))
-TOO_MANY_CONNECTIONS = reply(421, "4.7.0 Error: too many connections, try again later")
-CROWDED = reply(421, "4.7.0 Error: too many connections from your address, try again later")
-TIMEOUT = reply(421, "4.4.2 Error: timeout exceeded, goodbye")
-SHUTTING_DOWN = reply(421, "4.3.2 Service shutting down, goodbye")
-INTERNAL_ERROR = reply(421, "4.3.0 Error: internal server error, goodbye")
+TOO_MANY_CONNECTIONS = smtp_reply(421, "4.7.0 Error: too many connections, try again later")
+CROWDED = smtp_reply(421, "4.7.0 Error: too many connections from your address, try again later")
+TIMEOUT = smtp_reply(421, "4.4.2 Error: timeout exceeded, goodbye")
+SHUTTING_DOWN = smtp_reply(421, "4.3.2 Service shutting down, goodbye")
+INTERNAL_ERROR = smtp_reply(421, "4.3.0 Error: internal server error, goodbye")
 
 
 class Turn(list):
@@ -312,7 +312,7 @@ class TakesTurns:
     def hand_over(self, replies: list) -> Turn:
         """The turn made of these replies and what was asked meanwhile (see Turn)."""
         turn, self._turn = self._turn, Turn()
-        turn.extend(reply_ for reply_ in replies if reply_ is not NO_REPLY)
+        turn.extend(reply for reply in replies if reply is not NO_REPLY)
         turn.hang_up = self.closed
         return turn
 
@@ -323,15 +323,15 @@ class TakesTurns:
 
 def usage(syntax: str) -> Reply:
     """501 with the command's syntax, as smtpd did: the client learns what was expected."""
-    return reply(501, f"5.5.4 Syntax: {syntax}")
+    return smtp_reply(501, f"5.5.4 Syntax: {syntax}")
 
 
 def greeting(hostname: str) -> Reply:
-    return reply(220, f"{hostname} ESMTP sheesh")
+    return smtp_reply(220, f"{hostname} ESMTP sheesh")
 
 
 def queued(queue_id: str) -> Reply:
-    return reply(250, f"2.0.0 Ok: queued as {queue_id}")
+    return smtp_reply(250, f"2.0.0 Ok: queued as {queue_id}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -582,7 +582,7 @@ def orcpt_valid(value: str) -> bool:
 
 def usage_with(problem: str, syntax: Reply) -> Reply:
     """A 501 that says what was wrong, then the syntax."""
-    return reply(501, f"5.5.4 Error: {problem}", *syntax.lines)
+    return smtp_reply(501, f"5.5.4 Error: {problem}", *syntax.lines)
 
 
 def parse_path(text: str) -> tuple[str, list[tuple[str, str | None]]] | None:
@@ -688,7 +688,7 @@ def address_problem(address: str, *, sender: bool) -> Reply | None:
     code = "5.1.7" if sender else "5.1.3"
     for (name, limit, section), part in zip(PATH_LIMITS, (*found.groups(), f"<{address}>")):
         if len(part.encode("utf-8")) > limit:
-            return reply(501, f"{code} Error: the {name} is longer than {limit} octets "
+            return smtp_reply(501, f"{code} Error: the {name} is longer than {limit} octets "
                               f"(RFC 5321 section {section})")
     return None
 
@@ -955,20 +955,20 @@ class Session(TakesTurns):
             if self.state is State.DATA:
                 if (done := self.handle_data(incoming.rest())) is None:
                     break
-                reply_, rest = done
-                replies.append(reply_)
+                reply, rest = done
+                replies.append(reply)
                 incoming.add(rest)
                 continue
             if self._chunk_left:  # BDAT: so many octets, exactly, whatever they hold
                 if not (chunk := incoming.take(self._chunk_left)):
                     break
-                reply_ = self.handle_chunk(chunk)
+                reply = self.handle_chunk(chunk)
             elif (line := incoming.line()) is None:
                 break
             else:
-                reply_ = self.handle_raw_line(line)
-            if reply_ is not None:  # BDAT answers once its chunk has come
-                replies.append(reply_)
+                reply = self.handle_raw_line(line)
+            if reply is not None:  # BDAT answers once its chunk has come
+                replies.append(reply)
         if self.closed or self._tls_pending:
             # After STARTTLS, what the client sent before the handshake is dropped, never
             # read as commands: a man in the middle could have put it there (RFC 3207
@@ -1033,8 +1033,8 @@ class Session(TakesTurns):
                 return self.starttls()
             case NotImplemented_():
                 return NOT_IMPLEMENTED
-            case Invalid(reply_):
-                return reply_
+            case Invalid(reply):
+                return reply
             case Unknown():
                 return self.unknown()
 
@@ -1044,8 +1044,8 @@ class Session(TakesTurns):
         self.client_name, self.extended = client_name, extended
         self.state = State.GREETED
         if not extended:
-            return reply(250, self.hostname)
-        return reply(250, self.hostname, *self.extensions())
+            return smtp_reply(250, self.hostname)
+        return smtp_reply(250, self.hostname, *self.extensions())
 
     def extensions(self) -> list[str]:
         """What EHLO advertises (RFC 5321 section 4.1.1.1), one keyword per line."""
@@ -1172,7 +1172,7 @@ class Session(TakesTurns):
             return refusal  # a BDAT out of place: the transaction, if any, stays as it was
         if self._data_problem is not None or self._chunk_last:
             return self.finish_message()
-        return reply(250, f"2.0.0 Ok: {self._message_size} octets so far")
+        return smtp_reply(250, f"2.0.0 Ok: {self._message_size} octets so far")
 
     def handle_data(self, data: bytes) -> tuple[Reply, bytes] | None:
         """Bytes of the message. Once its end arrives, return the reply and what followed."""
@@ -1234,10 +1234,10 @@ class Session(TakesTurns):
             return self.close(TOO_MANY_UNKNOWN, "too many unrecognized commands")
         return UNKNOWN_COMMAND
 
-    def refuse(self, reply_: Reply, why: str) -> Reply:
+    def refuse(self, reply: Reply, why: str) -> Reply:
         """A refusal worth a line in the log, as a stored message has one."""
-        self.note(logging.INFO, "refused", f"{reply_.code} {reply_.lines[0]}: {why}")
-        return reply_
+        self.note(logging.INFO, "refused", f"{reply.code} {reply.lines[0]}: {why}")
+        return reply
 
     def inject(self, stage: str, subject: str = "") -> Reply | None:
         """A failure configured for this point (--fail), or None to go on as usual. A delay
@@ -1305,7 +1305,7 @@ class Session(TakesTurns):
             self._login = Login(self.policy.users, self.peer, self.hostname, self.logins)
         return self.login_step(self._login.begin(mechanism, initial_response))
 
-    def login_step(self, reply_: Reply) -> Reply:
+    def login_step(self, reply: Reply) -> Reply:
         """After each step of AUTH: wait for the client's next response, or take the user it
         proved to be, or count a wrong password (each one slows the client down)."""
         login = self._login
@@ -1317,7 +1317,7 @@ class Session(TakesTurns):
             self._turn.wait += AUTH_FAILURE_DELAY  # slows down guessing; only this client waits
             if login.failures >= MAX_AUTH_FAILURES:
                 return self.close(TOO_MANY_AUTH_FAILURES, "too many failed authentications")
-        return reply_
+        return reply
 
     def connection_lost(self) -> None:
         """The connection ended, however it ended: a message not yet acknowledged leaves no trace."""
@@ -1346,7 +1346,7 @@ class Login:
         if mechanism == "CRAM-MD5":  # RFC 2195: the server speaks first, with a fresh challenge
             self._challenge = f"<{secrets.token_hex(12)}@{self.hostname}>".encode()
             self.waiting = True
-            return reply(334, base64.b64encode(self._challenge).decode())
+            return smtp_reply(334, base64.b64encode(self._challenge).decode())
         if initial_response is None:
             self.waiting = True
             return AUTH_GO_ON if mechanism == "PLAIN" else AUTH_USERNAME
@@ -1494,7 +1494,7 @@ class FaultRule:
     probability: float = 1.0
     times_left: int | None = None  # for "first N"
 
-    def public(self) -> dict:
+    def as_json(self) -> dict:
         action = ("disconnect" if self.disconnect else f"delay {self.delay:g}" if self.delay
                   else " ".join([str(self.reply.code), *self.reply.lines]))
         frequency = (f"first {self.times_left} (left)" if self.times_left is not None
@@ -1529,7 +1529,7 @@ def parse_fault(text: str) -> FaultRule:
     elif found := re.fullmatch(r"delay\s+([0-9]{1,9}(?:\.[0-9]{1,6})?)", action, re.I):
         rule.delay = float(found.group(1))
     elif found := re.fullmatch(r"([45][0-9][0-9])(?:\s+([!-~][ -~]*))?", action):
-        rule.reply = reply(int(found.group(1)), found.group(2) or "Error: failure injected")
+        rule.reply = smtp_reply(int(found.group(1)), found.group(2) or "Error: failure injected")
     else:
         raise ValueError(f"{text!r}: the action must be a 4xx or 5xx reply, "
                          "'delay SECONDS' or 'disconnect'")
@@ -1588,9 +1588,9 @@ class FaultPlan:
                 return rule
         return None
 
-    def public(self) -> dict:
+    def as_json(self) -> dict:
         with self._lock:
-            return {"seed": self.seed, "rules": [rule.public() for rule in self.rules]}
+            return {"seed": self.seed, "rules": [rule.as_json() for rule in self.rules]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2407,7 +2407,7 @@ class Summary:
     def seen(self) -> bool:
         return "S" in self.flags
 
-    def public(self) -> dict:
+    def as_json(self) -> dict:
         return {"id": self.key, "uid": self.uid, "time": self.time, "size": self.size,
                 "sender": self.sender, "recipients": self.recipients, "from": self.from_,
                 "to": self.to, "cc": self.cc, "subject": self.subject, "date": self.date,
@@ -3860,7 +3860,7 @@ class Store:
             ended = list(self._ended_sessions)
             self._ended_sessions.clear()
         if ended:
-            records = [transcript.public() for transcript in ended]
+            records = [transcript.as_json() for transcript in ended]
             with self._lock, self.index.transaction():
                 self.index.add_sessions(records, self.max_sessions)
 
@@ -3883,7 +3883,7 @@ class Store:
         with self._sessions_lock:
             live = self._live_sessions.get(number)
         if live is not None:
-            return live.public()
+            return live.as_json()
         self._record_sessions()
         return self.index.session(number)
 
@@ -4236,7 +4236,7 @@ class Finding:
     where: str  # a header, a part, a line
     reference: str  # the RFC section, or the provider's published rule
 
-    def public(self) -> dict:
+    def as_json(self) -> dict:
         return {"id": self.id, "severity": self.severity, "text": self.text,
                 "where": self.where, "reference": self.reference}
 
@@ -4673,10 +4673,10 @@ class Transcript:
     def client(self, text: str) -> None:
         self._add("client", text, len(text))
 
-    def server(self, reply_) -> None:
-        if reply_.refusal:
+    def server(self, reply) -> None:
+        if reply.refusal:
             self.refused += 1
-        self._add("server", reply_, 40)
+        self._add("server", reply, 40)
 
     def note(self, text: str) -> None:
         """What sheesh did or saw: TLS, a fault rule, a limit, a timeout."""
@@ -4713,7 +4713,7 @@ class Transcript:
                 "tls": self.tls, "user": self.user, "outcome": self.outcome,
                 "error": self.error, "messages": self.stored_count}
 
-    def public(self) -> dict:
+    def as_json(self) -> dict:
         """As the API gives it (JSON escapes what a terminal would act on; the page shows
         text as text)."""
         lines = []
@@ -4777,7 +4777,7 @@ class ConnectionHandler(socketserver.StreamRequestHandler):
             if not session.closed and session.busy:
                 self.ended_badly("the connection ended in the middle of a command or message")
             session.connection_lost()
-            server.release(self)
+            server.forget(self)
             if self.transcript is not None:
                 self.transcript.user = getattr(session, "auth_user", None) or getattr(
                     session, "user", None)
@@ -4906,27 +4906,27 @@ class ConnectionHandler(socketserver.StreamRequestHandler):
         if self.poller is None:
             self.set_timeout(self.server.idle_timeout)  # not a tick's short wait
         waiting, transcript = [], self.transcript
-        for reply_ in replies:
+        for reply in replies:
             if transcript is not None:
-                transcript.server(reply_)
-            if not isinstance(reply_, Streamed):
-                waiting.append(reply_.wire)
+                transcript.server(reply)
+            if not isinstance(reply, Streamed):
+                waiting.append(reply.wire)
                 continue
             try:
-                for chunk in reply_.chunks():
+                for chunk in reply.chunks():
                     waiting.append(chunk)
                     if sum(map(len, waiting)) >= READ_SIZE:
                         self.wfile.write(b"".join(waiting))
                         waiting = []
             finally:
-                reply_.close()
+                reply.close()
         if waiting:
             self.wfile.write(b"".join(waiting))
 
-    def send_last(self, reply_) -> None:
+    def send_last(self, reply) -> None:
         """A reply on the way out: the client may already be gone, and that is fine."""
         try:
-            self.send([reply_])
+            self.send([reply])
         except OSError:
             pass
 
@@ -5107,7 +5107,7 @@ class Listener(socketserver.ThreadingTCPServer):
         if transcript is not None:
             self.store.session_ended(transcript)
 
-    def release(self, handler: ConnectionHandler) -> None:
+    def forget(self, handler: ConnectionHandler) -> None:
         with self._changed:
             if handler in self._handlers:
                 self._handlers.discard(handler)
@@ -5447,9 +5447,9 @@ class Server:
             recipients = [r for r in delivery.envelope.recipients
                           if self._relay_match is None or self._relay_match.search(r)]
             if recipients:  # only to the allowed recipients: never an open relay
-                self.relay.submit(delivery.queue_id, delivery.envelope.sender, recipients)
+                self.relay.queue(delivery.queue_id, delivery.envelope.sender, recipients)
         if self.webhooks is not None:
-            self.webhooks.submit(delivery.queue_id, arrival)
+            self.webhooks.queue(delivery.queue_id, arrival)
         with self._arrival:
             self._arrived.append(delivery.queue_id)
             self._arrival.notify_all()
@@ -5680,7 +5680,7 @@ class WebApp:
             case "GET", ["api", "events"]:
                 return EventStream(self.store.last_event)
             case "GET", ["api", "faults"]:
-                return json_response(self.faults.public())
+                return json_response(self.faults.as_json())
             case "PUT", ["api", "faults"]:
                 return self.replace_faults(body)
             case _, ["api", *_]:
@@ -5695,7 +5695,7 @@ class WebApp:
         if findings is None:
             return json_error(404, "no such message")
         return json_response({"counts": check_counts(findings),
-                              "findings": [finding.public() for finding in findings]})
+                              "findings": [finding.as_json() for finding in findings]})
 
     def list_sessions(self, query: dict) -> Response:
         limit, offset = number(query, "limit", 50), number(query, "offset", 0)
@@ -5712,7 +5712,7 @@ class WebApp:
                                  min(limit, PAGE_LIMIT_MAX), offset)
         return json_response({"total": page.total, "unread": page.unread, "offset": offset,
                               "indexing": self.store.status()["indexing"],
-                              "messages": [summary.public() for summary in page.messages]})
+                              "messages": [summary.as_json() for summary in page.messages]})
 
     def release(self, key: str, body: bytes) -> Response:
         """POST /api/messages/{id}/release {"to": [...]}: send a stored message on, to its
@@ -5736,7 +5736,7 @@ class WebApp:
                 r for r in recipients if not self.policy.relay_match.search(r)]):
             return json_error(403, f"--relay-match {self.policy.relay_match.pattern} does not "
                                    f"allow {', '.join(refused[:5])}")
-        if not self.relay.submit(key, summary.sender, recipients):
+        if not self.relay.queue(key, summary.sender, recipients):
             return json_error(503, "the relay queue is full, try again later")
         return json_response({"queued": True, "to": recipients}, 202)
 
@@ -5753,7 +5753,7 @@ class WebApp:
             raise BadRequest(str(error)) from None
         log.warning("fault rules replaced through the API: %s",
                     escape_for_log("; ".join(rule.text for rule in rules) or "none"))
-        return json_response(self.faults.public())
+        return json_response(self.faults.as_json())
 
     def wait(self, query: dict) -> Response:
         timeout = min(float(number(query, "timeout", 10)), WAIT_TIMEOUT_MAX)
@@ -5789,7 +5789,7 @@ class WebApp:
             url = f"/api/messages/{urllib.parse.quote(key)}"
             session = self.store.session_of(key)
             return json_response({
-                **stored.summary.public(),
+                **stored.summary.as_json(),
                 "relay": self.relay.history(key) if self.relay is not None else None,
                 "webhooks": self.webhooks.history(key) if self.webhooks is not None else None,
                 "session": {"id": session, "url": f"/api/sessions/{session}"} if session
@@ -5986,7 +5986,7 @@ class WebHandler(http.server.BaseHTTPRequestHandler):
         try:
             super().handle()
         finally:
-            self.server.release(self)
+            self.server.forget(self)
 
     def handle_one_request(self) -> None:
         """One request, which must arrive whole within WEB_REQUEST_TIMEOUT (the wait for it on
@@ -6119,7 +6119,7 @@ class WebServer(http.server.ThreadingHTTPServer):
             self._streams.add(handler)
             return True
 
-    def release(self, handler: WebHandler) -> None:
+    def forget(self, handler: WebHandler) -> None:
         with self._lock:
             if handler in self._open or handler in self._streams:
                 self._open.discard(handler)
@@ -6732,7 +6732,7 @@ class RetryingWorker:
     """Jobs about stored messages, done one at a time by one thread in the order they fall
     due; a job that fails for a reason worth waiting out is tried again after 2, 4, 8 and 16
     seconds. Every attempt's outcome is kept per message, for the API. Relaying and webhooks
-    both work this way, and neither slows a session: submit() only queues."""
+    both work this way, and neither slows a session: queue() only queues."""
 
     name = "worker"  # for the log and the thread
 
@@ -6816,7 +6816,7 @@ class Relay(RetryingWorker):
         self.config, self.store = config, store
         self.host, self.port = config.relay_address
 
-    def submit(self, key: str, sender: str, recipients: list[str]) -> bool:
+    def queue(self, key: str, sender: str, recipients: list[str]) -> bool:
         """Queue a message; False if the queue is full (it stays stored all the same)."""
         return self.enqueue(key, RelayJob(key, sender, list(recipients)), to=list(recipients))
 
@@ -7074,7 +7074,7 @@ class Webhooks(RetryingWorker):
         self._connections: dict[str, http.client.HTTPConnection] = {}
         self._down: dict[str, tuple[float, str]] = {}  # url -> (until when, why)
 
-    def submit(self, key: str, arrival: int) -> None:
+    def queue(self, key: str, arrival: int) -> None:
         for url in self.urls:
             self.enqueue(key, WebhookJob(key, url, arrival), url=url)
 
@@ -7137,7 +7137,7 @@ class Webhooks(RetryingWorker):
         """The summary GET /api/messages lists, and where its detail is."""
         url = (f"{self.web_url}api/messages/{urllib.parse.quote(summary.key)}"
                if self.web_url else None)
-        return {**summary.public(), "url": url}
+        return {**summary.as_json(), "url": url}
 
     def headers(self, body: bytes) -> dict:
         headers = {"Content-Type": "application/json", "User-Agent": f"sheesh/{__version__}"}
@@ -7176,7 +7176,7 @@ def sendmail_main(argv: list[str]) -> int:
     # Programs hand sendmail lines ending in LF; SMTP wants CRLF (RFC 5321 section 2.3.8),
     # and smtplib leaves bytes as they are.
     data = re.sub(rb"\r?\n", b"\r\n", data)
-    return submit(host, port, sender, recipients, data)
+    return send_once(host, port, sender, recipients, data)
 
 
 def sendmail_destination(options: argparse.Namespace) -> tuple[str, int]:
@@ -7232,7 +7232,7 @@ def build_sendmail_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def submit(host: str, port: int, sender: str, recipients: list[str], data: bytes) -> int:
+def send_once(host: str, port: int, sender: str, recipients: list[str], data: bytes) -> int:
     """Send one message by SMTP; the exit status, with a one-line message on failure."""
     try:
         with smtplib.SMTP(host, port, timeout=RELAY_TIMEOUT) as client:
@@ -7297,6 +7297,123 @@ class Pop3State(enum.Enum):
     CLOSED = "closed"
 
 
+# POP3's commands (RFC 1939 sections 5 to 7, RFC 2449's CAPA, RFC 2595's STLS), parsed as
+# SMTP's are: one small class per verb, and parse_pop3() with a match on the verb. A message
+# number stays text here: whether it names a message is the session's to say.
+
+@dataclass(frozen=True)
+class PopCapa:
+    pass
+
+
+@dataclass(frozen=True)
+class PopQuit:
+    pass
+
+
+@dataclass(frozen=True)
+class PopNoop:
+    pass
+
+
+@dataclass(frozen=True)
+class PopStls:
+    pass
+
+
+@dataclass(frozen=True)
+class PopUser:
+    name: str
+
+
+@dataclass(frozen=True)
+class PopPass:
+    password: str
+
+
+@dataclass(frozen=True)
+class PopStat:
+    pass
+
+
+@dataclass(frozen=True)
+class PopList:
+    verb: str  # LIST (sizes) or UIDL (unique ids)
+    number: str  # "" for every message
+
+
+@dataclass(frozen=True)
+class PopRetr:
+    number: str
+    top_lines: int | None = None  # TOP: the headers and this many lines of the body
+
+
+@dataclass(frozen=True)
+class PopDele:
+    number: str
+
+
+@dataclass(frozen=True)
+class PopRset:
+    pass
+
+
+@dataclass(frozen=True)
+class PopUnsupported:
+    verb: str  # APOP, AUTH: logins other than USER and PASS
+
+
+@dataclass(frozen=True)
+class PopUnknown:
+    pass
+
+
+@dataclass(frozen=True)
+class PopInvalid:
+    problem: str
+
+
+Pop3Command = (PopCapa | PopQuit | PopNoop | PopStls | PopUser | PopPass | PopStat | PopList
+               | PopRetr | PopDele | PopRset | PopUnsupported | PopUnknown | PopInvalid)
+
+
+def parse_pop3(line: str) -> Pop3Command:
+    verb, _, argument = line.strip().partition(" ")
+    verb, argument = verb.upper(), argument.strip()
+    match verb:
+        case "CAPA":
+            return PopCapa()
+        case "QUIT":
+            return PopQuit()
+        case "NOOP":
+            return PopNoop()
+        case "STLS":
+            return PopStls()
+        case "USER":
+            return PopUser(argument) if argument else PopInvalid("usage: USER name")
+        case "PASS":
+            return PopPass(argument)
+        case "STAT":
+            return PopStat()
+        case "LIST" | "UIDL":
+            return PopList(verb, argument)
+        case "RETR":
+            return PopRetr(argument)
+        case "TOP":
+            number, _, lines = argument.partition(" ")
+            if whole_number(lines) is None:
+                return PopInvalid("usage: TOP message lines")
+            return PopRetr(number, whole_number(lines))
+        case "DELE":
+            return PopDele(argument)
+        case "RSET":
+            return PopRset()
+        case "APOP" | "AUTH":
+            return PopUnsupported(verb)
+        case _:
+            return PopUnknown()
+
+
 @dataclass(frozen=True)
 class Pop3Reply:
     wire: bytes
@@ -7344,7 +7461,7 @@ class MaildropLocks:
             self._held.add(maildrop)
             return True
 
-    def release(self, maildrop: str) -> None:
+    def unlock(self, maildrop: str) -> None:
         with self._lock:
             self._held.discard(maildrop)
 
@@ -7442,51 +7559,60 @@ class Pop3Session(TakesTurns):
         return self.hand_over(replies)
 
     def handle_line(self, line: str) -> Pop3Reply:
-        verb, _, argument = line.strip().partition(" ")
-        verb, argument = verb.upper(), argument.strip()
-        logged_in = self.state is Pop3State.TRANSACTION
-        match verb:
-            case "CAPA":
+        """One command line: the heart of POP3. What each state allows is RFC 1939's: USER,
+        PASS and STLS before login; the maildrop's commands after it."""
+        command = parse_pop3(line)
+        match command:
+            case PopCapa():
                 return self.capabilities()
-            case "QUIT":
+            case PopQuit():
                 return self.quit()
-            case "NOOP" if logged_in:
-                return pop3_ok()
-            case "USER" if not logged_in:
-                self.user = argument or None
-                return pop3_ok("send PASS") if argument else pop3_error("usage: USER name")
-            case "PASS" if not logged_in:
-                return self.password(argument)
-            case "STLS" if not logged_in:
+            case PopUnknown():
+                return self.unknown()
+            case PopInvalid(problem):
+                return pop3_error(problem)
+        if self.state is Pop3State.TRANSACTION:
+            return self.in_maildrop(command)
+        match command:
+            case PopUser(name):
+                self.user = name
+                return pop3_ok("send PASS")
+            case PopPass(password):
+                return self.password(password)
+            case PopStls():
                 return self.starttls()
-            case "STAT" if logged_in:
+            case PopUnsupported():
+                return pop3_error("not supported")
+            case _:
+                return pop3_error("log in first (USER and PASS)")
+
+    def in_maildrop(self, command: Pop3Command) -> Pop3Reply | Streamed:
+        """A command once logged in (RFC 1939's TRANSACTION state)."""
+        match command:
+            case PopNoop():
+                return pop3_ok()
+            case PopStat():
                 return pop3_ok(f"{len(self.uids) - len(self.deleted)} "
                                f"{self.size - sum(self.deleted.values())}")
-            case "LIST" | "UIDL" if logged_in:
-                return self.listing(verb, argument)
-            case "RETR" if logged_in:
-                return self.retrieve(argument, None)
-            case "TOP" if logged_in:
-                number, _, lines = argument.partition(" ")
-                if whole_number(lines) is None:
-                    return pop3_error("usage: TOP message lines")
-                return self.retrieve(number, whole_number(lines))
-            case "DELE" if logged_in:
-                return self.delete(argument)
-            case "RSET" if logged_in:
+            case PopList(verb, number):
+                return self.listing(verb, number)
+            case PopRetr(number, top_lines):
+                return self.retrieve(number, top_lines)
+            case PopDele(number):
+                return self.delete(number)
+            case PopRset():
                 self.deleted.clear()
                 return pop3_ok(f"{len(self.uids)} messages")
-            case "USER" | "PASS" | "STLS" | "APOP" | "AUTH":
-                return pop3_error("not in this state" if logged_in else "not supported")
-            case "STAT" | "LIST" | "UIDL" | "RETR" | "TOP" | "DELE" | "RSET" | "NOOP":
-                return pop3_error("log in first (USER and PASS)")
-            case _:
-                self.unknown_commands += 1
-                if self.unknown_commands > MAX_UNKNOWN_COMMANDS:
-                    self.state = Pop3State.CLOSED
-                    self.note(logging.INFO, "closed", "too many bad commands")
-                    return pop3_error("too many unknown commands, goodbye")
-                return pop3_error("unknown command")
+            case _:  # USER, PASS, STLS, APOP, AUTH
+                return pop3_error("not in this state")
+
+    def unknown(self) -> Pop3Reply:
+        self.unknown_commands += 1
+        if self.unknown_commands > MAX_UNKNOWN_COMMANDS:
+            self.state = Pop3State.CLOSED
+            self.note(logging.INFO, "closed", "too many bad commands")
+            return pop3_error("too many unknown commands, goodbye")
+        return pop3_error("unknown command")
 
     def capabilities(self) -> Pop3Reply:
         """CAPA (RFC 2449): what this server supports."""
@@ -7527,7 +7653,7 @@ class Pop3Session(TakesTurns):
             return pop3_error("[IN-USE] the maildrop is open in another session")
         self._maildrop_name = address or "*"
         if not self.store.complete(MAILBOX_INDEX_WAIT):
-            self.release()
+            self.unlock()
             indexing = self.store.status()["indexing"] or {}
             return pop3_error(f"[SYS/TEMP] the maildrop is being indexed ({indexing.get('done')} "
                               f"of {indexing.get('total')} messages): try again in a minute")
@@ -7536,7 +7662,7 @@ class Pop3Session(TakesTurns):
                 self.uids.append(uid)
                 self.size += size
         except (OSError, *DATABASE_ERRORS):
-            self.release()
+            self.unlock()
             return pop3_error("[SYS/TEMP] cannot read the maildrop")
         self.state = Pop3State.TRANSACTION
         return pop3_ok(f"{len(self.uids)} messages")
@@ -7622,21 +7748,21 @@ class Pop3Session(TakesTurns):
             try:
                 self.store.delete_uids([self.uids[n - 1] for n in sorted(self.deleted)])
             except (OSError, *DATABASE_ERRORS):
-                self.release()
+                self.unlock()
                 self.state = Pop3State.CLOSED
                 return pop3_error("[SYS/TEMP] some messages could not be deleted")
-        self.release()
+        self.unlock()
         self.state = Pop3State.CLOSED
         return pop3_ok("sheesh POP3 server signing off")
 
-    def release(self) -> None:
+    def unlock(self) -> None:
         if self._maildrop_name is not None:
-            self.locks.release(self._maildrop_name)
+            self.locks.unlock(self._maildrop_name)
             self._maildrop_name = None
 
     def connection_lost(self) -> None:
         """A connection that ends without QUIT deletes nothing (RFC 1939 section 6)."""
-        self.release()
+        self.unlock()
         self.state = Pop3State.CLOSED
 
 

@@ -211,11 +211,11 @@ def active_sessions(server):
 
 
 def test_reply_of_one_line():
-    assert bytes(sheesh.reply(250, "2.0.0 Ok")) == b"250 2.0.0 Ok\r\n"
+    assert bytes(sheesh.smtp_reply(250, "2.0.0 Ok")) == b"250 2.0.0 Ok\r\n"
 
 
 def test_reply_of_several_lines_has_hyphens_on_all_but_the_last():
-    assert bytes(sheesh.reply(250, "a", "b", "c")) == b"250-a\r\n250-b\r\n250 c\r\n"
+    assert bytes(sheesh.smtp_reply(250, "a", "b", "c")) == b"250-a\r\n250-b\r\n250 c\r\n"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -886,7 +886,7 @@ def test_bdat_reads_exact_octets_without_dot_stuffing_and_commits_at_last():
     session = chunked(store)
     first, second = b"Subject: chunks\r\n\r\n..a dot\r\n.\r\n", b"BDAT 99\r\nQUIT\r\n"
     assert session.receive(b"BDAT %d\r\n%s" % (len(first), first)) == [
-        sheesh.reply(250, f"2.0.0 Ok: {len(first)} octets so far")]
+        sheesh.smtp_reply(250, f"2.0.0 Ok: {len(first)} octets so far")]
     assert store.messages == [] and session.busy
     replies = session.receive(b"BDAT %d LAST\r\n%sNOOP\r\n" % (len(second), second))
     assert [bytes(r) for r in replies] == [b"250 2.0.0 Ok: queued as Q1\r\n",
@@ -3652,7 +3652,7 @@ def test_unfinished_files_in_tmp_are_removed_at_start(tmp_path, caplog):
      "421 4.3.2 Not now, please", "always"),
 ])
 def test_fault_rules_parse(text, stage, pattern, action, frequency):
-    assert sheesh.parse_fault(text).public() == {
+    assert sheesh.parse_fault(text).as_json() == {
         "rule": text, "stage": stage, "match": pattern, "action": action, "frequency": frequency}
 
 
@@ -4206,7 +4206,7 @@ def test_transcript_keeps_a_bounded_record_and_says_what_it_left_out():
     for number in range(10_000):
         transcript.client(f"NOOP {number}")
         transcript.server(sheesh.OK)
-    record = transcript.public()
+    record = transcript.as_json()
     assert sum(len(line["text"]) for line in record["transcript"]) < 2 * sheesh.TRANSCRIPT_LIMIT
     assert record["transcript"][-1]["text"].endswith("more lines not kept: a transcript keeps "
                                                      "8,192 characters)")
