@@ -902,8 +902,11 @@ class Session(TakesTurns):
     tls: str | None = None  # the TLS version and cipher, once STARTTLS has succeeded
     envelope: Envelope = field(default_factory=Envelope)
     unknown_commands: int = 0
-    faults: FaultPlan | None = None  # failures to inject on purpose (--fail)
-    logins: LoginGuard | None = None  # failed logins by client address, across sessions
+    # What Part II lends a session: failures to inject on purpose (a FaultPlan, --fail),
+    # AUTH's exchange (a Login: without one, AUTH is not offered) and a Transcript to keep.
+    faults: object = None
+    login: object = None
+    transcript: object = None
     _turn: Turn = field(default_factory=Turn)  # what the handler is to do, so far
     _tls_pending: bool = False  # STARTTLS accepted: what follows it is never read
     _incoming: Incoming = field(default_factory=lambda: Incoming(COMMAND_LINE_LIMIT))
@@ -914,8 +917,6 @@ class Session(TakesTurns):
     _chunk_left: int = 0  # octets of a BDAT chunk still to come
     _chunk_last: bool = False  # ...and whether it is the message's last
     _chunk_refusal: Reply | None = None  # what to answer once a refused chunk has been read
-    transcript: Transcript | None = None  # what was said, kept when the handler asks
-    _login: Login | None = None  # AUTH's exchange, from the first AUTH on
 
     def greeting(self) -> Turn:
         if (fault := self.inject("connect")) is not None:
@@ -1001,7 +1002,7 @@ class Session(TakesTurns):
     def handle_line(self, line: str) -> Reply:
         """One command line: the heart of SMTP."""
         if self.state is State.AUTH:
-            return self.login_step(self._login.answer(line))
+            return self.login_step(self.login.answer(line))
         match parse_command(line):
             case Helo(name) | Ehlo(name) as hello:
                 if (fault := self.inject("ehlo")) is not None:
@@ -1053,8 +1054,8 @@ class Session(TakesTurns):
                       "ENHANCEDSTATUSCODES", "CHUNKING", "BINARYMIME", "DSN"]
         if self.policy.tls_available and self.tls is None:
             extensions.append("STARTTLS")
-        if self.tls is not None or not self.policy.tls_required:  # no passwords in the clear
-            extensions.append("AUTH " + " ".join(self.mechanisms()))
+        if self.login is not None and (self.tls is not None or not self.policy.tls_required):
+            extensions.append("AUTH " + " ".join(self.mechanisms()))  # no passwords in clear
         return extensions + ["HELP"]
 
     def mechanisms(self) -> list[str]:
@@ -1289,6 +1290,8 @@ class Session(TakesTurns):
     def auth(self, mechanism: str, initial_response: str | None) -> Reply:
         """AUTH (RFC 4954). Without a users file any user name and password are accepted, since
         many clients insist on logging in; the name is recorded with each message sent."""
+        if self.login is None:
+            return NOT_IMPLEMENTED
         if self.state is State.CONNECTED or not self.extended:
             return NEED_EHLO
         if self.state is not State.GREETED:
@@ -1301,14 +1304,12 @@ class Session(TakesTurns):
             return UNKNOWN_MECHANISM
         if (fault := self.inject("auth")) is not None:
             return fault
-        if self._login is None:
-            self._login = Login(self.policy.users, self.peer, self.hostname, self.logins)
-        return self.login_step(self._login.begin(mechanism, initial_response))
+        return self.login_step(self.login.begin(mechanism, initial_response))
 
     def login_step(self, reply: Reply) -> Reply:
         """After each step of AUTH: wait for the client's next response, or take the user it
         proved to be, or count a wrong password (each one slows the client down)."""
-        login = self._login
+        login = self.login
         self.state = State.AUTH if login.waiting else State.GREETED
         if login.user is not None:
             self.auth_user = login.user
@@ -3839,7 +3840,9 @@ class Store:
 
     # -- session transcripts (kept by the handler, section 8)
 
-    def session_started(self, transcript: Transcript) -> Transcript:
+    def session_started(self, protocol: str, peer: str) -> Transcript:
+        """A new session's transcript, numbered, among the open ones until it ends."""
+        transcript = Transcript(protocol, peer)
         transcript.id = next(self._session_numbers)
         with self._sessions_lock:
             self._live_sessions[transcript.id] = transcript
@@ -5064,28 +5067,28 @@ class Listener(socketserver.ThreadingTCPServer):
     allow_reuse_address = os.name != "nt"  # on Windows it would let two servers share a port
     serving = False  # set when a thread runs serve_forever(): shutdown() waits for that thread
 
-    def __init__(self, config: Config, port: int, make_session, tls_context=None,
-                 implicit_tls: bool = False, idle_timeout: float | None = None,
-                 addresses: ConnectionsByAddress | None = None, protocol: str = "SMTP",
-                 store: Store | None = None, faults: FaultPlan | None = None) -> None:
-        self.config, self.make_session = config, make_session
-        self.protocol, self.store = protocol, store  # the store keeps the transcripts
-        self.faults = faults  # a wait for an injected delay ends when its rules change
-        self.addresses = addresses or ConnectionsByAddress(config.max_connections_per_ip)
+    def __init__(self, host: str, port: int, make_session, *, idle_timeout: float,
+                 max_connections: int, addresses: ConnectionsByAddress, tls_context=None,
+                 implicit_tls: bool = False, protocol: str = "SMTP", store=None,
+                 faults=None) -> None:
+        self.make_session, self.protocol = make_session, protocol
+        self.idle_timeout, self.max_connections = idle_timeout, max_connections
+        self.addresses = addresses  # connections by client address, on every port
         self.tls_context, self.implicit_tls = tls_context, implicit_tls
-        self.idle_timeout = config.timeout if idle_timeout is None else idle_timeout
-        self.address_family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+        self.store = store  # keeps the transcripts (Part II), if given
+        self.faults = faults  # a wait for an injected delay ends when its rules change
+        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.stopping = False
         self._handlers: set[ConnectionHandler] = set()
         self._changed = threading.Condition()
-        super().__init__((config.host, port), ConnectionHandler)
+        super().__init__((host, port), ConnectionHandler)
 
     def admit(self, handler: ConnectionHandler) -> str | None:
         """Register a new connection, or say why it is refused."""
         with self._changed:
             if self.stopping:
                 return "shutdown"
-            if len(self._handlers) >= self.config.max_connections:
+            if len(self._handlers) >= self.max_connections:
                 log.warning("refused a connection from %s: already %d connections",
                             handler.client_address[0], len(self._handlers))
                 return "busy"
@@ -5098,12 +5101,11 @@ class Listener(socketserver.ThreadingTCPServer):
     def connections(self) -> int:
         return len(self._handlers)
 
-    def new_transcript(self, peer: str) -> Transcript | None:
-        if self.store is None:
-            return None
-        return self.store.session_started(Transcript(self.protocol, peer))
+    def new_transcript(self, peer: str):
+        """A transcript for a new session, from the store (Part II), if there is one."""
+        return self.store.session_started(self.protocol, peer) if self.store else None
 
-    def transcript_done(self, transcript: Transcript | None) -> None:
+    def transcript_done(self, transcript) -> None:
         if transcript is not None:
             self.store.session_ended(transcript)
 
@@ -5310,9 +5312,11 @@ class Server:
                 ("imaps", config.imaps_port, self.imap_session, IMAP_TIMEOUT)]:
             if port is not None:
                 with listening(name, config.host, port):
-                    listener = Listener(config, port, make_session, context,
+                    listener = Listener(config.host, port, make_session,
+                                        idle_timeout=idle_timeout,
+                                        max_connections=config.max_connections,
+                                        addresses=self.addresses, tls_context=context,
                                         implicit_tls=name.endswith("s"),
-                                        idle_timeout=idle_timeout, addresses=self.addresses,
                                         protocol=name.upper(), store=self.store,
                                         faults=self.faults)
                 self._listeners.append(listener)
@@ -5325,8 +5329,9 @@ class Server:
                                      config.max_connections, self.addresses)
 
     def smtp_session(self, peer: str) -> Session:
+        login = Login(self.config.users, peer, self.config.hostname, self.logins)
         return Session(self.maildir, self.config.hostname, peer, self.policy, faults=self.faults,
-                       logins=self.logins)
+                       login=login)
 
     def pop3_session(self, peer: str) -> Pop3Session:
         return Pop3Session(self.store, self.pop3_locks, self.config.users,

@@ -82,8 +82,9 @@ class MemoryWriter:
 
 
 def new_session(store=None, **policy):
+    policy = sheesh.Policy(**policy)
     return sheesh.Session(store if store is not None else MemoryStore(), HOSTNAME, "192.0.2.1",
-                          sheesh.Policy(**policy))
+                          policy, login=sheesh.Login(policy.users, "192.0.2.1", HOSTNAME))
 
 
 def say(session, *lines):
@@ -3670,7 +3671,8 @@ def test_fault_rules_that_are_wrong_say_why(text, complaint):
 
 def faulty(*rules, seed=None, store=None):
     plan = sheesh.FaultPlan([sheesh.parse_fault(rule) for rule in rules], seed)
-    session = sheesh.Session(store or MemoryStore(), HOSTNAME, "192.0.2.1", faults=plan)
+    session = sheesh.Session(store or MemoryStore(), HOSTNAME, "192.0.2.1", faults=plan,
+                             login=sheesh.Login(None, "192.0.2.1", HOSTNAME))
     return session
 
 
