@@ -1231,7 +1231,8 @@ class Session(TakesTurns):
         return reply
 
     def connection_lost(self) -> None:
-        """The connection ended, however it ended: a message not yet acknowledged leaves no trace."""
+        """The connection ended, however it ended: a message not yet acknowledged leaves
+        no trace."""
         self.reset_transaction()
         self.state = State.CLOSED
 
@@ -2706,8 +2707,8 @@ class MimePart:
             yield self
 
 
-def outline(buffer, start: int = 0, end: int | None = None, *,
-            default_type: str = "text/plain", depth: int = 0, budget: list | None = None) -> MimePart:
+def outline(buffer, start: int = 0, end: int | None = None, *, default_type: str = "text/plain",
+            depth: int = 0, budget: list | None = None) -> MimePart:
     """The MIME structure of the bytes between start and end (all of them by default)."""
     end = len(buffer) if end is None else end
     budget = [MIME_PARTS_LIMIT] if budget is None else budget
@@ -2887,7 +2888,8 @@ class StoredMessage:
     @property
     def path(self) -> Path:
         """Where its file is now (it moves when it is read or flagged)."""
-        return Path(self.store.maildir.file_path(self.store.locate(self.key) or self.summary.location))
+        location = self.store.locate(self.key) or self.summary.location
+        return Path(self.store.maildir.file_path(location))
 
     def open(self):
         """Its file, for reading; LookupError if the message is gone."""
@@ -3246,8 +3248,10 @@ def _summary(row) -> Summary:
 
 # What a condition of the search syntax is in SQL; the words go to SQLite's full-text index.
 _FTS_COLUMNS = {"": "", "from": "sender : ", "to": "recipients : ", "subject": "subject : "}
-_SQL_CONDITIONS = {("seen", True): "instr(flags, 'S') > 0", ("seen", False): "instr(flags, 'S') = 0",
-                   ("attachment", False): "attachments != ''", ("attachment", True): "attachments = ''",
+_SQL_CONDITIONS = {("seen", True): "instr(flags, 'S') > 0",
+                   ("seen", False): "instr(flags, 'S') = 0",
+                   ("attachment", False): "attachments != ''",
+                   ("attachment", True): "attachments = ''",
                    ("before", False): "time < ?", ("before", True): "time >= ?",
                    ("after", False): "time >= ?", ("after", True): "time < ?"}
 
@@ -7578,7 +7582,8 @@ def section_children(part: MimePart, top: bool) -> list[MimePart]:
         return part.parts
     if part.content_type in RFC822_TYPES and part.parts and not top:
         inner = part.parts[0]
-        return inner.parts if inner.content_type.startswith("multipart/") and inner.parts else [inner]
+        multipart = inner.content_type.startswith("multipart/") and inner.parts
+        return inner.parts if multipart else [inner]
     return [part] if top else []
 
 
@@ -7789,43 +7794,11 @@ def search_key(arguments: list, position: int, largest: int, largest_uid: int):
             flag, wanted = _FLAG_KEYS[key]
             return (lambda facts: (flag in facts.flags) == wanted), position
         case "NEW":
-            return (lambda facts: "\\Recent" in facts.flags and "\\Seen" not in facts.flags), position
+            return (lambda facts: "\\Recent" in facts.flags
+                    and "\\Seen" not in facts.flags), position
         case "KEYWORD" | "UNKEYWORD":
             keyword, wanted = str(take()).lower(), key == "KEYWORD"
             return (lambda facts: (keyword in {f.lower() for f in facts.flags}) == wanted), position
-        case _ if key in _HEADER_KEYS:
-            text, field_name = take(), _HEADER_KEYS[key]
-            return (lambda facts: contains(getattr(facts.summary, field_name), text)), position
-        case "BCC":
-            text = take()
-            return (lambda facts: contains(facts.header("Bcc"), text)), position
-        case "HEADER":
-            name, text = str(take()), take()
-            return (lambda facts: name in facts.headers and contains(facts.header(name),
-                                                                     text)), position
-        case "BODY":
-            text = take()
-            return (lambda facts: contains(facts.text, text)), position
-        case "TEXT":
-            text = take()
-            return (lambda facts: contains(facts.text, text) or any(
-                contains(decode_words(str(value)), text) for value in facts.headers.values()
-            )), position
-        case "LARGER" | "SMALLER":
-            size = take()
-            if not (isinstance(size, str) and size.isdigit() and size.isascii()):
-                raise BadCommand(f"{key} takes a number of octets")
-            bigger, size = key == "LARGER", int(size)
-            return (lambda facts: facts.summary.crlf_size > size if bigger
-                    else facts.summary.crlf_size < size), position
-        case "BEFORE" | "ON" | "SINCE" | "SENTBEFORE" | "SENTON" | "SENTSINCE":
-            day = parse_imap_date(str(take()))
-            compare = {"BEFORE": lambda d: d < day, "ON": lambda d: d == day,
-                       "SINCE": lambda d: d >= day}[key.removeprefix("SENT")]
-            if key.startswith("SENT"):
-                return (lambda facts: (sent := facts.sent_on()) is not None
-                        and compare(sent)), position
-            return (lambda facts: compare(datetime.date.fromtimestamp(facts.summary.time))), position
         case "NOT":
             test, position = search_key(arguments, position, largest, largest_uid)
             return (lambda facts: not test(facts)), position
@@ -7839,7 +7812,45 @@ def search_key(arguments: list, position: int, largest: int, largest_uid: int):
         case _ if re.fullmatch(r"[\d:*,]+", key):
             ranges = sequence_set(key, largest)
             return (lambda facts: in_ranges(facts.number, ranges)), position
-    raise BadCommand(f"{str(item)[:40]!r} is not a SEARCH key")
+    if (test := content_key(key, take)) is None:
+        raise BadCommand(f"{str(item)[:40]!r} is not a SEARCH key")
+    return test, position
+
+
+def content_key(key: str, take):
+    """A key on a message's content, size or dates: its test, or None if it is not one."""
+    match key:
+        case _ if key in _HEADER_KEYS:
+            text, field_name = take(), _HEADER_KEYS[key]
+            return lambda facts: contains(getattr(facts.summary, field_name), text)
+        case "BCC":
+            text = take()
+            return lambda facts: contains(facts.header("Bcc"), text)
+        case "HEADER":
+            name, text = str(take()), take()
+            return lambda facts: name in facts.headers and contains(facts.header(name), text)
+        case "BODY":
+            text = take()
+            return lambda facts: contains(facts.text, text)
+        case "TEXT":
+            text = take()
+            return lambda facts: contains(facts.text, text) or any(
+                contains(decode_words(str(value)), text) for value in facts.headers.values())
+        case "LARGER" | "SMALLER":
+            size = take()
+            if not (isinstance(size, str) and size.isdigit() and size.isascii()):
+                raise BadCommand(f"{key} takes a number of octets")
+            bigger, size = key == "LARGER", int(size)
+            return lambda facts: (facts.summary.crlf_size > size if bigger
+                                  else facts.summary.crlf_size < size)
+        case "BEFORE" | "ON" | "SINCE" | "SENTBEFORE" | "SENTON" | "SENTSINCE":
+            day = parse_imap_date(str(take()))
+            compare = {"BEFORE": lambda d: d < day, "ON": lambda d: d == day,
+                       "SINCE": lambda d: d >= day}[key.removeprefix("SENT")]
+            if key.startswith("SENT"):
+                return lambda facts: (sent := facts.sent_on()) is not None and compare(sent)
+            return lambda facts: compare(datetime.date.fromtimestamp(facts.summary.time))
+    return None
 
 
 # -- 17.3 The session -------------------------------------------------------------------------
@@ -8095,15 +8106,14 @@ class ImapSession(TakesTurns):
     # -- the commands
 
     def dispatch(self, tag: str, verb: str, arguments: list) -> list:
-        """One command: the heart of IMAP. Each state allows its own (RFC 3501 section 6)."""
-        authenticated = self.state in (ImapState.AUTHENTICATED, ImapState.SELECTED)
-        selected = self.state is ImapState.SELECTED
+        """One command: the heart of IMAP. Each state allows its own (RFC 3501 section 6):
+        these four in any state; then the state decides, below."""
         match verb:
             case "CAPABILITY":
                 return [untagged(f"CAPABILITY {self.capabilities()}"),
                         tagged(tag, "OK", "CAPABILITY completed")]
-            case "NOOP" | "CHECK" if verb == "NOOP" or selected:
-                return self.updates() + [tagged(tag, "OK", f"{verb} completed")]
+            case "NOOP":
+                return self.updates() + [tagged(tag, "OK", "NOOP completed")]
             case "LOGOUT":
                 self.state = ImapState.LOGOUT
                 return [untagged("BYE sheesh IMAP server signing off"),
@@ -8112,52 +8122,73 @@ class ImapSession(TakesTurns):
                 return [untagged(b"ID " + imap_list([b'"name"', b'"sheesh"', b'"version"',
                                                     imap_string(__version__)])),
                         tagged(tag, "OK", "ID completed")]
-            case "STARTTLS" if not authenticated:
+        if self.state is ImapState.NOT_AUTHENTICATED:
+            return self.not_authenticated(tag, verb, arguments)
+        return self.authenticated(tag, verb, arguments)
+
+    def not_authenticated(self, tag: str, verb: str, arguments: list) -> list:
+        match verb:
+            case "STARTTLS":
                 return self.starttls(tag)
-            case "LOGIN" if not authenticated:
+            case "LOGIN":
                 return self.login(tag, arguments)
-            case "AUTHENTICATE" if not authenticated:
+            case "AUTHENTICATE":
                 return self.authenticate(tag, arguments)
-            case "ENABLE" if authenticated:
+        return self.not_here(tag, verb)
+
+    def authenticated(self, tag: str, verb: str, arguments: list) -> list:
+        match verb:
+            case "ENABLE":
                 return [untagged("ENABLED"), tagged(tag, "OK", "nothing to enable")]
-            case "NAMESPACE" if authenticated:
+            case "NAMESPACE":
                 return [untagged('NAMESPACE (("" "/")) NIL NIL'),
                         tagged(tag, "OK", "NAMESPACE completed")]
-            case "LIST" | "LSUB" if authenticated:
+            case "LIST" | "LSUB":
                 return self.list_mailboxes(tag, verb, arguments)
-            case "SUBSCRIBE" | "UNSUBSCRIBE" if authenticated:
+            case "SUBSCRIBE" | "UNSUBSCRIBE":
                 return [tagged(tag, "OK", f"{verb} completed (every mailbox is subscribed)")]
-            case "STATUS" if authenticated:
+            case "STATUS":
                 return self.status(tag, arguments)
-            case "SELECT" | "EXAMINE" if authenticated:
+            case "SELECT" | "EXAMINE":
                 return self.select(tag, verb, arguments)
-            case "CREATE" | "DELETE" | "RENAME" if authenticated:
+            case "CREATE" | "DELETE" | "RENAME":
                 return [tagged(tag, "NO", "[CANNOT] the mailboxes are sheesh's recipients: "
                                           "they cannot be created, deleted or renamed")]
-            case "APPEND" if authenticated:
+            case "APPEND":
                 return self.append(tag, arguments)
-            case "IDLE" if authenticated:
+            case "IDLE":
                 self.idling = tag
                 return [go_ahead("idling")] + self.updates()
-            case "CLOSE" | "UNSELECT" if selected:
+        if self.state is ImapState.SELECTED:
+            return self.in_mailbox(tag, verb, arguments)
+        return self.not_here(tag, verb)
+
+    def in_mailbox(self, tag: str, verb: str, arguments: list) -> list:
+        """The commands of a selected mailbox."""
+        match verb:
+            case "CHECK":
+                return self.updates() + [tagged(tag, "OK", "CHECK completed")]
+            case "CLOSE" | "UNSELECT":
                 if verb == "CLOSE" and not self.selected.read_only:
                     self.expunge_deleted(None)  # silently (RFC 3501 section 6.4.2)
                 self.selected, self.state = None, ImapState.AUTHENTICATED
                 return [tagged(tag, "OK", f"{verb} completed")]
-            case "EXPUNGE" if selected:
+            case "EXPUNGE":
                 return self.expunge(tag, None)
-            case "SEARCH" if selected:
+            case "SEARCH":
                 return self.search(tag, arguments, by_uid=False)
-            case "FETCH" if selected:
+            case "FETCH":
                 return self.fetch(tag, arguments, by_uid=False)
-            case "STORE" if selected:
+            case "STORE":
                 return self.store_flags(tag, arguments, by_uid=False)
-            case "COPY" if selected:
+            case "COPY":
                 return self.copy(tag, arguments, by_uid=False)
-            case _ if verb in IMAP_COMMANDS:
-                return [tagged(tag, "BAD", f"{verb} is not allowed: {self.state.value}")]
-            case _:
-                return self.unknown(tag, f"unknown command {verb[:20]}")
+        return self.not_here(tag, verb)
+
+    def not_here(self, tag: str, verb: str) -> list:
+        if verb in IMAP_COMMANDS:
+            return [tagged(tag, "BAD", f"{verb} is not allowed: {self.state.value}")]
+        return self.unknown(tag, f"unknown command {verb[:20]}")
 
     def uid_command(self, tag: str, arguments: list) -> list:
         """UID FETCH, STORE, SEARCH, COPY, EXPUNGE: the same, with UIDs for numbers."""
@@ -8281,7 +8312,8 @@ class ImapSession(TakesTurns):
         entries = [(box.name, "\\HasNoChildren") for box in boxes]
         if len(boxes) > 1:
             entries.insert(1, (RECIPIENTS_FOLDER, "\\Noselect \\HasChildren"))
-        lines = [untagged(f"{verb} ({attributes}) \"/\" ".encode() + imap_string(mutf7_encode(name)))
+        lines = [untagged(f"{verb} ({attributes}) \"/\" ".encode()
+                          + imap_string(mutf7_encode(name)))
                  for name, attributes in entries if wanted.fullmatch(name)]
         return lines + [tagged(tag, "OK", f"{verb} completed")]
 
@@ -8301,7 +8333,8 @@ class ImapSession(TakesTurns):
         if not all(item in values for item in items):
             raise BadCommand("STATUS takes MESSAGES, RECENT, UIDNEXT, UIDVALIDITY and UNSEEN")
         answer = " ".join(f"{item} {values[item]}" for item in items)
-        return [untagged(b"STATUS " + imap_string(mutf7_encode(box.name)) + f" ({answer})".encode()),
+        name = imap_string(mutf7_encode(box.name))
+        return [untagged(b"STATUS " + name + f" ({answer})".encode()),
                 tagged(tag, "OK", "STATUS completed")]
 
     def select(self, tag: str, verb: str, arguments: list) -> list:
@@ -8355,7 +8388,8 @@ class ImapSession(TakesTurns):
         for uid, flags, changed in flagged:  # but this session's own changes
             number = s.number(uid)
             if number is not None and uid not in s.expunged and s.own.get(uid) != changed:
-                replies.append(untagged(f"{number} FETCH (FLAGS ({self.flag_names(s, uid, flags)}))"))
+                names = self.flag_names(s, uid, flags)
+                replies.append(untagged(f"{number} FETCH (FLAGS ({names}))"))
         if expunges and s.expunged:
             replies += self.forget(s, s.expunged)
         new = self.store.index.uids(mailbox=s.mailbox.address, after=s.uids[-1] if s.uids else 0)
@@ -8560,7 +8594,8 @@ class ImapSession(TakesTurns):
             return replies + [tagged(tag, "OK", "COPY completed (nothing to copy)")]
         code = (f"[COPYUID {self.store.uidvalidity} {','.join(map(str, sources))} "
                 f"{','.join(map(str, copies))}]")
-        return replies + self.updates(expunges=by_uid) + [tagged(tag, "OK", f"{code} COPY completed")]
+        done = tagged(tag, "OK", f"{code} COPY completed")
+        return replies + self.updates(expunges=by_uid) + [done]
 
     def expunge(self, tag: str, uid_ranges: list | None) -> list:
         s = self.selected
@@ -8881,6 +8916,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quiet", action="store_true", help="log only warnings and errors")
     parser.add_argument("--print", dest="print_messages", action="store_true",
                         help="also print each message, with its envelope, to standard output")
+    add_store_options(parser)
+    parser.add_argument("--version", action="version", version=f"sheesh {__version__}")
+    add_web_options(parser.add_argument_group("the web inbox (see README, The web inbox)"))
+    add_fault_options(parser.add_argument_group("failing on purpose (see README, Fault "
+                                                "injection)"))
+    add_pop3_options(parser.add_argument_group("POP3 (see README, POP3)"))
+    add_imap_options(parser.add_argument_group("IMAP (see README, IMAP)"))
+    add_relay_options(parser.add_argument_group("forwarding (see README, Forwarding and "
+                                                "Webhooks)"))
+    add_tls_options(parser.add_argument_group("TLS and authentication"))
+    return parser
+
+
+def add_web_options(parser) -> None:
     parser.add_argument("--http-port", type=port_number, metavar="PORT",
                         help=f"port of the web inbox and JSON API (default: "
                         f"{DEFAULT_HTTP_PORT}, the port Mailpit uses; with --port 0, a free "
@@ -8896,6 +8945,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a Host name the web inbox answers (repeatable; IP addresses, "
                         "localhost and --hostname always are): a reverse proxy's name, or a "
                         "container's")
+
+
+def add_store_options(parser) -> None:
     parser.add_argument("--max-messages", type=positive(int), metavar="N",
                         help="keep at most N messages: the oldest are removed as new ones "
                         "arrive (default: keep all)")
@@ -8905,22 +8957,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-sessions", type=positive(int), metavar="N",
                         default=DEFAULT_MAX_SESSIONS,
                         help="session transcripts kept, the newest (see README, Sessions)")
-    parser.add_argument("--version", action="version", version=f"sheesh {__version__}")
-    add_fault_options(parser.add_argument_group("failing on purpose (see README, Fault "
-                                                "injection)"))
-    add_pop3_options(parser.add_argument_group("POP3 (see README, POP3)"))
-    add_imap_options(parser.add_argument_group("IMAP (see README, IMAP)"))
-    forwarding = parser.add_argument_group("forwarding (see README, Forwarding and Webhooks)")
-    add_relay_options(forwarding)
-    forwarding.add_argument("--webhook", dest="webhooks", metavar="URL", action="append",
-                            type=web_address, default=[],
-                            help="POST each stored message's summary as JSON to URL "
-                            "(repeatable)")
-    forwarding.add_argument("--webhook-secret", metavar="SECRET",
-                            help="sign the webhooks' bodies with HMAC-SHA256 (header "
-                            "X-Sheesh-Signature); better, set SHEESH_WEBHOOK_SECRET")
-    add_tls_options(parser.add_argument_group("TLS and authentication"))
-    return parser
 
 
 def add_fault_options(failing) -> None:
@@ -8963,6 +8999,12 @@ def add_relay_options(relay) -> None:
                            help="relay every message to its recipients as it arrives")
     automatic.add_argument("--relay-match", metavar="REGEX",
                            help="relay as they arrive, but only to recipients matching REGEX")
+    relay.add_argument("--webhook", dest="webhooks", metavar="URL", action="append",
+                       type=web_address, default=[],
+                       help="POST each stored message's summary as JSON to URL (repeatable)")
+    relay.add_argument("--webhook-secret", metavar="SECRET",
+                       help="sign the webhooks' bodies with HMAC-SHA256 (header "
+                       "X-Sheesh-Signature); better, set SHEESH_WEBHOOK_SECRET")
 
 
 def add_tls_options(secure) -> None:
@@ -9044,33 +9086,42 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(problem)
     if (options["relay_all"] or options["relay_match"]) and not options["relay"]:
         parser.error("--relay-all and --relay-match need --relay HOST:PORT")
-    quiet, cpu_choice_ = options.pop("quiet"), options.pop("cpu")
+    quiet, cpu_choice = options.pop("quiet"), options.pop("cpu")
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
                         format="%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
-    if options.pop("no_http"):
-        options["http_port"] = None
-    elif options["http_port"] is None:  # a test harness that asks for any SMTP port runs
-        options["http_port"] = 0 if options["port"] == 0 else DEFAULT_HTTP_PORT  # two at once
-    options["faults"] = tuple(options["faults"])
-    options["http_allowed_hosts"] = tuple(options["http_allowed_hosts"])
-    options["webhooks"] = tuple(options["webhooks"])
-    for secret, variable in (("relay_password", "SHEESH_RELAY_PASSWORD"),
-                             ("webhook_secret", "SHEESH_WEBHOOK_SECRET")):
-        if options[secret] is None:  # from the environment: never shown by --help or ps
-            options[secret] = os.environ.get(variable)
     try:
-        server = Server(Config(**options))
+        server = Server(Config(**config_options(options)))
     except ValueError as error:  # what Config read and found wrong: a rule, an address...
         parser.error(str(error))
     try:
-        cpu = pin_to_one_cpu(cpu_choice_)
+        cpu = pin_to_one_cpu(cpu_choice)
     except (OSError, ValueError) as error:
-        return fail(f"cannot run on CPU {cpu_choice_}: {getattr(error, 'strerror', None) or error}")
+        return fail(f"cannot run on CPU {cpu_choice}: {getattr(error, 'strerror', None) or error}")
     try:
         server.start()
     except CannotStart as error:  # it says which step failed, and why
         return fail(error.strerror)
-    # Logged as a warning so that it shows even with --quiet: it says where everything is.
+    announce(server, cpu)
+    return serve_until_stopped(server)
+
+
+def config_options(options: dict) -> dict:
+    """The parsed options as Config takes them."""
+    if options.pop("no_http"):
+        options["http_port"] = None
+    elif options["http_port"] is None:  # a test harness that asks for any SMTP port runs
+        options["http_port"] = 0 if options["port"] == 0 else DEFAULT_HTTP_PORT  # two at once
+    for name in ("faults", "http_allowed_hosts", "webhooks"):
+        options[name] = tuple(options[name])
+    for secret, variable in (("relay_password", "SHEESH_RELAY_PASSWORD"),
+                             ("webhook_secret", "SHEESH_WEBHOOK_SECRET")):
+        if options[secret] is None:  # from the environment: never shown by --help or ps
+            options[secret] = os.environ.get(variable)
+    return options
+
+
+def announce(server: Server, cpu: int | None) -> None:
+    """Where everything is, as warnings, so that it shows even with --quiet."""
     smtps = "".join(f" ({name.upper()} on port {port})" for name, port in server.ports.items()
                     if name != "smtp")
     log.warning("sheesh %s listening on %s port %d%s, storing mail in %s%s", __version__,
@@ -9100,7 +9151,6 @@ def main(argv: list[str] | None = None) -> int:
                     "Releasing mail and changing fault rules are refused but from loopback. "
                     "Give it --http-users FILE, or keep it on loopback with --http-host "
                     "127.0.0.1.", server.web_host)
-    return serve_until_stopped(server)
 
 
 def check_relay(relay: Relay) -> None:
