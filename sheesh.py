@@ -1965,9 +1965,12 @@ def tls_failure(error: OSError) -> str:
     (Nodemailer's default, with --tls-self-signed) mostly just hangs up, or says so with an
     alert: that is the likely cause, and the log says it in words."""
     text = str(error)
-    if isinstance(error, ConnectionResetError) or "UNEXPECTED_EOF" in text or (
-            ssl is not None and isinstance(error, ssl.SSLEOFError)) or any(
-            alert in text for alert in ("UNKNOWN_CA", "CERTIFICATE_UNKNOWN", "BAD_CERTIFICATE")):
+    # OpenSSL builds differ in how a hang-up mid-handshake surfaces: a reset, an EOF, or a
+    # "zero return" (Debian's Python 3.11 says "TLS/SSL connection has been closed (EOF)").
+    hung_up = (ConnectionResetError,) + (
+        (ssl.SSLEOFError, ssl.SSLZeroReturnError) if ssl is not None else ())
+    refused = ("UNEXPECTED_EOF", "UNKNOWN_CA", "CERTIFICATE_UNKNOWN", "BAD_CERTIFICATE")
+    if isinstance(error, hung_up) or any(alert in text for alert in refused):
         return ("the client closed the connection during the TLS handshake: it probably does "
                 "not trust the certificate (see the README's TLS section)")
     return escape_for_log(text)
