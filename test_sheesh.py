@@ -19,11 +19,13 @@ import mailbox
 import os
 import random
 import re
+import shutil
 import signal
 import smtplib
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -1705,7 +1707,6 @@ def storage_errors_logged_over_three_refused_messages(server, caplog) -> list[st
 
 
 def test_maildir_removed_while_running_gives_4xx_and_one_log_line(server, caplog):
-    import shutil
     shutil.rmtree(server.store.path)
     assert len(storage_errors_logged_over_three_refused_messages(server, caplog)) == 1
 
@@ -1945,7 +1946,6 @@ def test_session_compares_passwords_in_constant_time(monkeypatch):
 @pytest.fixture(scope="session")
 def certificates(tmp_path_factory):
     """A test CA and a server certificate for 127.0.0.1 and sink.test, made with openssl."""
-    import shutil
     import types
     openssl = shutil.which("openssl")
     if openssl is None:
@@ -2117,7 +2117,6 @@ def test_users_are_checked_over_smtp_with_a_delay_after_a_failure(tmp_path, monk
 
 
 def test_cli_tls_self_signed_works_and_logs_the_fingerprint(tmp_path):
-    import shutil
     import ssl
     if shutil.which("openssl") is None:
         pytest.skip("the openssl command is not installed (.ci/run installs it)")
@@ -3535,12 +3534,21 @@ def test_cli_serves_the_web_inbox_and_prints_its_url(cli):
         sheesh_process.stop()
 
 
+@pytest.fixture
+def chromium_environment():
+    """Chromium leaves its singleton socket's folder in TMPDIR: give it one of its own, removed
+    afterwards, so the suite leaves nothing behind in /tmp. It is short (not under tmp_path)
+    because a Unix socket's path is limited to about 100 octets."""
+    folder = tempfile.mkdtemp(prefix="sheesh-chromium-")
+    yield {**os.environ, "TMPDIR": folder}
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 class Browser:
     """Headless Chromium driven through the DevTools protocol over a pipe (fds 3 and 4), so
     the test needs no WebSocket client."""
 
-    def __init__(self, profile: Path):
-        import shutil
+    def __init__(self, profile: Path, environment: dict):
         chromium = next(filter(None, map(shutil.which, ["chromium", "chromium-browser",
                                                         "google-chrome"])), None)
         if chromium is None or os.name != "posix":
@@ -3558,7 +3566,7 @@ class Browser:
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
              "--remote-debugging-pipe", f"--user-data-dir={profile}", "about:blank"],
             pass_fds=(to_browser, from_browser), stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL)
+            stderr=subprocess.DEVNULL, env=environment)
         os.close(to_browser)
         os.close(from_browser)
         self.buffer, self.next_id, self.session = b"", 0, None
@@ -3616,8 +3624,8 @@ class Browser:
 
 
 @pytest.fixture
-def browser(tmp_path):
-    started = Browser(tmp_path / "profile")
+def browser(tmp_path, chromium_environment):
+    started = Browser(tmp_path / "profile", chromium_environment)
     yield started
     started.close()
 
@@ -3769,8 +3777,8 @@ def test_browser_shows_the_sessions_and_their_transcripts(web_server, browser):
     assert browser.evaluate("document.querySelectorAll('#rows .row').length") == 1
 
 
-def test_headless_chromium_finishes_loading_the_page_for_a_screenshot(web_server, tmp_path):
-    import shutil
+def test_headless_chromium_finishes_loading_the_page_for_a_screenshot(web_server, tmp_path,
+                                                                     chromium_environment):
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         pytest.skip("no Chromium installed (.ci/run installs Debian's chromium)")
@@ -3780,7 +3788,8 @@ def test_headless_chromium_finishes_loading_the_page_for_a_screenshot(web_server
                              f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,800",
                              f"--screenshot={picture}", "--virtual-time-budget=3000",
                              f"{web_server.web_url}#/messages/{key}"],
-                            capture_output=True, timeout=60)
+                            capture_output=True, timeout=60,
+                            env=chromium_environment)
     assert result.returncode == 0 and picture.stat().st_size > 10_000
 
 
@@ -4029,8 +4038,8 @@ def test_failed_logins_are_throttled_by_address_across_sessions_and_protocols(tm
             reader = other.makefile("rb")
             reader.readline()
             other.sendall(f"EHLO x\r\nAUTH PLAIN {right}\r\n".encode())
-            while not (line := reader.readline()).startswith(b"250 "):
-                pass
+            while not reader.readline().startswith(b"250 "):
+                pass  # EHLO's reply lines
             assert reader.readline().startswith(b"235 ")
             other.close()
     logged = [r.getMessage() for r in caplog.records if "failed login" in r.getMessage()]
@@ -5222,7 +5231,6 @@ def test_imap_idle_timeout_and_a_vanished_client(tmp_path, monkeypatch):
 
 
 def test_curl_lists_and_fetches_over_imap(imap_server):
-    import shutil
     if shutil.which("curl") is None:
         pytest.skip("curl is not installed (.ci/run installs it)")
     url = f"imap://{imap_server.host}:{imap_server.imap_port}"
@@ -5235,7 +5243,6 @@ def test_curl_lists_and_fetches_over_imap(imap_server):
 
 
 def test_mbsync_pulls_the_inbox_byte_for_byte(imap_server, tmp_path):
-    import shutil
     if shutil.which("mbsync") is None:
         pytest.skip("mbsync is not installed (.ci/run installs Debian's isync)")
     local = tmp_path / "synced"
@@ -5257,7 +5264,6 @@ def test_mbsync_pulls_the_inbox_byte_for_byte(imap_server, tmp_path):
 
 
 def test_fetchmail_over_imap(imap_server, tmp_path):
-    import shutil
     if shutil.which("fetchmail") is None:
         pytest.skip("fetchmail is not installed (.ci/run installs it)")
     rc = tmp_path / "fetchmailrc"
