@@ -306,8 +306,7 @@ class Turn(list):
         hang_up    once the replies are sent, close the connection
     """
 
-    def __init__(self, replies=()) -> None:
-        super().__init__(replies)
+    def __init__(self) -> None:
         self.wait = 0.0
         self.log: list[tuple[int, str, str]] = []
         self.start_tls = False
@@ -326,8 +325,9 @@ class TakesTurns:
     def hand_over(self, replies: list) -> Turn:
         """The turn made of these replies and what was asked meanwhile (see Turn)."""
         turn, self._turn = self._turn, Turn()
-        turn.extend(reply for reply in replies if reply is not NO_REPLY)
         turn.hang_up = self.closed
+        # NO_REPLY, an injected disconnect, comes only with the session closed, and is not sent.
+        turn.extend([r for r in replies if r is not NO_REPLY] if turn.hang_up else replies)
         return turn
 
     def note(self, level: int, what: str, text: str) -> None:
@@ -635,6 +635,8 @@ def parse_path(text: str) -> tuple[str, list[tuple[str, str | None]]] | None:
 def path_end(text: str) -> int:
     """Where the ">" that closes a path is, passing over quoted strings; if a stray quote
     hides every ">", the first one (the address will then fail as a Mailbox); -1 if none."""
+    if '"' not in text:
+        return text.find(">")  # nothing quoted: the first ">" it is
     quoted = escaped = False
     for at, ch in enumerate(text[1:], start=1):
         if escaped:
@@ -699,6 +701,8 @@ def address_problem(address: str, *, sender: bool) -> Reply | None:
     if found is None or found.group(2).startswith("[") and not address_literal_valid(
             found.group(2)[1:-1]):
         return refused
+    if len(address) <= 62 and address.isascii():
+        return None  # within every limit below, without counting
     code = "5.1.7" if sender else "5.1.3"
     for (name, limit, section), part in zip(PATH_LIMITS, (*found.groups(), f"<{address}>")):
         if len(part.encode("utf-8")) > limit:
@@ -864,7 +868,7 @@ class Session(TakesTurns):
         replies = []
         while not self.closed and not self._tls_pending:
             if self.state is State.DATA:
-                if (done := self.handle_data(incoming.rest())) is None:
+                if not incoming.held or (done := self.handle_data(incoming.rest())) is None:
                     break
                 reply, rest = done
                 replies.append(reply)
@@ -1769,6 +1773,7 @@ class ConnectionHandler(socketserver.StreamRequestHandler):
         self.poller = select.poll() if hasattr(select, "poll") and not is_tls else None
         if self.poller is not None:
             self.poller.register(self.connection, select.POLLIN)
+            self.connection.settimeout(self.server.idle_timeout)  # for sends: poll() waits
 
     def handle(self) -> None:
         server: Listener = self.server
@@ -1823,31 +1828,34 @@ class ConnectionHandler(socketserver.StreamRequestHandler):
         if not self.carry_out(session.greeting()):
             return
         self.unit_started = self.quiet_since = time.monotonic()
+        busy = session.busy
         while True:
-            data = self.read()
+            data = self.read(busy)
             if data is None:  # nothing came, and the session asked to look (IMAP's IDLE)
                 if not self.carry_out(session.tick()):
                     return
+                busy = session.busy
                 continue
             if not data:
                 if server.stopping:
                     self.send_last(session.goodbye("shutdown"))
                 return
-            was_busy = session.busy
             if not self.carry_out(session.receive(data)):
                 return
-            if session.busy and not was_busy:
-                self.unit_started = time.monotonic()
-            if server.stopping and not session.busy:
+            if session.busy != busy:
+                busy = not busy
+                if busy:  # a command or a message has begun: it has one timeout in all
+                    self.unit_started = time.monotonic()
+            if server.stopping and not busy:
                 self.send_last(session.goodbye("shutdown"))
                 return
 
-    def read(self) -> bytes | None:
+    def read(self, busy: bool) -> bytes | None:
         """The client's next bytes, within the timeout (RFC 5321 section 4.5.3.2.7). A line or a
         message that has begun must end within one timeout in all, so a client that trickles
         a byte at a time cannot hold a connection forever. None when the session asked to be
         ticked (tick_interval: IMAP's IDLE) and nothing came meanwhile."""
-        started = self.unit_started if self.session.busy else self.quiet_since
+        started = self.unit_started if busy else self.quiet_since
         timeout = self.server.idle_timeout - (time.monotonic() - started)
         if timeout <= 0:
             raise TimeoutError
@@ -1855,7 +1863,6 @@ class ConnectionHandler(socketserver.StreamRequestHandler):
         wait = timeout if tick is None else min(timeout, tick)
         try:
             if self.poller is not None:
-                self.set_timeout(self.server.idle_timeout)
                 if not self.poller.poll(wait * 1000):
                     raise TimeoutError
             else:
