@@ -2894,6 +2894,26 @@ def test_deleted_messages_leave_no_words_behind(tmp_path):
         store.close()
 
 
+def test_a_deep_page_walks_a_small_index_not_the_rows_even_in_an_older_index(tmp_path):
+    import sqlite3
+    store = open_store(tmp_path / "mail")
+    keys = [deliver(store.maildir, f"Subject: n{n}\r\n\r\nx\r\n".encode()) for n in range(60)]
+    store.search("")
+    store.close()
+    index = sqlite3.connect(tmp_path / "mail" / "sheesh.index")
+    index.execute("DROP INDEX messages_read")  # as an index made before it existed
+    index.close()
+    store = open_store(tmp_path / "mail")
+    try:
+        assert [m.key for m in store.search("", limit=5, offset=50).messages] == keys[9::-1][:5]
+        index = sqlite3.connect(tmp_path / "mail" / "sheesh.index")
+        plan = index.execute("EXPLAIN QUERY PLAN SELECT uid FROM messages WHERE indexed "
+                             "ORDER BY messages.rowid DESC LIMIT 5 OFFSET 50").fetchall()
+        assert "USING INDEX messages_read" in str(plan)
+    finally:
+        store.close()
+
+
 # ---------------------------------------------------------------------------------------------
 # 12.5 Message checks: what real servers will say of a message
 # ---------------------------------------------------------------------------------------------
