@@ -8,6 +8,7 @@ screenshots with headless Chromium (Debian's chromium package): docs/inbox-deskt
 message open at 1280x800, and docs/inbox-phone.png, the list at 390x844.
 """
 
+import os
 import shutil
 import smtplib
 import subprocess
@@ -67,7 +68,8 @@ def screenshot(chromium: str, url: str, size: str, picture: Path, profile: Path)
     subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu",
                     "--hide-scrollbars", f"--user-data-dir={profile}", f"--window-size={size}",
                     f"--screenshot={picture}", "--virtual-time-budget=3000", url],
-                   check=True, capture_output=True, timeout=60)
+                   check=True, capture_output=True, timeout=60,
+                   env={**os.environ, "TMPDIR": str(profile.parent)})  # its socket's folder
     print(f"wrote {picture}")
 
 
