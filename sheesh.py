@@ -702,7 +702,7 @@ def address_problem(address: str, *, sender: bool) -> Reply | None:
             found.group(2)[1:-1]):
         return refused
     if len(address) <= 62 and address.isascii():
-        return None  # within every limit below, without counting
+        return None  # 64 octets with its brackets: within the smallest limit below
     code = "5.1.7" if sender else "5.1.3"
     for (name, limit, section), part in zip(PATH_LIMITS, (*found.groups(), f"<{address}>")):
         if len(part.encode("utf-8")) > limit:
@@ -3315,8 +3315,8 @@ class SqlIndex:
                                                      session INTEGER NOT NULL) WITHOUT ROWID;
         CREATE INDEX IF NOT EXISTS session_messages_session ON session_messages (session);
     """
-    # The read messages in UID order, for a page deep in the list: 100,000 messages in, a
-    # page's UIDs are found in this small index in 3 ms, where walking the rows took 28.
+    # The read messages in UID order, for a page deep in the list: with 100,000 messages,
+    # the page at offset 99,900 walks this small index in 4 ms, where the rows took 12.
     READ_ORDER = "CREATE INDEX IF NOT EXISTS messages_read ON messages (uid) WHERE indexed"
     # Where this SQLite was built without FTS5, search reads a plain table instead.
     PLAIN = ("CREATE TABLE search (rowid INTEGER PRIMARY KEY, sender TEXT, recipients TEXT, "
