@@ -9104,6 +9104,7 @@ def main(argv: list[str] | None = None) -> int:
     if (options["relay_all"] or options["relay_match"]) and not options["relay"]:
         parser.error("--relay-all and --relay-match need --relay HOST:PORT")
     quiet, cpu_choice = options.pop("quiet"), options.pop("cpu")
+    stop_requested = catch_stop_signals()  # a Ctrl-C while starting stops as cleanly as later
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
                         format="%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
     try:
@@ -9119,7 +9120,7 @@ def main(argv: list[str] | None = None) -> int:
     except CannotStart as error:  # it says which step failed, and why
         return fail(error.strerror)
     announce(server, cpu)
-    return serve_until_stopped(server)
+    return serve_until_stopped(server, stop_requested)
 
 
 def config_options(options: dict) -> dict:
@@ -9238,25 +9239,24 @@ def is_loopback(host: str) -> bool:
     return address.is_loopback or mapped is not None and mapped.is_loopback
 
 
-def serve_until_stopped(server: Server) -> int:
-    """Wait for Ctrl-C or SIGTERM, then stop cleanly and return 0."""
-    def stop(signum, frame):
-        raise KeyboardInterrupt
+def catch_stop_signals() -> threading.Event:
+    """From now on, Ctrl-C and SIGTERM only ask to stop: the request is noted, never raised
+    in the middle of whatever runs (starting, or stopping after a first Ctrl-C)."""
+    requested = threading.Event()
     # SIGINT too: a shell starts background jobs with Ctrl-C ignored, and Python keeps that.
     for name in ("SIGINT", "SIGTERM"):  # Windows has no SIGTERM to catch
         if hasattr(signal, name):
-            signal.signal(getattr(signal, name), stop)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
+            signal.signal(getattr(signal, name), lambda signum, frame: requested.set())
+    return requested
+
+
+def serve_until_stopped(server: Server, stop_requested: threading.Event) -> int:
+    """Wait until asked to stop, then stop cleanly and return 0."""
+    while not stop_requested.wait(0.5):  # with a timeout, so that Windows' Ctrl-C gets in
         pass
     log.warning("stopping: messages already in DATA get %g seconds to finish",
                 server.config.grace)
-    try:
-        server.stop()
-    except KeyboardInterrupt:
-        pass
+    server.stop()
     return 0
 
 

@@ -5477,6 +5477,27 @@ def test_cli_serves_logs_one_line_per_message_and_exits_0_on_ctrl_c(cli):
     assert re.search(rf"size {stored.stat().st_size} stored \S+/new/\S+$", line)
 
 
+def test_cli_a_ctrl_c_while_starting_stops_it_cleanly_once_started(tmp_path):
+    # The Ctrl-C arrives in the middle of start(), before the "listening" line: sheesh
+    # finishes starting, then stops as after any Ctrl-C, without a traceback.
+    program = textwrap.dedent(f"""
+        import os, signal, sys
+        sys.path.insert(0, {str(Path(sheesh.__file__).parent)!r})
+        import sheesh
+        start = sheesh.Server.start
+        def interrupted_start(self):
+            os.kill(os.getpid(), signal.SIGINT)
+            start(self)
+        sheesh.Server.start = interrupted_start
+        sys.exit(sheesh.main(["--port", "0", "--no-http", "--cpu", "all",
+                              "--maildir", {str(tmp_path / "mail")!r}]))
+    """)
+    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
+                            timeout=60)
+    assert (result.returncode, "Traceback" in result.stderr) == (0, False), result.stderr
+    assert "listening on" in result.stderr and "stopping:" in result.stderr
+
+
 def test_cli_print_shows_the_envelope_and_the_message(cli):
     sheesh_process = cli("--print", "--quiet")
     with smtplib.SMTP(sheesh_process.host, sheesh_process.port) as client:
