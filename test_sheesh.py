@@ -2531,18 +2531,27 @@ def test_transcript_keeps_a_bounded_record_and_says_what_it_left_out():
 # ---------------------------------------------------------------------------------------------
 
 
+def place(maildir: Path, location: str, data: bytes) -> None:
+    """A file put into a Maildir's folder as every Maildir writer does it: written in tmp/,
+    then renamed into place, so that a reader never sees half of it."""
+    (maildir / "tmp").mkdir(parents=True, exist_ok=True)
+    written = maildir / "tmp" / location.replace("/", "-")
+    written.write_bytes(data)
+    os.replace(written, maildir / location)
+
+
 def drop_into_new(maildir: Path, count: int, start: int = 0, when: int = 1700000000,
                   recipient=lambda n: f"user{n % 3}@d.test"):
-    """Messages written straight into new/, as another program (or an old Maildir) leaves
-    them: keys in arrival order."""
+    """Messages put into new/ by another program (or left by an old Maildir): keys in
+    arrival order."""
     keys = []
     for number in range(start, start + count):
         key = f"{when + number}.M000000P1Q{number}.other"
-        (maildir / "new" / key).write_bytes(
-            f"Return-Path: <app@b.test>\r\nDelivered-To: {recipient(number)}\r\n"
-            f"Received: from x ([192.0.2.1]) by y; Mon, 30 Nov 2026 12:00:00 +0000\r\n"
-            f"From: App <app@b.test>\r\nSubject: bulk {number}\r\n\r\nbody {number}\r\n"
-            .encode())
+        place(maildir, f"new/{key}",
+              f"Return-Path: <app@b.test>\r\nDelivered-To: {recipient(number)}\r\n"
+              f"Received: from x ([192.0.2.1]) by y; Mon, 30 Nov 2026 12:00:00 +0000\r\n"
+              f"From: App <app@b.test>\r\nSubject: bulk {number}\r\n\r\nbody {number}\r\n"
+              .encode())
         keys.append(key)
     return keys
 
@@ -2748,7 +2757,7 @@ def search_store(tmp_path):
         head = (f"Return-Path: <{sender}>\r\n" + "".join(
             f"Delivered-To: {r}\r\n" for r in recipients) + "Received: from x ([192.0.2.1])\r\n")
         folder = f"cur/{key}:2,S" if seen else f"new/{key}"
-        (store.path / folder).write_bytes(head.encode() + message.as_bytes(
+        place(store.path, folder, head.encode() + message.as_bytes(
             policy=message.policy.clone(linesep="\r\n")))
     wait_until(lambda: store.status()["messages"] == 3, what="three messages indexed")
     return store
