@@ -9104,7 +9104,7 @@ def main(argv: list[str] | None = None) -> int:
     if (options["relay_all"] or options["relay_match"]) and not options["relay"]:
         parser.error("--relay-all and --relay-match need --relay HOST:PORT")
     quiet, cpu_choice = options.pop("quiet"), options.pop("cpu")
-    stop_requested = catch_stop_signals()  # a Ctrl-C while starting stops as cleanly as later
+    stop_signals = StopSignals()  # a Ctrl-C while starting stops as cleanly as later
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
                         format="%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
     try:
@@ -9120,7 +9120,7 @@ def main(argv: list[str] | None = None) -> int:
     except CannotStart as error:  # it says which step failed, and why
         return fail(error.strerror)
     announce(server, cpu)
-    return serve_until_stopped(server, stop_requested)
+    return serve_until_stopped(server, stop_signals)
 
 
 def config_options(options: dict) -> dict:
@@ -9239,21 +9239,37 @@ def is_loopback(host: str) -> bool:
     return address.is_loopback or mapped is not None and mapped.is_loopback
 
 
-def catch_stop_signals() -> threading.Event:
-    """From now on, Ctrl-C and SIGTERM only ask to stop: the request is noted, never raised
-    in the middle of whatever runs (starting, or stopping after a first Ctrl-C)."""
-    requested = threading.Event()
-    # SIGINT too: a shell starts background jobs with Ctrl-C ignored, and Python keeps that.
-    for name in ("SIGINT", "SIGTERM"):  # Windows has no SIGTERM to catch
-        if hasattr(signal, name):
-            signal.signal(getattr(signal, name), lambda signum, frame: requested.set())
-    return requested
+class StopSignals:
+    """From the moment it is made, Ctrl-C and SIGTERM only ask sheesh to stop: nothing is
+    raised in the middle of whatever runs (starting, or stopping after a first Ctrl-C).
+    Python's own handler writes a byte to a socket (signal.set_wakeup_fd), which wait()
+    sees. A handler that set an Event could hang: it runs in the main thread, which may
+    be inside that Event's lock, waiting."""
+
+    def __init__(self) -> None:
+        self._woken, self._waker = socket.socketpair()
+        self._waker.setblocking(False)
+        signal.set_wakeup_fd(self._waker.fileno())
+        # SIGINT too: a shell starts background jobs with Ctrl-C ignored, and Python keeps it.
+        # Windows has no SIGTERM to catch.
+        self._stops = {getattr(signal, name) for name in ("SIGINT", "SIGTERM")
+                       if hasattr(signal, name)}
+        for number in self._stops:
+            signal.signal(number, self._noted)
+
+    def _noted(self, signum, frame) -> None:
+        pass  # the byte on the socket is the message
+
+    def wait(self) -> None:
+        """Until a stop signal has come (at once if one came already). The socket has a
+        byte for every signal Python handles: only these two stop sheesh."""
+        while not self._stops.intersection(self._woken.recv(64)):
+            pass
 
 
-def serve_until_stopped(server: Server, stop_requested: threading.Event) -> int:
+def serve_until_stopped(server: Server, stop_signals: StopSignals) -> int:
     """Wait until asked to stop, then stop cleanly and return 0."""
-    while not stop_requested.wait(0.5):  # with a timeout, so that Windows' Ctrl-C gets in
-        pass
+    stop_signals.wait()
     log.warning("stopping: messages already in DATA get %g seconds to finish",
                 server.config.grace)
     server.stop()
