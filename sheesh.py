@@ -2175,11 +2175,10 @@ class Login:
                 return AUTH_PASSWORD
             case "LOGIN":
                 return self.check_password(self._username, decoded)
-            case "PLAIN":  # RFC 4616: authorization identity, NUL, user name, NUL, password
-                parts = decoded.split(b"\0")
-                if len(parts) != 3:
+            case "PLAIN":
+                if (credentials := sasl_plain(decoded)) is None:
                     return BAD_BASE64
-                return self.check_password(parts[1].decode("utf-8", "replace"), parts[2])
+                return self.check_password(*credentials)
             case _:  # CRAM-MD5: "user hex(HMAC-MD5(password, challenge))"
                 user, _, digest = decoded.decode("utf-8", "replace").rpartition(" ")
                 return self.check_cram_md5(user, digest.lower().encode())
@@ -2252,10 +2251,19 @@ class LoginGuard:
                     protocol, escape_for_log(", ".join(sorted(users))[:200]))
 
 
+def sasl_plain(decoded: bytes) -> tuple[str, bytes] | None:
+    """The user name and password of a PLAIN response (RFC 4616: authorization identity,
+    NUL, user name, NUL, password), for SMTP AUTH and IMAP AUTHENTICATE; None if malformed."""
+    parts = decoded.split(b"\0")
+    if len(parts) != 3:
+        return None
+    return parts[1].decode("utf-8", "replace"), parts[2]
+
+
 def password_matches(users: dict[str, str], user: str, password: bytes) -> bool:
     """Whether the password is the user's. compare_digest takes as long whatever the bytes,
     and an unknown user is compared too, so the time an answer takes tells nothing about a
-    password or a user name. (SMTP AUTH and POP3 PASS both ask here.)"""
+    password or a user name. (SMTP AUTH, POP3, IMAP and the web inbox all ask here.)"""
     known = users.get(user)
     same = hmac.compare_digest(password, (known or "\0 unknown").encode())
     return same and known is not None
@@ -6729,7 +6737,7 @@ def sendmail_main(argv: list[str]) -> int:
     except ValueError as error:
         parser.error(str(error))
     data, recipients = sys.stdin.buffer.read(), list(options.recipients)
-    headers = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(data)
+    headers = parse_headers(data)
     if options.from_headers:
         fields = [value for name in ("To", "Cc", "Bcc") for value in headers.get_all(name, [])]
         recipients += [address for _, address in email.utils.getaddresses(fields) if address]
@@ -6742,7 +6750,7 @@ def sendmail_main(argv: list[str]) -> int:
     data = missing_headers(headers, sender, options.full_name) + data
     # Programs hand sendmail lines ending in LF; SMTP wants CRLF (RFC 5321 section 2.3.8),
     # and smtplib leaves bytes as they are.
-    data = re.sub(rb"\r?\n", b"\r\n", data)
+    data = with_crlf(data)
     return send_once(host, port, sender, recipients, data)
 
 
@@ -8268,12 +8276,12 @@ class ImapSession(TakesTurns):
 
     def plain_response(self, tag: str, response: bytes) -> list:
         try:
-            parts = base64.b64decode(response, validate=True).split(b"\0")
+            credentials = sasl_plain(base64.b64decode(response, validate=True))
         except (ValueError, binascii.Error):
-            parts = []
-        if len(parts) != 3:
+            credentials = None
+        if credentials is None:
             return [tagged(tag, "BAD", "cannot decode the response")]
-        return self.check_login(tag, parts[1].decode("utf-8", "replace"), parts[2])
+        return self.check_login(tag, *credentials)
 
     def check_login(self, tag: str, user: str, password: bytes) -> list:
         if self.logins is not None and self.logins.refuses(self.peer):
