@@ -577,6 +577,25 @@ def test_session_accepts_8bitmime_smtputf8_and_auth_parameters():
         "ä@b.test", "8BITMIME", True)
 
 
+def test_session_refuses_addresses_beyond_ascii_without_smtputf8():
+    """RFC 6531 section 3.4: SMTPUTF8 on MAIL is what allows them, for both paths."""
+    assert dialogue(transcript(greeted(), "MAIL FROM:<jörg@b.test>")) == dialogue("""
+        C: MAIL FROM:<jörg@b.test>
+        S: 553 5.6.7 Error: an address beyond ASCII needs MAIL FROM with SMTPUTF8""")
+    session = greeted()
+    assert dialogue(transcript(session, "MAIL FROM:<a@b.test>", "RCPT TO:<jörg@bücher.test>",
+                               "RCPT TO:<c@d.test>")) == dialogue("""
+        C: MAIL FROM:<a@b.test>
+        S: 250 2.1.0 Ok
+        C: RCPT TO:<jörg@bücher.test>
+        S: 553 5.6.7 Error: an address beyond ASCII needs MAIL FROM with SMTPUTF8
+        C: RCPT TO:<c@d.test>
+        S: 250 2.1.5 Ok""")
+    allowed = greeted()
+    say(allowed, "MAIL FROM:<a@b.test> SMTPUTF8")
+    assert say(allowed, "RCPT TO:<jörg@bücher.test>") == b"250 2.1.5 Ok\r\n"
+
+
 def test_session_refuses_esmtp_parameters_after_plain_helo():
     session = new_session()
     say(session, "HELO client.test")
@@ -4219,6 +4238,23 @@ def test_webhook_posts_the_summary_signed(tmp_path, receiver):
     assert [(h["url"], h["outcome"]) for h in history] == [(url, "sent: 200 OK")]
 
 
+def test_webhook_credentials_go_as_basic_auth_and_are_never_shown(tmp_path, receiver, caplog):
+    port = receiver.server_address[1]
+    url = f"http://hook:pa%40ss@127.0.0.1:{port}/hook"
+    with caplog.at_level(logging.INFO, logger="sheesh"):
+        with make_server(tmp_path, http_port=0, webhooks=(url,)) as server:
+            with smtplib.SMTP(server.host, server.port) as client:
+                client.sendmail("a@b.test", ["c@d.test"], b"Subject: hooked\r\n\r\nx\r\n")
+            key = server.wait_for_message().key
+            history = relay_history_of(server, key, "webhooks")
+            detail = http(server, f"/api/messages/{key}")[2].decode()
+    headers, _ = receiver.received[0]
+    assert headers["Authorization"] == "Basic " + base64.b64encode(b"hook:pa@ss").decode()
+    assert [(h["url"], h["outcome"]) for h in history] == [
+        (f"http://hook:****@127.0.0.1:{port}/hook", "sent: 200 OK")]
+    assert "pa%40ss" not in detail and not any("pa%40ss" in r.getMessage() for r in caplog.records)
+
+
 def relay_history_of(server, key, name, entries=1):
     def history():
         found = json.loads(http(server, f"/api/messages/{key}")[2])[name]
@@ -4746,6 +4782,15 @@ def test_pop3_session_checks_passwords_with_users(maildrop):
     assert locked_out.closed
 
 
+def test_pop3_transcript_masks_a_password_however_the_pass_line_is_spaced(maildrop):
+    session = pop3(maildrop, users=USERS)
+    session.transcript = sheesh.Transcript("POP3", "192.0.2.1")
+    assert tell(session, "USER alice", " PASS correct horse").endswith(b"+OK 3 messages\r\n")
+    tell(session, "QUIT")
+    shown = json.dumps(session.transcript.as_json())
+    assert "horse" not in shown and "PASS ****" in shown
+
+
 @pytest.mark.parametrize("lines, reply", [
     (["STAT"], b"-ERR log in first (USER and PASS)\r\n"),
     (["PASS x"], b"-ERR send USER first\r\n"),
@@ -4985,8 +5030,9 @@ def test_imap_session_literals_synchronizing_plus_and_bounded(imap_store):
     assert converse(again, b"a1 LOGIN {5+}\r\nuser2 pass") .startswith(b"a1 OK ")  # RFC 7888
     assert again.user == "user2"
     big = imap(imap_store)
-    assert converse(big, f"a1 LOGIN {{{sheesh.IMAP_LITERAL_LIMIT + 1}}}") == (
-        f"a1 BAD literal too big: at most {sheesh.IMAP_LITERAL_LIMIT} octets\r\n".encode())
+    assert converse(big, f"a1 LOGIN {{{sheesh.IMAP_PRELOGIN_LIMIT + 1}}}") == (
+        f"a1 BAD literal too big: at most {sheesh.IMAP_PRELOGIN_LIMIT} octets in one command "
+        "before LOGIN\r\n".encode())
     assert converse(big, "a2 NOOP") == b"a2 OK NOOP completed\r\n"  # and the session goes on
     long_line = imap(imap_store)
     assert converse(long_line, "a1 NOOP " + "x" * sheesh.IMAP_LINE_LIMIT) == (
@@ -5047,6 +5093,122 @@ def test_imap_session_mailbox_names_in_modified_utf7():
     assert sheesh.mutf7_decode("Recipients/j&APY-rg@d.test") == "Recipients/jörg@d.test"
     assert sheesh.mutf7_encode("A&B 日本") == "A&-B &ZeVnLA-"
     assert sheesh.mutf7_decode("A&-B &ZeVnLA-") == "A&B 日本"
+
+
+def test_imap_session_bounds_the_literals_of_one_command_not_each_literal(imap_store):
+    """A LOGIN of literal after literal, each under the limit, once grew without bound (352 MB
+    after 300 MiB): before a login the whole command has IMAP_PRELOGIN_LIMIT octets, and a
+    refused non-synchronising literal ends the connection rather than being read."""
+    session, half = imap(imap_store), sheesh.IMAP_PRELOGIN_LIMIT // 2
+    assert converse(session, f"a1 LOGIN {{{half}}}") == b"+ ready for the literal\r\n"
+    assert converse(session, b"x" * half + f" {{{half}}}".encode()) == (
+        b"a1 BAD literal too big: at most 8192 octets in one command before LOGIN\r\n")
+    assert session.held() == 0 and converse(session, "a2 NOOP") == b"a2 OK NOOP completed\r\n"
+    plus = imap(imap_store)
+    assert converse(plus, f"a1 LOGIN {{{half}+}}".encode() + b"\r\n" + b"x" * half
+                    + f" {{{half}+}}".encode()) == (
+        b"a1 BAD literal too big: at most 8192 octets in one command before LOGIN\r\n"
+        b"* BYE literal too big\r\n")
+    assert plus.closed
+    logged_in, part = imap(imap_store), sheesh.IMAP_LITERAL_LIMIT // 2
+    converse(logged_in, "a1 LOGIN u p")
+    assert converse(logged_in, f"a2 SEARCH TEXT {{{part}}}") == b"+ ready for the literal\r\n"
+    assert converse(logged_in, b"x" * part + f" TEXT {{{part}}}".encode()) == (
+        b"a2 BAD literal too big: at most 1048576 octets in one command\r\n")
+
+
+@pytest.mark.parametrize("command, reply", [
+    ("+ NOOP", b"* BAD cannot read a tag and a command\r\n"),  # "+" is a continuation
+    (b"a\x00b NOOP", b"* BAD cannot read a tag and a command\r\n"),  # never echoed back
+    ("a1 FETCH " + "9" * 5000 + " FLAGS",
+     b"a1 BAD '99999999999999999999' is not a message number (1 to 4294967295)\r\n"),
+    ("a1 UID FETCH 1:" + "9" * 5000 + " FLAGS",
+     b"a1 BAD '99999999999999999999' is not a message number (1 to 4294967295)\r\n"),
+    ("a1 SEARCH LARGER " + "9" * 5000,
+     b"a1 BAD '99999999999999999999' is not a number of octets (0 to 4294967295)\r\n"),
+    ("a1 FETCH 1 BODY[" + "1" * 5000 + "]",
+     b"a1 BAD '11111111111111111111' is not a part number (1 to 4294967295)\r\n"),
+    ("a1 FETCH 1 BODY[]<" + "1" * 5000 + ".10>",
+     b"a1 BAD '11111111111111111111' is not an offset (0 to 4294967295)\r\n"),
+    ("a1 FETCH 1 BODY[]<0." + "1" * 5000 + ">",
+     b"a1 BAD '11111111111111111111' is not a count (0 to 4294967295)\r\n"),
+    ("a1 SEARCH " + "NOT " * 5000 + "ALL", b"a1 BAD a SEARCH of at most 256 words\r\n"),
+    ("a1 SEARCH " + "NOT " * 40 + "ALL", b"a1 BAD SEARCH keys nested more than 32 deep\r\n"),
+    ("a1 SEARCH " + "OR ALL " * 40 + "ALL",
+     b"a1 BAD SEARCH keys nested more than 32 deep\r\n"),
+    ("a1 SEARCH " + "(" * 5000 + "ALL" + ")" * 5000,
+     b"a1 BAD parentheses nested more than 32 deep\r\n"),
+    ("a1 SEARCH BEFORE 31-Feb-2024", b"a1 BAD '31-Feb-2024' is not a day of the calendar\r\n"),
+    ("a1 SEARCH SINCE 1-Jan-0000", b"a1 BAD '1-Jan-0000' is not a day of the calendar\r\n"),
+    ("a1 STORE 1 +FLAGS ((\\Seen))",
+     b"a1 BAD flags are atoms, as \\Seen or $Label, in one list\r\n"),
+    ('a1 LIST "" "' + "*" * 300 + '"', b"a1 BAD a pattern of at most 256 characters\r\n"),
+])
+def test_imap_session_answers_hostile_commands_with_bad_and_goes_on(imap_store, command, reply):
+    """Each of these once ended in a traceback (Python's 4,300-digit limit, RecursionError, a
+    day that is not in the calendar) or did the wrong thing: BAD, with the reason."""
+    session = imap(imap_store)
+    converse(session, "a0 LOGIN u p", "a00 SELECT INBOX")
+    assert converse(session, command) == reply
+    assert converse(session, "a2 NOOP") == b"a2 OK NOOP completed\r\n"
+    assert imap_store.summary(imap_store.keys[0]).flags == ""  # the STORE stored nothing
+
+
+@pytest.mark.parametrize("pattern, expected", [
+    ("*", ["INBOX", "Recipients", "Recipients/ann@d.test", "Recipients/bcc@d.test",
+           "Recipients/c@d.test"]),
+    ("%", ["INBOX", "Recipients"]),
+    ("Recipients/%", ["Recipients/ann@d.test", "Recipients/bcc@d.test", "Recipients/c@d.test"]),
+    ("*c@d.test", ["Recipients/bcc@d.test", "Recipients/c@d.test"]),
+    ("%c@d.test", []),  # % stops at the delimiter
+    ("r%s/%n%", ["Recipients/ann@d.test"]),
+    ("inbox", ["INBOX"]),
+    ("*" * 200 + "x", ["INBOX"]),  # once 5x the time a star: this alone ran for hours
+    ("%*%" * 60 + "y", []),
+])
+def test_imap_list_wildcards_match_as_rfc_3501_says_in_bounded_time(imap_store, pattern,
+                                                                      expected):
+    session = imap(imap_store)
+    converse(session, "a1 LOGIN anyone x")
+    started = time.process_time()
+    listed = converse(session, f'a2 LIST "" "{pattern}"')
+    assert time.process_time() - started < 1.0  # a CPU budget: the regex took 24 s at 9 stars
+    assert re.findall(rb'"/" "([^"]*)"', listed) == [name.encode() for name in expected]
+
+
+def test_imap_sequence_sets_are_joined_and_looked_up_by_bisection():
+    """UID SEARCH UID with 16,000 ranges took 6.9 s: each message was tried on each range."""
+    text = ",".join(f"{n}:{n + 1}" for n in range(1, 64_000, 4)) + ",7,2:3,*"
+    ranges = sheesh.sequence_set(text, 100_000)
+    assert ranges[:3] == [(1, 3), (5, 7), (9, 10)] and ranges[-1] == (100_000, 100_000)
+    assert len(ranges) == 16_001
+    started = time.process_time()
+    found = [n for n in range(1, 100_001) if sheesh.in_ranges(n, ranges)]
+    assert time.process_time() - started < 2.0  # a CPU budget: 1.6 billion steps before
+    assert found == [n for n in range(1, 100_001) if n % 4 in (1, 2) and n < 64_000
+                     or n in (3, 7, 100_000)]
+
+
+def test_imap_user_names_with_control_characters_are_refused(imap_store):
+    """Without --users a user name that is an address is that recipient's INBOX, and APPEND's
+    trace headers name it: a CR LF in it once wrote a header there that put the message in
+    another recipient's mailbox."""
+    session = imap(imap_store)
+    name = b"ann@d.test\r\nDelivered-To: carol@d.test"
+    assert converse(session, b"a1 LOGIN {%d}\r\n" % len(name) + name + b" pw") == (
+        b"+ ready for the literal\r\n"
+        b"a1 BAD a user name cannot be empty or hold control characters\r\n")
+    assert session.user is None and session.state is sheesh.ImapState.NOT_AUTHENTICATED
+
+
+def test_imap_transcript_never_shows_a_password_nor_echoes_it(imap_store):
+    session = imap(imap_store)
+    session.transcript = sheesh.Transcript("IMAP", "192.0.2.1")
+    for line in ['t1 LOGIN user "Secret[pw]{\\', "t2\tLOGIN user Secret2", "t3 login  u  Secret3"]:
+        replies = converse(session, line)
+        assert b"Secret" not in replies
+    shown = json.dumps(session.transcript.as_json())
+    assert "Secret" not in shown and "t1 LOGIN user ****" in shown
 
 
 @pytest.fixture
@@ -5259,6 +5421,25 @@ def test_imap_idle_timeout_and_a_vanished_client(tmp_path, monkeypatch):
         half.close()  # gone mid-APPEND: nothing is stored, nothing is left in tmp/
         wait_until(lambda: active_sessions(server) == 0)
         assert server.messages() == [] and files_in(server.store.path, "tmp") == []
+
+
+def test_imap_client_that_never_logs_in_is_let_go_after_the_login_timeout(tmp_path,
+                                                                          monkeypatch):
+    """Before a login, a minute (IMAP_LOGIN_TIMEOUT), not the 30 minutes of RFC 3501 5.4."""
+    monkeypatch.setattr(sheesh, "IMAP_LOGIN_TIMEOUT", 0.3)
+    with make_server(tmp_path, imap_port=0) as server:
+        silent = socket.create_connection((server.host, server.imap_port), timeout=5)
+        logged_in = socket.create_connection((server.host, server.imap_port), timeout=5)
+        silent_reader, reader = silent.makefile("rb"), logged_in.makefile("rb")
+        assert silent_reader.readline().startswith(b"* OK") and reader.readline()
+        logged_in.sendall(b"a1 LOGIN u p\r\n")
+        assert reader.readline().startswith(b"a1 OK")
+        assert silent_reader.readline() == b"* BYE autologout: idle for too long\r\n"
+        assert silent_reader.readline() == b""
+        time.sleep(0.5)  # past the login timeout: the session that logged in stays
+        logged_in.sendall(b"a2 NOOP\r\n")
+        assert reader.readline() == b"a2 OK NOOP completed\r\n"
+        silent.close(), logged_in.close()
 
 
 def test_curl_lists_and_fetches_over_imap(imap_server):
