@@ -106,7 +106,6 @@ import urllib.parse
 from dataclasses import dataclass, field, replace
 from email.message import EmailMessage
 from html import unescape as html_unescape
-from html.parser import HTMLParser
 from pathlib import Path
 
 try:
@@ -2635,14 +2634,26 @@ def crlf_chunks(file):
 _HEADER_PARSER = email.parser.HeaderParser(policy=email.policy.compat32)
 
 
+# A header section is parsed this far: the email package takes about a second a megabyte of
+# header lines, and real ones (a long Received chain, DKIM) are a few KiB.
+HEADER_PARSE_LIMIT = 128 * 1024
+
+
 def parse_headers(raw: bytes) -> email.message.Message:
-    """A header block. Raw 8-bit bytes are UTF-8 (RFC 6532); what is not becomes U+FFFD."""
-    return _HEADER_PARSER.parsestr(raw.decode("utf-8", "replace"))
+    """A header block, its first HEADER_PARSE_LIMIT octets. Raw 8-bit bytes are UTF-8 (RFC
+    6532); what is not becomes U+FFFD."""
+    return _HEADER_PARSER.parsestr(raw[:HEADER_PARSE_LIMIT].decode("utf-8", "replace"))
+
+
+HEADER_DECODE_LIMIT = 16 * 1024  # characters of a value decoded: the email package's decoder
+# is quadratic on folded encoded-words (1.6 MB of them took 15 s), and no reader shows more
 
 
 def decode_words(text: str) -> str:
     """A header value for people: unfolded, and decoded from RFC 2047 encoded-words
-    (=?UTF-8?B?...?=). Never an exception, whatever the value holds."""
+    (=?UTF-8?B?...?=), its first HEADER_DECODE_LIMIT characters. Never an exception,
+    whatever the value holds."""
+    text = text[:HEADER_DECODE_LIMIT]
     if "\n" in text:
         text = re.sub(r"\r?\n(?=[ \t])", "", text)
     text = text.strip()
@@ -3146,6 +3157,11 @@ def subject_of(path: str) -> str:
 # before: does not. Terms are all required.
 
 SEARCH_FIELDS = ("from", "to", "subject", "is", "has", "before", "after")
+# Each word is a prefix term that SQLite's full-text index reads the list of every matching
+# word for: "a" is most of the index. "a" 25 times took 13.6 s of CPU on 20,000 messages, so a
+# search has at most so many words, and of them at most so many of one or two letters.
+SEARCH_WORDS_LIMIT = 16
+SEARCH_SHORT_WORDS_LIMIT = 3
 
 
 class BadQuery(ValueError):
@@ -3219,8 +3235,15 @@ def parse_search(text: str) -> Query:
         else:
             value = re.match(r"[^\s]*", text[position:]).group()
             position += len(value)
-        if condition := search_condition(field_name, value, negated):
+        if (condition := search_condition(field_name, value, negated)) and (
+                condition not in conditions):  # "a a a" is "a"
             conditions.append(condition)
+    words = [word for c in conditions if c.kind == "words" for word in c.value]
+    if len(words) > SEARCH_WORDS_LIMIT:
+        raise BadQuery(f"a search of at most {SEARCH_WORDS_LIMIT} words ({len(words)} here)")
+    if sum(len(word) < 3 for word in words) > SEARCH_SHORT_WORDS_LIMIT:
+        raise BadQuery(f"at most {SEARCH_SHORT_WORDS_LIMIT} words of one or two letters: "
+                       "each one matches most of the mail")
     return Query(tuple(conditions))
 
 
@@ -3239,12 +3262,12 @@ def search_condition(field_name: str, value: str, negated: bool) -> Condition | 
         case "has":
             raise BadQuery(f"has: takes attachment, not {value!r}")
         case "before" | "after":
-            try:
-                moment = datetime.datetime.fromisoformat(value)
-            except ValueError:
+            try:  # the year 1 has no Unix time where the local zone is ahead of UTC
+                moment = datetime.datetime.fromisoformat(value).timestamp()
+            except (ValueError, OverflowError, OSError):
                 raise BadQuery(f"{field_name}: takes a date such as 2026-11-30 or "
-                               f"2026-11-30T08:00, not {value!r}") from None
-            return Condition(field_name, value=moment.timestamp(), negated=negated)
+                               f"2026-11-30T08:00, not {value[:40]!r}") from None
+            return Condition(field_name, value=moment, negated=negated)
     words = tuple(search_tokens(value))
     return Condition("words", field_name, words, negated) if words else None
 
@@ -4039,6 +4062,7 @@ MAILBOX_INDEX_WAIT = 20.0  # a POP3 login or IMAP SELECT waits this long for a n
 CHECK_QUIET = 1.0  # deliveries paused this long: check the messages not yet checked (12.5),
 CHECK_BATCH = 20  # this many at a time (about 5 ms), the newest first
 CHECK_BUDGET = 0.01  # seconds a list or search may spend checking messages not yet checked
+FINDINGS_KEPT = 256  # messages whose findings are kept in memory
 
 
 @dataclass
@@ -4112,6 +4136,9 @@ class Store:
         self._verified_at = -math.inf  # when the index last matched the folders, for sure
         self._scan_cost = 0.0
         self._checks_to_make = True  # messages may lack their checks (12.5): look when quiet
+        # The findings of the messages checked last, by key: a detail view asks twice.
+        self._findings: collections.OrderedDict[str, list[Finding]] = collections.OrderedDict()
+        self._findings_lock = threading.Lock()  # guards _findings alone; takes no other
         self.uidvalidity = 0
 
     # -- starting and stopping
@@ -4554,15 +4581,26 @@ class Store:
 
     def checks(self, summary: Summary) -> list[Finding] | None:
         """What the checks find in a stored message, as it was sent; None if it is gone."""
+        with self._findings_lock:
+            if (kept := self._findings.get(summary.key)) is not None:
+                self._findings.move_to_end(summary.key)
+                return kept
         try:
             with self.open_file(summary.key) as file:
-                raw = file.read()
+                raw = file.read(CHECK_READ_LIMIT + 64 * 1024)  # its trace headers, and more
+                size = os.fstat(file.fileno()).st_size
         except LookupError:
             return None
         received = re.search(rb"\bwith (UTF8SMTP|E?SMTP)", raw[:4096])
         envelope = Envelope(summary.sender, list(summary.recipients),
                             smtputf8=received is not None and received.group(1) == b"UTF8SMTP")
-        return check_message(strip_trace_headers(raw), envelope)
+        sent = strip_trace_headers(raw)
+        findings = check_message(sent, envelope, size - (len(raw) - len(sent)))
+        with self._findings_lock:  # made once: a detail view, /checks and the index share them
+            self._findings[summary.key] = findings
+            while len(self._findings) > FINDINGS_KEPT:
+                self._findings.popitem(last=False)
+        return findings
 
     def message(self, key: str) -> StoredMessage | None:
         summary = self.summary(key)
@@ -4825,7 +4863,11 @@ GMAIL_CLIP_OCTETS = 102 * 1024  # Gmail shows "[Message clipped]" past this much
 PROVIDER_SIZE_LIMIT = 25 * 1024 * 1024  # Gmail's and Outlook.com's largest message
 BULK_RECIPIENTS = 10  # this many envelope recipients or more looks like a mailing
 FINDINGS_PER_CHECK = 5  # the same problem on many lines is said this often, then counted
-HTML_CHECK_LIMIT = 2 * 1024 * 1024  # characters of an HTML part that are read for its checks
+HTML_CHECK_LIMIT = 1024 * 1024  # characters of an HTML part that are read for its checks
+# The work of the checks is bounded by what they read, whatever the message holds: its first
+# CHECK_READ_LIMIT octets (a finding says when there was more), and of those a header section
+# of HEADER_PARSE_LIMIT (2 million header lines took 8.7 s to parse).
+CHECK_READ_LIMIT = 2 * 1024 * 1024
 SINGLE_FIELDS = ("subject", "to", "cc", "bcc", "reply-to", "sender", "message-id",
                  "in-reply-to", "references")  # RFC 5322 section 3.6: at most one of each
 GMAIL_RULES = "Gmail's email sender guidelines (support.google.com/a/answer/81126)"
@@ -4851,49 +4893,91 @@ def check_counts(findings: list[Finding]) -> dict[str, int]:
             for severity in CHECK_SEVERITIES}
 
 
-def check_message(raw: bytes, envelope: Envelope | None = None) -> list[Finding]:
+def check_message(raw: bytes, envelope: Envelope | None = None,
+                  size: int | None = None) -> list[Finding]:
     """What real mail servers and clients will object to in a message, as it was sent
     (without sheesh's trace headers). With an envelope, also what depends on it: SMTPUTF8,
-    the number of recipients, and whether the From domain aligns with the envelope sender's."""
+    the number of recipients, and whether the From domain aligns with the envelope sender's.
+    size: the whole message's, where raw is only its start."""
+    size = len(raw) if size is None else size
+    if len(raw) > CHECK_READ_LIMIT:  # not between the CR and the LF of a CRLF
+        raw = raw[:CHECK_READ_LIMIT - (raw[CHECK_READ_LIMIT - 1:CHECK_READ_LIMIT + 1] == b"\r\n")]
     root = outline(raw)
     headers = root.headers
     leaves = list(itertools.islice(root.leaves(), MIME_PARTS_LIMIT))
     return (check_lines(raw, root, envelope) + check_fields(headers)
             + check_mime(raw, root, headers, leaves)
-            + check_deliverability(raw, headers, leaves, envelope))
+            + check_deliverability(raw, headers, leaves, envelope, size)
+            + check_bounds(root, size))
 
 
-def repeated(numbers: list, finding) -> list[Finding]:
-    """One finding for each of the first few places; then one that counts the rest."""
+def check_bounds(root: MimePart, size: int) -> list[Finding]:
+    """Where the checks stopped reading, so that a clean result is not taken for more."""
+    findings = []
+    if size > CHECK_READ_LIMIT:
+        findings.append(Finding(
+            "message-not-checked", "info", f"{size:,} octets: the checks read the first "
+            f"{CHECK_READ_LIMIT:,} of them", "the message", "sheesh's bound on one check"))
+    if len(root.raw_headers) > HEADER_PARSE_LIMIT:
+        findings.append(Finding(
+            "header-not-checked", "info", f"a header section of {len(root.raw_headers):,} "
+            f"octets: the checks read the first {HEADER_PARSE_LIMIT:,}", "the header",
+            "sheesh's bound on one check"))
+    return findings
+
+
+def repeated(numbers: list, finding, total: int | None = None) -> list[Finding]:
+    """One finding for each of the first few places; then one that counts the rest (of
+    total, where only the first places were looked for)."""
     found = [finding(n) for n in numbers[:FINDINGS_PER_CHECK]]
-    if len(numbers) > FINDINGS_PER_CHECK:
-        found.append(replace(found[-1], where=f"and {len(numbers) - FINDINGS_PER_CHECK} more"))
+    total = len(numbers) if total is None else total
+    if found and total > len(found):
+        found.append(replace(found[-1], where=f"and {total - len(found)} more"))
     return found
+
+
+# A line of more than 998 octets before its CRLF (or its bare LF): 1,000 octets that are not a
+# LF, or 999 whose last is not the CR of a CRLF. Anchored at a line's start, each attempt
+# reads at most 1,000 octets of one line, and a match consumes them.
+_LONG_LINE = re.compile(rb"^(?:[^\n]{1000}|[^\n]{998}[^\r\n])", re.MULTILINE)
+_BARE_LINE_ENDING = re.compile(rb"\r(?!\n)|(?<!\r)\n")
+
+
+def places(pattern: re.Pattern, raw: bytes, count: int | None = None) -> tuple[list, int]:
+    """The line numbers of the first matches (repeated() shows FINDINGS_PER_CHECK), and
+    how many there are in all: count, or the matches counted."""
+    numbers, line, at, seen = [], 1, 0, 0
+    matches = pattern.finditer(raw)
+    for found in itertools.islice(matches, FINDINGS_PER_CHECK):
+        seen += 1
+        line += raw.count(b"\n", at, found.start())
+        at = found.start()
+        if not numbers or numbers[-1] != line:
+            numbers.append(line)
+    if count is None:  # each match is a line of 1,000 octets or more: few, even in 50 MB
+        count = seen + sum(1 for _ in matches)
+    return numbers, max(count, len(numbers))
 
 
 def check_lines(raw: bytes, root: MimePart, envelope: Envelope | None) -> list[Finding]:
     """RFC 5322 section 2.1.1 and 2.3: lines of at most 998 octets, CR and LF only together
     as CRLF; RFC 6532: header bytes beyond ASCII only over SMTPUTF8."""
-    long_lines, bare = [], []
-    lines = raw.split(b"\n")
-    for number, line in enumerate(lines, start=1):
-        ended = number < len(lines)  # a LF followed it
-        text = line[:-1] if ended and line.endswith(b"\r") else line
-        if len(text) > LINE_LIMIT_OCTETS:
-            long_lines.append(number)
-        if b"\r" in text or ended and not line.endswith(b"\r"):
-            bare.append(number)
+    # Found by regular expressions that run in C and cannot backtrack far, not line by line:
+    # ten million bare LFs made ten million lines (20 s, and 1 GB of memory).
+    long_lines, long_count = places(_LONG_LINE, raw)
+    bare_count = raw.count(b"\n") + raw.count(b"\r") - 2 * raw.count(b"\r\n")
+    bare, bare_count = places(_BARE_LINE_ENDING, raw, bare_count) if bare_count else ([], 0)
     findings = repeated(long_lines, lambda n: Finding(
         "line-too-long", "error", "a line longer than 998 octets: relays break it or refuse "
         "the message (quoted-printable or base64 keeps lines short)", f"line {n}",
-        "RFC 5322 section 2.1.1"))
+        "RFC 5322 section 2.1.1"), long_count)
     findings += repeated(bare, lambda n: Finding(
         "bare-line-ending", "error", "a CR or an LF alone, not CRLF: servers that guard "
-        "against SMTP smuggling refuse such messages", f"line {n}", "RFC 5322 section 2.3"))
+        "against SMTP smuggling refuse such messages", f"line {n}", "RFC 5322 section 2.3"),
+        bare_count)
     head = raw[:root.body_start]
     if not head.isascii() and not (envelope is not None and envelope.smtputf8):
-        number = next((n for n, line in enumerate(head.split(b"\n"), start=1)
-                       if not line.isascii()), 1)
+        number = head.count(b"\n", 0, re.search(rb"[\x80-\xff]", head).start()) + 1
         findings.append(Finding(
             "header-8bit", "error", "header bytes beyond ASCII, without SMTPUTF8: encode them "
             "as RFC 2047 encoded-words, or send with SMTPUTF8", f"line {number}",
@@ -4965,7 +5049,7 @@ def check_date(dates: list[str]) -> list[Finding]:
 def words_decode(value: str) -> bool:
     """Whether every RFC 2047 encoded-word in a header value decodes."""
     try:
-        for data, charset in email.header.decode_header(value):
+        for data, charset in email.header.decode_header(value[:HEADER_DECODE_LIMIT]):
             if charset is not None and isinstance(data, bytes):
                 data.decode(charset)
     except (ValueError, LookupError, email.errors.MessageError, binascii.Error):
@@ -5078,7 +5162,7 @@ def check_content_ids(raw: bytes, leaves: list[MimePart]) -> list[Finding]:
 
 
 def check_deliverability(raw: bytes, headers, leaves: list[MimePart],
-                         envelope: Envelope | None) -> list[Finding]:
+                         envelope: Envelope | None, size: int) -> list[Finding]:
     """What gets mail junked, clipped or refused by the big providers."""
     findings = []
     kinds = {part.content_type for part in leaves}
@@ -5099,9 +5183,9 @@ def check_deliverability(raw: bytes, headers, leaves: list[MimePart],
                     ".com/2022/01/what-is-gmail-clipping-and-what-to-do.html)"))
             findings += check_html(part_text(raw, part, HTML_CHECK_LIMIT),
                                    f"part {number} (text/html)")
-    if len(raw) > PROVIDER_SIZE_LIMIT:
+    if size > PROVIDER_SIZE_LIMIT:
         findings.append(Finding(
-            "message-too-big", "error", f"{len(raw):,} octets: Gmail and Outlook.com refuse "
+            "message-too-big", "error", f"{size:,} octets: Gmail and Outlook.com refuse "
             "messages over 25 MB", "the message",
             "Gmail's and Outlook.com's published limits (support.google.com/mail/answer/6584)"))
     findings += check_unsubscribe(headers, envelope)
@@ -5161,62 +5245,106 @@ def organizational_domain(domain: str) -> str:
     return ".".join(labels[-keep:])
 
 
-class HtmlChecker(HTMLParser):
-    """What mail clients strip or spam filters flag in an HTML part."""
+# HTML is read by a scanner of its own, not html.parser: html.parser goes quadratic on some
+# input (CPython's CVE-2025-6069, unfixed in Debian's 3.11: 240 KB of "<!--" took 45 s),
+# and so does a regular expression such as <[^>]*> on "<<<<". The scanner looks only for the
+# tags the checks need, with one search that runs in C; each step starts where the last one
+# ended, and what a step read is consumed, so a text of n characters costs about n steps in
+# C and one step in Python per tag found, whatever the text holds. Comments, declarations
+# and the bodies of <script> and <style> are skipped as the HTML Living Standard's tokenizer
+# skips them; a tag that does not close within HTML_TAG_LIMIT characters is no tag.
+HTML_TAG_LIMIT = 8 * 1024
+HTML_TAGS_LIMIT = 10_000  # tags of one part that are checked: a real message has hundreds
+_HTML_NEXT = re.compile(r"<(?=[!?]|/?[aeiflosAEIFLOS])"  # the look-ahead: 10 times faster
+                        r"(?:!--|[!?]|(/?)(a|img|link|script|style|form|iframe|object|embed)"
+                        r"(?=[\s/>]))", re.IGNORECASE)
+_HTML_TAG_REST = re.compile(r"""(?:[^>"']++|"[^"]*+"|'[^']*+')*+>""")  # possessive: no
+_HTML_ATTRIBUTE = re.compile(r"""([^\s"'>/=]+)(?:\s*=\s*(?:"([^"]*)"|'([^']*)'|([^\s>]*)))?""")
+_HTML_RAW_END = {"script": re.compile(r"</script", re.IGNORECASE),  # backtracking at all
+                 "style": re.compile(r"</style", re.IGNORECASE)}
+
+
+def html_tags(text: str):
+    """(name, attributes, start, end) of each tag the checks look at, in order: "a", "/a",
+    "img" ...; attribute names in lower case, values with character references decoded."""
+    position = 0
+    while (found := _HTML_NEXT.search(text, position)) is not None:
+        opener = found.group()
+        if opener in ("<!--", "<!", "<?"):  # a comment runs to -->, the others to >
+            close = text.find("-->" if opener == "<!--" else ">", found.end())
+            position = len(text) if close < 0 else close + (3 if opener == "<!--" else 1)
+            continue
+        rest = _HTML_TAG_REST.match(text, found.end(), found.end() + HTML_TAG_LIMIT)
+        if rest is None:  # never closed within the limit (or cut off by the end): skipped
+            position = found.end() + HTML_TAG_LIMIT
+            continue
+        closing, name, position = bool(found.group(1)), found.group(2).lower(), rest.end()
+        attributes = {} if closing else {
+            attribute.group(1).lower(): html_unescape(next(
+                (value for value in attribute.groups()[1:] if value is not None), ""))
+            for attribute in reversed(list(_HTML_ATTRIBUTE.finditer(
+                text, found.end(), rest.end() - 1)))}  # reversed: the first one counts
+        yield ("/" if closing else "") + name, attributes, found.start(), position
+        if not closing and name in _HTML_RAW_END:  # script and style hold no tags
+            close = _HTML_RAW_END[name].search(text, position)
+            position = len(text) if close is None else close.start()
+
+
+class HtmlChecker:
+    """What mail clients strip or spam filters flag in an HTML part: at most HTML_TAGS_LIMIT
+    of its tags are read (complete says whether that was all of them)."""
 
     def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
         self.no_alt: list[str] = []
         self.insecure: list[str] = []
         self.mismatched: list[tuple[str, str]] = []
         self.stripped: list[str] = []
         self.pixels: list[str] = []
-        self._link: str | None = None
-        self._link_text: list[str] = []
+        self.complete = True
 
-    def handle_starttag(self, tag: str, attrs) -> None:
-        found = {name: value or "" for name, value in attrs}
-        if tag == "img":
-            source = found.get("src", "")
-            if "alt" not in found:
-                self.no_alt.append(source[:80])
-            if found.get("width", "").strip() in ("0", "1") and found.get(
-                    "height", "").strip() in ("0", "1"):
-                self.pixels.append(source[:80])
-        elif tag == "a" and "href" in found:
-            self._link, self._link_text = found["href"].strip(), []
-            if self._link.lower().startswith("http:"):
-                self.insecure.append(self._link[:80])
-        elif tag in ("script", "form", "iframe", "object", "embed") or tag == "link" and (
-                "stylesheet" in found.get("rel", "").lower()):
-            self.stripped.append(tag)
+    def feed(self, html_text: str) -> None:
+        link: tuple[str, int] | None = None  # an <a href>'s target, and where its text starts
+        for number, (tag, found, start, end) in enumerate(html_tags(html_text)):
+            if number == HTML_TAGS_LIMIT:
+                self.complete = False
+                break
+            if tag == "/a" and link is not None:
+                self.check_link(link[0], html_text[link[1]:min(start, link[1] + 1000)])
+                link = None
+            elif tag == "a" and "href" in found:
+                link = found["href"].strip()[:2048], end
+                if link[0].lower().startswith("http:"):
+                    self.insecure.append(link[0][:80])
+            elif tag == "img":
+                source = found.get("src", "")
+                if "alt" not in found:
+                    self.no_alt.append(source[:80])
+                if found.get("width", "").strip() in ("0", "1") and found.get(
+                        "height", "").strip() in ("0", "1"):
+                    self.pixels.append(source[:80])
+            elif tag in ("script", "form", "iframe", "object", "embed") or tag == "link" and (
+                    "stylesheet" in found.get("rel", "").lower()):
+                self.stripped.append(tag)
 
-    def handle_data(self, data: str) -> None:
-        if self._link is not None:
-            self._link_text.append(data)
-
-    def handle_endtag(self, tag: str) -> None:
-        if tag == "a" and self._link is not None:
-            text = "".join(self._link_text).strip()
-            shown = re.match(r"(?:https?://)?((?:[\w-]+\.)+[a-z]{2,})(?:[/:?#]|$)", text,
-                             re.IGNORECASE)
-            target = urllib.parse.urlsplit(self._link).hostname or ""
-            if shown and ("://" in text or text.lower().startswith("www.")) and (
-                    shown.group(1).lower() != target.lower()):
-                self.mismatched.append((text[:80], target))
-            self._link = None
+    def check_link(self, target_url: str, inside: str) -> None:
+        """A link whose text is an address other than where it goes: phishing's mark."""
+        text = html_unescape(re.sub(r"<[^<>]*>", "", inside))[:200].strip()
+        shown = re.match(r"(?:https?://)?((?:[\w-]+\.)+[a-z]{2,})(?:[/:?#]|$)", text,
+                         re.IGNORECASE)
+        target = urllib.parse.urlsplit(target_url).hostname or ""
+        if shown and ("://" in text or text.lower().startswith("www.")) and (
+                shown.group(1).lower() != target.lower()):
+            self.mismatched.append((text[:80], target))
 
 
 def check_html(html_text: str, where: str) -> list[Finding]:
     checker = HtmlChecker()
-    try:
-        checker.feed(html_text)
-        checker.close()
-    except (AssertionError, ValueError, TypeError):  # html.parser gives up on some input
-        return [Finding("html-unreadable", "warning", "HTML that Python's parser cannot read "
-                        "through: mail clients may show it badly too", where,
-                        "the HTML Living Standard (html.spec.whatwg.org)")]
-    findings = repeated(checker.no_alt, lambda source: Finding(
+    checker.feed(html_text)
+    findings = [] if checker.complete and len(html_text) < HTML_CHECK_LIMIT else [Finding(
+        "html-not-checked", "info", f"HTML of more than {HTML_TAGS_LIMIT:,} tags or "
+        f"{HTML_CHECK_LIMIT:,} characters: only that much of it was checked", where,
+        "sheesh's bound on the work of one check")]
+    findings += repeated(checker.no_alt, lambda source: Finding(
         "img-alt-missing", "warning", f"an image without alt text ({source or 'no src'}): "
         "clients that block images show nothing in its place", where, "WCAG 2.2, 1.1.1"))
     findings += repeated(checker.mismatched, lambda pair: Finding(
@@ -5701,6 +5829,19 @@ class WebPolicy:
     logins: LoginGuard | None = None
 
 
+def route_of(target: str) -> tuple[list[str], dict]:
+    """A request's target as every decision on it reads it: the path's segments, each
+    percent-decoded, the empty ones dropped, and the query. The absolute form
+    (http://host/path, RFC 9112 section 3.2.2) is read as its path. The stream cap once read
+    the raw path, so /api/%65vents, //wait and the absolute form each took an ordinary slot."""
+    url = urllib.parse.urlsplit(target)
+    query = dict(urllib.parse.parse_qsl(url.query, keep_blank_values=True))
+    return [urllib.parse.unquote(p) for p in url.path.strip("/").split("/") if p], query
+
+
+STREAM_ROUTES = (["api", "events"], ["api", "messages", "wait"])  # long-lived: counted apart
+
+
 class WebApp:
     """The web inbox's routes: a request in, a Response out."""
 
@@ -5715,9 +5856,7 @@ class WebApp:
         refusal = self.refuse_foreign(method, headers) or self.refuse_stranger(headers, peer)
         if refusal is not None:
             return refusal
-        url = urllib.parse.urlsplit(target)
-        query = dict(urllib.parse.parse_qsl(url.query, keep_blank_values=True))
-        parts = [urllib.parse.unquote(p) for p in url.path.strip("/").split("/") if p]
+        parts, query = route_of(target)
         if self.policy.exposed and self.policy.users is None and not is_loopback(peer) and (
                 parts[-1:] == ["release"] or (method, parts) == ("PUT", ["api", "faults"])):
             return json_error(403, "the web inbox listens beyond loopback without --users or "
@@ -6166,8 +6305,7 @@ class WebHandler(http.server.BaseHTTPRequestHandler):
         body = self.rfile.read(length)
         self.rfile.stop()
         self.connection.settimeout(self.timeout)
-        if self.path.startswith(("/api/events", "/api/messages/wait")) and (
-                not self.server.make_stream(self)):
+        if route_of(self.path)[0] in STREAM_ROUTES and not self.server.make_stream(self):
             self.send(json_error(503, f"too many event streams and waits open (at most "
                                       f"{WEB_STREAM_LIMIT}): try again later"))
             self.close_connection = True
