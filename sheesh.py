@@ -62,6 +62,7 @@ import array
 import base64
 import binascii
 import bisect
+import codecs
 import collections
 import contextlib
 import datetime
@@ -2826,6 +2827,8 @@ def decode_range(buffer, start: int, end: int, encoding: str, size: int = 1 << 2
             yield decode_base64(chunk)
         elif encoding == "quoted-printable":
             cut = len(chunk) if position >= end else chunk.rfind(b"\n") + 1
+            if not cut:  # a line longer than a piece: cut it, but not inside an =XX escape
+                cut = len(chunk) - 2 + chunk[-2:].rfind(b"=") if b"=" in chunk[-2:] else len(chunk)
             chunk, carry = chunk[:cut], chunk[cut:]
             yield binascii.a2b_qp(chunk)
         else:
@@ -2846,31 +2849,52 @@ def decode_base64(data: bytes) -> bytes:
             return b""
 
 
+SHOWN_TEXT_LIMIT = 1024 * 1024  # characters of a text or HTML part that a view shows
+
+
 def part_bytes(buffer, part: MimePart) -> bytes:
     return b"".join(decoded_chunks(buffer, part))
 
 
-def part_text(buffer, part: MimePart, limit: int | None = None) -> str:
-    """A text part for people: decoded, in its charset (an unknown one is read as UTF-8), with
-    Python's line endings. limit: only about that many characters, from the start."""
-    if limit is not None:
-        return text_start(buffer, part.body_start, part.end, part.transfer_encoding,
-                          part.charset, limit)
-    return decode_text(part_bytes(buffer, part), part.charset).replace("\r\n", "\n")
+def part_text(buffer, part: MimePart, limit: int) -> str:
+    """About the first `limit` characters of a text part, decoded in its charset (an unknown
+    one is read as UTF-8)."""
+    return text_start(buffer, part.body_start, part.end, part.transfer_encoding, part.charset,
+                      limit)
+
+
+def shown_text(name: str, buffer, part: MimePart | None) -> dict:
+    """A text or HTML part as a reader is given it, `name` and `name_cut` (whether it was cut):
+    the first SHOWN_TEXT_LIMIT characters, so that a 10 MB part costs each view a bounded
+    amount of memory (the whole message is at /raw)."""
+    if part is None:
+        return {name: "", f"{name}_cut": False}
+    text = part_text(buffer, part, SHOWN_TEXT_LIMIT + 1)
+    cut = len(text) > SHOWN_TEXT_LIMIT
+    return {name: text[:SHOWN_TEXT_LIMIT].replace("\r\n", "\n"), f"{name}_cut": cut}
 
 
 def text_start(buffer, start: int, end: int, encoding: str, charset: str, limit: int) -> str:
-    """About the first `limit` characters of a text, decoded."""
-    data = next(decode_range(buffer, start, end, encoding, size=limit * 4 + 4), b"")
-    return decode_text(data, charset)[:limit]
+    """The first `limit` characters of a text, decoded: read a piece at a time, so that the
+    start of a 50 MB part costs no more than the start of a small one."""
+    decoder = text_decoder(charset)
+    pieces, length = [], 0
+    for chunk in decode_range(buffer, start, end, encoding, size=min(limit + 4, 1 << 20)):
+        pieces.append(decoder.decode(chunk))
+        length += len(pieces[-1])
+        if length >= limit:
+            break
+    else:
+        pieces.append(decoder.decode(b"", final=True))
+    return "".join(pieces)[:limit]
 
 
-def decode_text(data: bytes, charset: str) -> str:
-    """Text in its charset; an unknown charset is read as UTF-8, and wrong bytes as U+FFFD."""
+def text_decoder(charset: str) -> codecs.IncrementalDecoder:
+    """A decoder for a charset; an unknown charset is read as UTF-8, and wrong bytes as U+FFFD."""
     try:
-        return data.decode(charset, "replace")
+        return codecs.getincrementaldecoder(charset)("replace")
     except LookupError:
-        return data.decode("utf-8", "replace")
+        return codecs.getincrementaldecoder("utf-8")("replace")
 
 
 def decoded_size(buffer, part: MimePart) -> int:
@@ -6078,8 +6102,7 @@ class WebApp:
                 else None,
                 "headers": [[name, decode_words(str(value))] for name, value in
                             root.headers.items()],
-                "text": part_text(buffer, parts.text) if parts.text else "",
-                "html": part_text(buffer, parts.html) if parts.html else "",
+                **shown_text("text", buffer, parts.text), **shown_text("html", buffer, parts.html),
                 "raw_url": f"{url}/raw", "html_url": f"{url}/html" if parts.html else None,
                 "attachments": [{"index": n, "filename": attachment_name(part, n),
                                  "content_type": part.content_type,
@@ -6105,7 +6128,7 @@ class WebApp:
                 return json_error(404, "no such message")
             _, buffer, root = found
             parts = message_parts(root)
-            html = part_text(buffer, parts.html) if parts.html else ""
+            html = shown_text("html", buffer, parts.html)["html"]
             html = inline_cid_images(html, buffer, parts.attachments)
         policy = HTML_PART_POLICY.format(remote=" https: http:" if remote else "")
         return Response(200, html.encode("utf-8"), "text/html; charset=utf-8",
@@ -7986,15 +8009,16 @@ class SearchFacts:
         except (OSError, TypeError):
             return parse_headers(b"")
 
-    @functools.cached_property
-    def text(self) -> str:
-        """The message's text parts, decoded, lower case: what BODY and TEXT search."""
+    def text_holds(self, wanted) -> bool:
+        """Whether the message's text parts hold `wanted`, case aside: what BODY and TEXT
+        search. Read a piece at a time, so a 50 MB message costs as little memory as a small
+        one while any number of sessions search it."""
         try:
             with self.store.maildir.read(self.store.locate(self.summary.key)) as buffer:
-                return " ".join(part_text(buffer, part) for part in outline(buffer).leaves()
-                                if part.content_type.startswith("text/")).lower()
+                return any(part_holds(buffer, part, wanted) for part in outline(buffer).leaves()
+                           if part.content_type.startswith("text/"))
         except (OSError, TypeError):
-            return ""
+            return False
 
     def header(self, name: str) -> str:
         return " ".join(decode_words(str(value)) for value in self.headers.get_all(name, []))
@@ -8008,8 +8032,27 @@ class SearchFacts:
 
 def contains(text: str, wanted) -> bool:
     """SEARCH's strings match any part of the text, case aside."""
+    return searched_for(wanted) in text.lower()
+
+
+def searched_for(wanted) -> str:
+    """What SEARCH looks for: its string, decoded, lower case, without carriage returns."""
     wanted = wanted.decode("utf-8", "replace") if isinstance(wanted, bytes) else str(wanted)
-    return wanted.lower() in text.lower()
+    return wanted.lower().replace("\r", "")
+
+
+def part_holds(buffer, part: MimePart, wanted) -> bool:
+    """Whether a text part, decoded, holds SEARCH's string: a piece at a time, each piece
+    searched with the end of the one before, so that a match across two pieces is found."""
+    wanted = searched_for(wanted)
+    decoder, carried = text_decoder(part.charset), ""
+    for chunk in itertools.chain(decoded_chunks(buffer, part), [None]):
+        piece = decoder.decode(b"", final=True) if chunk is None else decoder.decode(chunk)
+        text = carried + piece.lower().replace("\r", "")
+        if wanted in text:
+            return True
+        carried = text[len(text) - len(wanted) + 1:] if len(wanted) > 1 else ""
+    return False
 
 
 def words_in(arguments: list) -> int:
@@ -8101,10 +8144,10 @@ def content_key(key: str, take):
             return lambda facts: name in facts.headers and contains(facts.header(name), text)
         case "BODY":
             text = take()
-            return lambda facts: contains(facts.text, text)
+            return lambda facts: facts.text_holds(text)
         case "TEXT":
             text = take()
-            return lambda facts: contains(facts.text, text) or any(
+            return lambda facts: facts.text_holds(text) or any(
                 contains(decode_words(str(value)), text) for value in facts.headers.values())
         case "LARGER" | "SMALLER":
             size = take()
@@ -9946,7 +9989,10 @@ async function showMessage(id) {
   const tabs = el("div", {"class": "tabs", "role": "tablist"});
   const parts = [];
   if (m.html_url) parts.push(["HTML", () => htmlFrame(m)]);
-  if (m.text) parts.push(["Text", () => el("pre", {}, m.text)]);
+  const cut = "The first MiB only: Raw has the whole message.";
+  if (m.text) parts.push(["Text", () => m.text_cut
+    ? el("div", {}, el("p", {"class": "small"}, cut), el("pre", {}, m.text))
+    : el("pre", {}, m.text)]);
   parts.push(["Headers", () => el("pre", {}, m.headers.map(([n, v]) => n + ": " + v)
                                                .join(String.fromCharCode(10)))]);
   parts.push([m.checks && m.checks.error ? `Checks (${m.checks.error})` : "Checks",

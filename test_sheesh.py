@@ -17,6 +17,7 @@ import json
 import logging
 import mailbox
 import os
+import quopri
 import random
 import re
 import shutil
@@ -3441,6 +3442,25 @@ def test_web_message_detail_has_envelope_headers_text_html_and_attachments(web):
                                     "url": f"/api/messages/{key}/attachments/0"}]
 
 
+def test_web_views_show_the_first_mib_of_a_big_part_and_say_so(web):
+    """A 10 MB text part made a 20 MB JSON answer, 18 MB of memory per view: a view shows the
+    first MiB (text_cut says so), and /raw has the whole message."""
+    text = b"line\n" * 2_000_000
+    html = b"<p>" + b"x" * 3_000_000 + b"</p>"
+    key = deliver(web.maildir, b"Subject: big\r\nMIME-Version: 1.0\r\nContent-Type: multipart/"
+                  b"alternative; boundary=b\r\n\r\n--b\r\nContent-Type: text/plain\r\n\r\n" + text
+                  + b"\r\n--b\r\nContent-Type: text/html\r\n\r\n" + html + b"\r\n--b--\r\n")
+    status, data = get_json(web, f"/api/messages/{key}")
+    assert status == 200 and data["text_cut"] and data["html_cut"]
+    assert len(data["text"]) == sheesh.SHOWN_TEXT_LIMIT and data["text"].startswith("line\n")
+    assert len(data["html"]) == sheesh.SHOWN_TEXT_LIMIT
+    assert len(get(web, f"/api/messages/{key}/html").body) == sheesh.SHOWN_TEXT_LIMIT
+    assert len(get(web, f"/api/messages/{key}/raw").body) > 13_000_000
+    small = deliver(web.maildir, rich_message())
+    status, data = get_json(web, f"/api/messages/{small}")
+    assert (data["text"], data["text_cut"], data["html_cut"]) == ("plain text body\n", False, False)
+
+
 def test_web_raw_and_attachment_bytes_are_exact(web):
     data = rich_message()
     key = deliver(web.maildir, data)
@@ -5444,6 +5464,56 @@ def test_imaplib_search(imap_server, criteria, expected):
     client.select("INBOX")
     assert client.search(None, criteria) == ("OK", [" ".join(map(str, expected)).encode()])
     client.logout()
+
+
+@pytest.mark.parametrize("encoding", ["8bit", "base64", "quoted-printable"])
+def test_imap_body_search_reads_a_part_in_pieces_and_finds_a_word_across_two(encoding):
+    """SEARCH BODY reads a big part a MiB at a time: a word (and a UTF-8 letter) cut by the
+    edge of a piece is still found, and a word that is not there is not."""
+    text = "x" * ((1 << 20) - 3) + " Größe " + "y" * 1000 + "\n"
+    body = text.encode()
+    if encoding == "base64":
+        body = base64.encodebytes(body)
+    elif encoding == "quoted-printable":
+        body = quopri.encodestring(body)
+    head = (f"Content-Type: text/plain; charset=utf-8\r\n"
+            f"Content-Transfer-Encoding: {encoding}\r\n\r\n").encode()
+    part = sheesh.MimePart(head + body, 0, len(head) + len(body))
+    assert sheesh.part_holds(head + body, part, "größe".encode())
+    assert sheesh.part_holds(head + body, part, b"x gr")
+    assert not sheesh.part_holds(head + body, part, b"xgr")
+    assert sheesh.part_holds(head + body, part, b"") and sheesh.part_holds(head + body, part, b"y\n")
+
+
+@pytest.mark.parametrize("size", [2052, 4096, 1 << 20])
+def test_quoted_printable_without_line_breaks_is_decoded_in_pieces_in_linear_time(size):
+    """A piece ended at its last line break: a part with none was carried, copied whole for
+    each piece (10 MB in 2 KiB pieces: 25 GB of copying). An =XX escape is never cut."""
+    body = b"=C3=A9" * 300_000 + b"tail="
+    started = time.process_time()
+    decoded = b"".join(sheesh.decode_range(body, 0, len(body), "quoted-printable", size))
+    assert decoded == quopri.decodestring(body)
+    assert time.process_time() - started < 0.5
+    assert sheesh.text_start(body, 0, len(body), "quoted-printable", "utf-8", 5) == "ééééé"
+
+
+def test_imap_body_search_of_a_big_message_costs_little_memory(tmp_path):
+    """A 12 MB message was decoded whole, twice, by each SEARCH BODY: now it is read in pieces."""
+    with make_server(tmp_path, imap_port=0) as server:
+        big = b"Subject: big\r\n\r\n" + b"word " * 2_400_000 + b"\r\nlast-word\r\n"
+        with smtplib.SMTP(server.host, server.port) as client:
+            client.sendmail("a@b.test", ["c@d.test"], big)
+        client = imap_login(server)
+        client.select("INBOX")
+        tracemalloc.start()
+        try:
+            assert client.search(None, "BODY", "last-word") == ("OK", [b"1"])
+            assert client.search(None, "TEXT", "absent-word") == ("OK", [b""])
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 8 * 1024 * 1024, peak
+        client.logout()
 
 
 def test_imaplib_store_expunge_and_uid_commands(imap_server):
