@@ -2164,6 +2164,32 @@ def test_cli_tls_self_signed_works_and_logs_the_fingerprint(tmp_path):
         assert proc.wait(timeout=10) == 0
 
 
+@pytest.mark.skipif(os.name != "posix", reason="Windows has no exec that keeps the process")
+def test_cli_script_runs_again_as_a_module_in_the_same_process_leaving_no_cache(tmp_path):
+    """CPython keeps a script's parse tree (19 MB of this file's) until the script ends: the
+    server execs itself as an imported module, keeping its process id and its output."""
+    copy = tmp_path / "renamed-sink.py"
+    shutil.copy(HERE / "sheesh.py", copy)
+    proc = subprocess.Popen([sys.executable, "-W", "ignore::DeprecationWarning", str(copy),
+                             "--port", "0", "--maildir", str(tmp_path / "mail"), "--no-http"],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        started = proc.stderr.readline()
+        port = int(re.search(r" port (\d+)", started).group(1))
+        with smtplib.SMTP("127.0.0.1", port) as client:
+            client.sendmail("a@b.test", ["c@d.test"], b"Subject: relaunched\r\n\r\nx\r\n")
+        if os.path.exists(f"/proc/{proc.pid}/cmdline"):  # the same process, now a module
+            arguments = open(f"/proc/{proc.pid}/cmdline").read().split("\0")
+            assert arguments[1:4] == ["-Wignore::DeprecationWarning", "-B", "-c"]
+            assert arguments[5:7] == [str(copy), "--port"]
+        assert len(files_in(tmp_path / "mail", "new")) == 1
+        assert not (tmp_path / "__pycache__").exists()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+    assert "stopping" in proc.stderr.read()
+
+
 def test_cli_tls_self_signed_without_openssl_is_one_line_and_exit_2(tmp_path):
     result = subprocess.run([sys.executable, str(HERE / "sheesh.py"), "--port", "0",
                              "--tls-self-signed", "--maildir", str(tmp_path / "mail")],
@@ -5468,7 +5494,7 @@ def test_imaplib_search(imap_server, criteria, expected):
 
 @pytest.mark.parametrize("encoding", ["8bit", "base64", "quoted-printable"])
 def test_imap_body_search_reads_a_part_in_pieces_and_finds_a_word_across_two(encoding):
-    """SEARCH BODY reads a big part a MiB at a time: a word (and a UTF-8 letter) cut by the
+    """SEARCH BODY reads a big part in pieces of 64 KiB: a word (and a UTF-8 letter) cut by the
     edge of a piece is still found, and a word that is not there is not."""
     text = "x" * ((1 << 20) - 3) + " Größe " + "y" * 1000 + "\n"
     body = text.encode()
