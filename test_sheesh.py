@@ -3249,6 +3249,53 @@ def test_check_message_never_raises_on_any_bytes():
         assert all(isinstance(f, sheesh.Finding) for f in findings)
 
 
+def mime_readers(raw: bytes) -> None:
+    """Everything that reads a message's MIME structure for a view, a search or IMAP."""
+    root = sheesh.outline(raw)
+    parts = sheesh.message_parts(root)
+    html = sheesh.shown_text("html", raw, parts.html)["html"]
+    sheesh.inline_cid_images(html, raw, parts.attachments)
+    sheesh.shown_text("text", raw, parts.text)
+    for number, part in enumerate(parts.attachments):
+        sheesh.attachment_name(part, number)
+        sheesh.decoded_size(raw, part)
+    for leaf in root.leaves():
+        sheesh.part_holds(raw, leaf, b"needle")
+    sheesh.body_structure(raw, root)
+    sheesh.envelope_of(root)
+
+
+def test_mime_fuzz_never_raises_and_each_message_costs_little():
+    """The MIME readers (views, attachments, SEARCH BODY, BODYSTRUCTURE, ENVELOPE) on 300
+    mutated messages from a fixed seed, and on structures made to be costly, each within a
+    budget of CPU time."""
+    deep = b"".join(b"Content-Type: multipart/mixed; boundary=b%d\r\n\r\n--b%d\r\n" % (n, n)
+                    for n in range(2000)) + b"x\r\n"
+    wide = (b"Content-Type: multipart/mixed; boundary=b\r\n\r\n"
+            + b"--b\r\nContent-Type: text/plain\r\n\r\nx\r\n" * 20_000 + b"--b--\r\n")
+    boundaries = b"Content-Type: multipart/mixed; boundary=b\r\n\r\n" + b"\r\n--" * 200_000
+    for costly in (deep, wide, boundaries, b"Content-Type: multipart/mixed\r\n\r\n--\r\n"):
+        assert cpu_seconds(lambda: mime_readers(costly)) < 1.5
+    rng = random.Random(20261207)
+    seeds = [rich_message(), multipart_message(), clean_message()]
+    for _ in range(300):
+        raw = bytearray(rng.choice(seeds))
+        for _ in range(rng.randint(1, 20)):
+            at = rng.randrange(len(raw) + 1)
+            match rng.randrange(4):
+                case 0:
+                    raw[at:at + 1] = bytes([rng.randrange(256)])
+                case 1:
+                    del raw[at:at + rng.randint(1, 200)]
+                case 2:
+                    raw[at:at] = rng.choice([b"\r\n", b"\r\n--b1\r\n", b"=?utf-8?q?=C3", b"=\r\n",
+                                             b"; boundary=", b"\r\n\r\n", b"charset=x-unknown",
+                                             b"Content-Transfer-Encoding: base64\r\n", b"cid:"])
+                case 3:
+                    raw = bytearray(rng.randbytes(rng.randint(0, 300)))
+        assert cpu_seconds(lambda: mime_readers(bytes(raw))) < 0.5
+
+
 def test_checks_in_the_api_the_summaries_and_the_in_process_api(tmp_path):
     with make_server(tmp_path, http_port=0) as server:
         with smtplib.SMTP(server.host, server.port) as client:
