@@ -4193,12 +4193,19 @@ class Store:
                                         daemon=True)
         self._thread.start()
 
-    def close(self) -> None:
+    def stop_waiting(self) -> None:
+        """Wake whatever waits for news (event streams, waits, IDLE) to say that sheesh stops;
+        reads still work until close()."""
         with self._events:
             self._stopping = True
             self._events.notify_all()
         for waiter in list(self._waiters):
             waiter.ready.set()
+        with self._progress:
+            self._progress.notify_all()
+
+    def close(self) -> None:
+        self.stop_waiting()
         self._wake.set()
         if self._thread is not None:
             self._thread.join()
@@ -5666,11 +5673,15 @@ class Server:
         for worker in (self.relay, self.webhooks):
             if worker is not None:
                 worker.stop()
-        self.store.close()  # ends the event streams and the waits
+        # The web before the store: a request that found the index closed was a 500, and a
+        # SQLite connection closed under another thread can crash the process.
         if self.web is not None:
             if self.web.serving:
                 self.web.shutdown()
+            self.store.stop_waiting()  # ends the event streams and the waits
+            self.web.finish_answers(time.monotonic() + WEB_STOP_WAIT)
             self.web.server_close()
+        self.store.close()
         for thread in self._threads:
             thread.join()
         self._listeners, self._threads, self.web = [], [], None
@@ -5805,6 +5816,7 @@ WEB_STREAM_LIMIT = 64  # event streams and waits open at once, beside ordinary r
 WAIT_TIMEOUT_MAX = 300.0  # the longest /api/messages/wait may hold a request
 EVENT_KEEPALIVE = 15.0  # seconds between keep-alive comments on an idle event stream
 REQUEST_BODY_LIMIT = 64 * 1024
+WEB_STOP_WAIT = 5.0  # seconds the requests being answered get to end when sheesh stops
 
 
 @dataclass
@@ -6338,16 +6350,24 @@ class WebHandler(http.server.BaseHTTPRequestHandler):
                                       f"{WEB_STREAM_LIMIT}): try again later"))
             self.close_connection = True
             return
+        if not self.server.begin_answer():
+            self.send(json_error(503, "sheesh is stopping"))
+            self.close_connection = True
+            return
         try:
-            response = self.server.app.respond("GET" if method == "HEAD" else method, self.path,
-                                               self.headers, body, self.client_address[0])
-        except Exception:
-            log.exception("error answering %s", escape_for_log(self.path))
-            response = json_error(500, "internal error")
-        if isinstance(response, EventStream):
-            self.stream_events(response.after)
-        else:
-            self.send(response, with_body=method != "HEAD")
+            try:
+                response = self.server.app.respond("GET" if method == "HEAD" else method,
+                                                   self.path, self.headers, body,
+                                                   self.client_address[0])
+            except Exception:
+                log.exception("error answering %s", escape_for_log(self.path))
+                response = json_error(500, "internal error")
+            if isinstance(response, EventStream):
+                self.stream_events(response.after)
+            else:
+                self.send(response, with_body=method != "HEAD")
+        finally:
+            self.server.end_answer()
 
     def send(self, response: Response, *, with_body: bool = True) -> None:
         body = response.body
@@ -6408,7 +6428,27 @@ class WebServer(http.server.ThreadingHTTPServer):
         self.app, self.max_connections, self.addresses = app, max_connections, addresses
         self._open, self._streams = set(), set()
         self._lock = threading.Lock()
+        self._answered = threading.Condition(self._lock)  # an answer ended
+        self._answering, self._stopping = 0, False
         super().__init__((host, port), WebHandler)
+
+    def begin_answer(self) -> bool:
+        """A request is about to be answered: False once the server is stopping."""
+        with self._lock:
+            self._answering += not self._stopping
+            return not self._stopping
+
+    def end_answer(self) -> None:
+        with self._lock:
+            self._answering -= 1
+            self._answered.notify_all()
+
+    def finish_answers(self, deadline: float) -> None:
+        """Refuse new requests, and wait (until the deadline) for those being answered: the
+        store they read is closed after this."""
+        with self._lock:
+            self._stopping = True
+            self._answered.wait_for(lambda: not self._answering, deadline - time.monotonic())
 
     def admit(self, handler: WebHandler) -> str | None:
         with self._lock:

@@ -9,6 +9,7 @@ mbsync, fetchmail, Chromium), or with a raw socket for what no polite client wou
 
 import base64
 import collections
+import contextlib
 import datetime
 import errno
 import hashlib
@@ -35,6 +36,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from email.message import EmailMessage
+from http.client import HTTPException
 from pathlib import Path
 
 import pytest
@@ -3465,6 +3467,42 @@ def get(app, target, method="GET", **headers):
 def get_json(app, target, method="GET", **headers):
     response = get(app, target, method, **headers)
     return response.status, json.loads(response.body)
+
+
+def test_a_stop_while_web_requests_run_answers_none_with_500(tmp_path):
+    """The store was closed before the web server stopped: requests in between found a closed
+    index and got 500. Now the web stops first; a request that comes too late gets 503."""
+    server = make_server(tmp_path, http_port=0).start()
+    with smtplib.SMTP(server.host, server.port) as client:
+        for number in range(20):
+            client.sendmail("a@b.test", ["c@d.test"], f"Subject: n{number}\r\n\r\nx\r\n")
+    key = server.wait_for_message().key
+    statuses, started = collections.Counter(), threading.Barrier(5)
+
+    def ask():
+        started.wait()
+        with contextlib.suppress(OSError, HTTPException):  # sheesh has gone
+            while True:
+                for path in ("api/messages?query=n1", f"api/messages/{key}", "api/health",
+                             "api/mailboxes"):
+                    try:
+                        with urllib.request.urlopen(server.web_url + path, timeout=5) as reply:
+                            reply.read()
+                            statuses[reply.status] += 1
+                    except urllib.error.HTTPError as error:
+                        statuses[error.code] += 1
+
+    askers = [threading.Thread(target=ask) for _ in range(4)]
+    for asker in askers:
+        asker.start()
+    started.wait()
+    deadline = time.monotonic() + 10
+    while sum(statuses.values()) < 200 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    server.stop()
+    for asker in askers:
+        asker.join(timeout=10)
+    assert statuses[200] >= 200 and 500 not in statuses, statuses
 
 
 def test_web_lists_messages_newest_first_with_totals(web):
