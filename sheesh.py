@@ -4656,8 +4656,10 @@ class Store:
     def locate(self, key: str) -> str | None:
         """Where a message's file is now: the index says, and if another program moved it
         meanwhile, the folders are looked through (and the index told)."""
+        if not key or "/" in key or key.startswith("."):
+            return None  # not a message's key: new/ itself, or a path
         known = self.index.key_location(key)
-        if known is None and os.path.exists(self.maildir.file_path(f"new/{key}")):
+        if known is None and os.path.isfile(self.maildir.file_path(f"new/{key}")):
             return f"new/{key}"  # just delivered, not indexed yet
         if known is None:
             return None
@@ -7500,13 +7502,18 @@ class Pop3Session(TakesTurns):
         """The Maildir keys of these messages, by number."""
         by_uid = {uid: key for uid, key, _ in self.store.index.locations(
             [self.uids[n - 1] for n in numbers])}
-        return {n: by_uid.get(self.uids[n - 1], "") for n in numbers}
+        return {n: by_uid[self.uids[n - 1]] for n in numbers if self.uids[n - 1] in by_uid}
 
     def sizes(self, numbers: list[int]) -> dict[int, int]:
-        """Their sizes as RETR sends them, by number, from the index."""
+        """Their sizes as RETR sends them, by number, from the index; a message that another
+        program deleted since the login is not there."""
         by_uid = {summary.uid: summary.crlf_size for summary in self.store.index.by_uids(
             [self.uids[n - 1] for n in numbers])}
-        return {n: by_uid.get(self.uids[n - 1], 0) for n in numbers}
+        return {n: by_uid[self.uids[n - 1]] for n in numbers if self.uids[n - 1] in by_uid}
+
+    @staticmethod
+    def vanished(number: int) -> Pop3Reply:
+        return pop3_error(f"message {number} was deleted by another program")
 
     def listing(self, verb: str, argument: str) -> Pop3Reply | Streamed:
         """LIST or UIDL, of one message or of all: all are sent as they are looked up, a
@@ -7516,15 +7523,17 @@ class Pop3Session(TakesTurns):
                       n: pop3_uidl(key) for n, key in self.keys(numbers).items()}))
         if argument:
             found = self.message(argument)
-            return found if isinstance(found, Pop3Reply) else pop3_ok(
-                f"{found} {column([found])[found]}")
+            if isinstance(found, Pop3Reply):
+                return found
+            value = column([found]).get(found)
+            return self.vanished(found) if value is None else pop3_ok(f"{found} {value}")
         live, count = self.live(), len(self.uids) - len(self.deleted)
 
-        def produce():
+        def produce():  # a message deleted meanwhile by another program is left out
             yield pop3_ok(f"{count} messages").wire
             for numbers in batched(live, 1000):
                 values = column(numbers)
-                yield "".join(f"{n} {values[n]}\r\n" for n in numbers).encode()
+                yield "".join(f"{n} {values[n]}\r\n" for n in numbers if n in values).encode()
             yield b".\r\n"
         return Streamed(produce, shown=f"+OK {count} messages <the {verb} listing>")
 
@@ -7533,13 +7542,15 @@ class Pop3Session(TakesTurns):
         found = self.message(number)
         if isinstance(found, Pop3Reply):
             return found
-        key, size, store = self.keys([found])[found], self.sizes([found])[found], self.store
+        key, size, store = self.keys([found]).get(found), self.sizes([found]).get(found), self.store
+        if key is None or size is None:
+            return self.vanished(found)
 
         def produce():
             try:
                 file = store.open_file(key)
-            except LookupError:
-                yield pop3_error("[SYS/TEMP] the message is gone").wire
+            except LookupError:  # deleted between the lookup and the reading
+                yield self.vanished(found).wire
                 return
             with file:
                 yield pop3_ok(f"{size} octets").wire
@@ -7554,7 +7565,7 @@ class Pop3Session(TakesTurns):
         found = self.message(number)
         if isinstance(found, Pop3Reply):
             return found
-        self.deleted[found] = self.sizes([found])[found]
+        self.deleted[found] = self.sizes([found]).get(found, 0)
         return pop3_ok(f"message {number} deleted")
 
     def quit(self) -> Pop3Reply:

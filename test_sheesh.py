@@ -5081,6 +5081,30 @@ def pop3_server(tmp_path):
         yield server
 
 
+def test_pop3_retr_of_a_message_another_program_deleted_is_an_err_and_the_session_goes_on(
+        pop3_server):
+    """The lookup of a message gone from the index resolved to new/ itself, and RETR dropped
+    the connection with no reply. Dovecot answers -ERR; so does sheesh, and LIST leaves the
+    message out once the index knows."""
+    import poplib
+    client = poplib.POP3(pop3_server.host, pop3_server.pop3_port, timeout=10)
+    client.user("anyone")
+    client.pass_("anything")
+    first, second = pop3_server.messages()
+    second.path.unlink()  # mutt, or a cleanup script
+    with pytest.raises(poplib.error_proto, match="message 2 was deleted by another program"):
+        client.retr(2)
+    with pytest.raises(poplib.error_proto, match="message 2 was deleted by another program"):
+        client.list(2)
+    assert client.list()[1] == [b"1 %d" % len(first.raw)]
+    with pytest.raises(poplib.error_proto, match="message 2 was deleted by another program"):
+        client.retr(2)  # now that the index knows it is gone: this dropped the connection
+    assert b"\r\n".join(client.retr(1)[1]) + b"\r\n" == first.raw
+    client.dele(2)
+    assert client.quit() == b"+OK sheesh POP3 server signing off"
+    assert [m.key for m in pop3_server.messages()] == [first.key]
+
+
 def test_poplib_login_list_retr_top_uidl(pop3_server):
     import poplib
     client = poplib.POP3(pop3_server.host, pop3_server.pop3_port, timeout=10)
