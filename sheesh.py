@@ -2996,6 +2996,19 @@ class StoredMessage:
 # sessions what changed since they last looked.
 
 DATABASE_ERRORS = (sqlite3.DatabaseError,) if sqlite3 is not None else ()
+INDEX_RETRY_MAX = 30.0  # seconds between two tries of an index that goes on failing
+
+
+def index_damaged(error: Exception) -> bool:
+    """Whether an index error means the file is damaged, and only a new one will do: not a
+    database, a malformed page, a table gone. A locked, full, read-only or failing disk is
+    not damage: it passes, and the index is still right when it does."""
+    name = getattr(error, "sqlite_errorname", "")  # Python 3.11+
+    if name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")):
+        return True
+    text = str(error)
+    return name == "SQLITE_ERROR" and text.startswith(("no such table", "no such column")) or (
+        not name and ("malformed" in text or "not a database" in text))
 
 
 INDEX_FILE = "sheesh.index"
@@ -3395,6 +3408,7 @@ class SqlIndex:
     PLAIN = ("CREATE TABLE search (rowid INTEGER PRIMARY KEY, sender TEXT, recipients TEXT, "
              "subject TEXT, body TEXT)")
     READERS_KEPT = 4
+    BUSY_TIMEOUT = 30.0  # seconds a write waits for another program's lock on the file
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = os.fspath(path)
@@ -3433,7 +3447,7 @@ class SqlIndex:
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
-                             timeout=30)
+                             timeout=self.BUSY_TIMEOUT)
         # WAL: readers see the last commit while the writer goes on. NORMAL: a power cut may
         # lose the last transactions, which the next start finds again in the folders.
         db.execute("PRAGMA journal_mode = WAL")
@@ -4168,7 +4182,10 @@ class Store:
         # The findings of the messages checked last, by key: a detail view asks twice.
         self._findings: collections.OrderedDict[str, list[Finding]] = collections.OrderedDict()
         self._findings_lock = threading.Lock()  # guards _findings alone; takes no other
+        self._checks_made: dict[int, dict] = {}  # by UID: found by readers, to be written
+        self._checks_lock = threading.Lock()  # guards _checks_made alone; takes no other
         self.uidvalidity = 0
+        self.index_problem: str | None = None  # why the last round of indexing failed
 
     # -- starting and stopping
 
@@ -4255,32 +4272,66 @@ class Store:
         """Wait until every message delivered so far is in the index (readers call this)."""
         with self._queue_lock:
             target = self._queued_total
-        if self._indexed_total >= target:
-            return
+        if self._indexed_total >= target or self.index_problem is not None:
+            return  # a failing index is not waited for: what it has is answered at once
         with self._progress:
             self._hurry = True
             self._wake.set()
-            self._progress.wait_for(lambda: self._indexed_total >= target or self._stopping,
-                                    timeout)
+            self._progress.wait_for(lambda: self._indexed_total >= target or self._stopping
+                                    or self.index_problem is not None, timeout)
 
     def _keep_index(self) -> None:
-        """The indexing thread's loop: it never ends on an error, which it logs."""
+        """The indexing thread's loop. It never ends on an error: whatever a round raises
+        (a rebuild that fails too included) is logged, said by /api/health, and the round is
+        tried again, waiting longer each time (1 s, 2 s, ... 30 s) while it goes on failing."""
+        failures = 0
         while not self._stopping:
-            self._wake.wait(self._next_work_in())
+            self._wake.wait(self._next_work_in() if not failures else
+                            min(INDEX_RETRY_MAX, 2 ** (failures - 1)))
             self._wake.clear()
             if self._stopping:
                 break
             try:
-                self._work()
-            except DATABASE_ERRORS as error:
-                log.error("the index failed (%s): building it again", escape_for_log(str(error)))
-                self._rebuild()
-            except OSError as error:  # the Maildir vanished mid-listing: said once, no traceback
-                self.maildir.failed(error)
-                self._stopping or time.sleep(1)
-            except Exception:
-                log.exception("error while indexing %s", self.path)
-                self._stopping or time.sleep(1)
+                self._work_or_mend()
+            except Exception as error:
+                failures += 1
+                self._index_failed(error, failures)
+            else:
+                if failures:
+                    log.warning("the index works again after %d failed round%s", failures,
+                                "s" * (failures > 1))
+                failures, self.index_problem = 0, None
+
+    def _work_or_mend(self) -> None:
+        """One round of work. Only a damaged index file is built anew (which changes the
+        UIDVALIDITY): a locked, full or unwritable one is an error that passes, and rebuilding
+        it would only renumber every message under the sessions that hold their UIDs."""
+        try:
+            self._work()
+        except DATABASE_ERRORS as error:
+            if not index_damaged(error):
+                raise
+            log.error("the index is damaged (%s): building it again", escape_for_log(str(error)))
+            self._rebuild()
+
+    def _index_failed(self, error: Exception, failures: int) -> None:
+        """Say it (once while it lasts, with a traceback only for what is not a database's
+        or a disk's error), and look at the folders again once it works: what was delivered
+        meanwhile is in them."""
+        self.index_problem = str(error) or type(error).__name__
+        self._folder_times = None
+        with self._progress:  # readers waiting for it stop waiting
+            self._progress.notify_all()
+        if isinstance(error, OSError):  # the Maildir vanished mid-listing
+            self.maildir.failed(error)
+        elif failures > 1:
+            pass
+        elif isinstance(error, DATABASE_ERRORS):
+            log.error("the index %s cannot be written (%s): deliveries go on into the "
+                      "Maildir, and are indexed once it can", self.path / INDEX_FILE,
+                      escape_for_log(self.index_problem))
+        else:
+            log.exception("error while indexing %s", self.path)
 
     def _next_work_in(self) -> float:
         if self._hurry or self._overflowed:
@@ -4316,6 +4367,8 @@ class Store:
         return min(self._last_ended + INDEX_QUIET, self._first_ended + INDEX_DELAY_MAX) - now
 
     def _work(self) -> None:
+        if self._checks_made:
+            self._keep_checks()
         if self._ended_sessions and self._sessions_due_in() <= 0:
             self._record_sessions()
         if self._queue and (self._hurry or self._arrivals_due_in() <= 0):
@@ -4326,10 +4379,12 @@ class Store:
         if self._folders_need_a_scan():
             self._scan_folders()
         self._looked = True
-        if self._rows_to_read and self._index_waiting():  # being built: more next time round
+        with self._lock:  # a scan in a reader's thread may set it again meanwhile
+            rows_to_read, self._rows_to_read = self._rows_to_read, False
+        if rows_to_read and self._index_waiting():  # being built: more next time round
+            self._rows_to_read = True
             self._wake.set()
-        elif self._rows_to_read:
-            self._rows_to_read = False
+        elif rows_to_read:
             with self._progress:
                 self._progress.notify_all()
         if self.max_messages or self.max_age:
@@ -4371,9 +4426,19 @@ class Store:
             announced, self._announced = self._announced, 0
             through, overflowed, self._overflowed = self._queued_total, self._overflowed, False
         keys = [key for key, _ in arrivals]
-        with self._lock, self.index.transaction():
-            self.index.register([(key, f"new/{key}", "", arrival_time(key, time.time()))
-                                 for key in keys])
+        try:
+            with self._lock, self.index.transaction():
+                self.index.register([(key, f"new/{key}", "", arrival_time(key, time.time()))
+                                     for key in keys])
+        except BaseException:  # queued again, in front, for the next round
+            with self._queue_lock:
+                self._queue.extendleft(reversed(arrivals))
+                # The announced ones stay a prefix: the new arrivals' count follows only
+                # when every one of these was announced.
+                fully = announced == len(arrivals)
+                self._announced = announced + self._announced if fully else announced
+                self._overflowed |= overflowed
+            raise
         if overflowed:
             self._scan_folders(force=True)
         stored = {entry.summary.key: entry for entry in self._read_waiting(len(keys))[0]}
@@ -4574,7 +4639,7 @@ class Store:
         indexing = ({"done": total, "total": None if looking else total + waiting}
                     if looking or waiting else None)
         return {"messages": total, "unread": unread, "uidvalidity": self.uidvalidity,
-                "indexing": indexing}
+                "indexing": indexing, "index_error": self.index_problem}
 
     def complete(self, timeout: float) -> bool:
         """Wait until every message in the folders is indexed (POP3 and IMAP need the whole
@@ -4610,10 +4675,22 @@ class Store:
                 break
             if summary.checks is None and (findings := self.checks(summary)) is not None:
                 summary.checks = made[summary.uid] = check_counts(findings)
-        if made:
+        if made:  # kept by the indexing thread, the index's one writer: a reader never
+            with self._checks_lock:  # waits for a write, or fails with one
+                self._checks_made.update(made)
+        return summaries
+
+    def _keep_checks(self) -> None:
+        """Write what readers' threads found (with_checks) into the index."""
+        with self._checks_lock:
+            made, self._checks_made = self._checks_made, {}
+        try:
             with self._lock, self.index.transaction():
                 self.index.set_checks(made)
-        return summaries
+        except BaseException:
+            with self._checks_lock:
+                self._checks_made = {**made, **self._checks_made}
+            raise
 
     def checks(self, summary: Summary) -> list[Finding] | None:
         """What the checks find in a stored message, as it was sent; None if it is gone."""
@@ -6361,6 +6438,10 @@ class WebHandler(http.server.BaseHTTPRequestHandler):
                 response = self.server.app.respond("GET" if method == "HEAD" else method,
                                                    self.path, self.headers, body,
                                                    self.client_address[0])
+            except DATABASE_ERRORS as error:  # locked by another program, being rebuilt
+                response = json_error(503, f"the index cannot be read just now ({error}): "
+                                           "try again in a moment")
+                response.headers["Retry-After"] = "1"
             except Exception:
                 log.exception("error answering %s", escape_for_log(self.path))
                 response = json_error(500, "internal error")

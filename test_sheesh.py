@@ -2721,6 +2721,77 @@ def test_a_missing_corrupt_or_foreign_index_file_is_set_aside_and_rebuilt(tmp_pa
         store.close()
 
 
+def test_an_index_locked_by_another_program_is_not_rebuilt_and_catches_up_after(
+        tmp_path, monkeypatch):
+    """"database is locked" (a second program writing the index) was taken for damage: the
+    file was set aside and every UID given anew under the sessions that held them. Now the
+    error passes: deliveries get 250 meanwhile, health says why the index is behind, and
+    once the lock goes the new mail is indexed and the old keeps its UIDs."""
+    monkeypatch.setattr(sheesh.SqlIndex, "BUSY_TIMEOUT", 0.2)
+    with make_server(tmp_path, http_port=0) as server:
+        health = lambda: json.loads(http(server, "/api/health")[2])
+        send = lambda subject: smtplib.SMTP(server.host, server.port).sendmail(
+            "a@b.test", ["c@d.test"], f"Subject: {subject}\r\n\r\nx\r\n")
+        for number in range(3):
+            send(f"before {number}")
+        wait_until(lambda: health()["messages"] == 3, what="the first three indexed")
+        uids = {m.key: m.uid for m in server.messages()}
+        validity = health()["uidvalidity"]
+        holder = subprocess.Popen(
+            [sys.executable, "-c", "import sqlite3, sys; db = sqlite3.connect(sys.argv[1], "
+             "isolation_level=None); db.execute('BEGIN EXCLUSIVE'); print('locked', flush=True);"
+             " sys.stdin.read()", str(server.store.path / "sheesh.index")],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            assert holder.stdout.readline() == "locked\n"
+            for number in range(3):
+                send(f"during {number}")  # smtplib raises unless each got 250
+            wait_until(lambda: "locked" in (health()["index_error"] or ""), what="the error")
+            started = time.monotonic()
+            assert json.loads(http(server, "/api/messages")[2])["total"] == 3
+            assert time.monotonic() - started < 2  # a failing index is not waited for
+        finally:
+            holder.stdin.close()
+            holder.wait(timeout=10)
+        wait_until(lambda: health()["messages"] == 6 and health()["index_error"] is None,
+                   timeout=15, what="the three sent meanwhile, indexed once the lock went")
+        assert health()["uidvalidity"] == validity
+        assert {m.key: m.uid for m in server.messages() if m.key in uids} == uids
+        assert not list(server.store.path.glob("sheesh.index.broken-*"))
+
+
+def test_the_indexing_thread_comes_back_whatever_a_round_raises(tmp_path, caplog):
+    """A rebuild that failed too ended the indexing thread, and every reader then waited
+    5 s on each request for ever. Now each failure is logged and the round tried again."""
+    import sqlite3
+    with make_server(tmp_path, http_port=0) as server:
+        store = server.store
+        real_work, real_rebuild, failures = store._work, store._rebuild, []
+
+        def damaged():
+            if failures.count("work") < 2:
+                failures.append("work")
+                raise sqlite3.DatabaseError("database disk image is malformed")
+            real_work()
+
+        def rebuild_fails():
+            if failures.count("rebuild") < 1:
+                failures.append("rebuild")
+                raise OSError(errno.ENOSPC, "No space left on device")
+            real_rebuild()
+
+        store._work, store._rebuild = damaged, rebuild_fails
+        with caplog.at_level(logging.WARNING, logger="sheesh"):
+            with smtplib.SMTP(server.host, server.port) as client:
+                client.sendmail("a@b.test", ["c@d.test"], b"Subject: through\r\n\r\nx\r\n")
+            wait_until(lambda: json.loads(http(server, "/api/messages")[2]).get("total") == 1,
+                       timeout=15, what="the message, once the thread came back")  # or 503
+        assert failures == ["work", "rebuild", "work"]  # and the third rebuild worked
+        assert store._thread.is_alive()
+        assert any("works again" in r.getMessage() for r in caplog.records)
+        assert json.loads(http(server, "/api/health")[2])["index_error"] is None
+
+
 def test_changes_by_other_programs_show_in_the_api(tmp_path):
     with make_server(tmp_path, http_port=0) as server:
         with smtplib.SMTP(server.host, server.port) as client:
