@@ -2999,6 +2999,10 @@ DATABASE_ERRORS = (sqlite3.DatabaseError,) if sqlite3 is not None else ()
 INDEX_RETRY_MAX = 30.0  # seconds between two tries of an index that goes on failing
 
 
+class UidsRenumbered(Exception):
+    """The index was built anew: UIDs from before name other messages, or none."""
+
+
 def index_damaged(error: Exception) -> bool:
     """Whether an index error means the file is damaged, and only a new one will do: not a
     database, a malformed page, a table gone. A locked, full, read-only or failing disk is
@@ -4541,9 +4545,12 @@ class Store:
     def _rebuild(self) -> None:
         """The index file failed: set it aside and build a new one from the folders."""
         with self._lock:
+            old = self.uidvalidity
             self.index.close()
             self.index._set_aside()
             self.index.open()
+            if self.index.meta("uidvalidity") <= old:  # the clock counts seconds: the same
+                self.index.set_meta("uidvalidity", old + 1)  # second would hide the change
             self.uidvalidity = self.index.meta("uidvalidity")
             self._folder_times = None
 
@@ -4829,13 +4836,18 @@ class Store:
             removed += count
         return removed
 
-    def delete_uids(self, uids: list[int]) -> int:
-        return self._remove_uids(uids)
+    def delete_uids(self, uids: list[int], uidvalidity: int | None = None) -> int:
+        """Delete messages by UID. A session passes the UIDVALIDITY its UIDs came with: if
+        the index was built anew since, they may name other messages, and UidsRenumbered is
+        raised before any is deleted (checked under the lock a rebuild takes)."""
+        return self._remove_uids(uids, uidvalidity)
 
-    def _remove_uids(self, uids: list[int]) -> int:
+    def _remove_uids(self, uids: list[int], uidvalidity: int | None = None) -> int:
         removed = []
         for chunk in batched(uids, 1000):
             with self._lock:
+                if uidvalidity is not None and uidvalidity != self.uidvalidity:
+                    raise UidsRenumbered(f"UIDVALIDITY {uidvalidity} is now {self.uidvalidity}")
                 rows, texts = self.index.locations(chunk), {}
                 for uid, key, location in rows:
                     if not os.path.exists(self.maildir.file_path(location)):
@@ -7411,6 +7423,7 @@ class Pop3Session(TakesTurns):
     # maildrop of a million messages costs 8 MB. Their sizes stay in the index.
     uids: array.array = field(default_factory=lambda: array.array("q"))
     size: int = 0  # of them all, as RETR sends them
+    uidvalidity: int = 0  # the index's when the UIDs were read: they mean nothing after it
     deleted: dict[int, int] = field(default_factory=dict)  # number -> size, marked by DELE
     unknown_commands: int = 0
     auth_failures: int = 0
@@ -7487,6 +7500,8 @@ class Pop3Session(TakesTurns):
 
     def in_maildrop(self, command: Pop3Command) -> Pop3Reply | Streamed:
         """A command once logged in (RFC 1939's TRANSACTION state)."""
+        if self.renumbered() and not isinstance(command, (PopNoop, PopQuit)):
+            return self.renumbered()
         match command:
             case PopNoop():
                 return pop3_ok()
@@ -7556,6 +7571,7 @@ class Pop3Session(TakesTurns):
             indexing = self.store.status()["indexing"] or {}
             return pop3_error(f"[SYS/TEMP] the maildrop is being indexed ({indexing.get('done')} "
                               f"of {indexing.get('total')} messages): try again in a minute")
+        self.uidvalidity = self.store.uidvalidity
         try:
             for uid, size in self.store.index.sizes(address):
                 self.uids.append(uid)
@@ -7642,6 +7658,14 @@ class Pop3Session(TakesTurns):
         part = "message" if top_lines is None else f"headers and {top_lines} lines"
         return Streamed(produce, shown=f"+OK {size} octets <the {part} of {key}>")
 
+    def renumbered(self) -> Pop3Reply | None:
+        """The error for every command once the index was built anew since the login: the
+        session's message numbers may name other messages now, so it must log in again."""
+        if self.store.uidvalidity == self.uidvalidity:
+            return None
+        return pop3_error("[SYS/TEMP] the index was built anew since you logged in: nothing "
+                          "is deleted; log in again")
+
     def delete(self, number: str) -> Pop3Reply:
         found = self.message(number)
         if isinstance(found, Pop3Reply):
@@ -7654,7 +7678,12 @@ class Pop3Session(TakesTurns):
         (each removal is atomic), then let the maildrop go."""
         if self.state is Pop3State.TRANSACTION and self.deleted:
             try:
-                self.store.delete_uids([self.uids[n - 1] for n in sorted(self.deleted)])
+                self.store.delete_uids([self.uids[n - 1] for n in sorted(self.deleted)],
+                                       self.uidvalidity)
+            except UidsRenumbered:
+                self.unlock()
+                self.state = Pop3State.CLOSED
+                return self.renumbered() or pop3_error("[SYS/TEMP] nothing was deleted")
             except (OSError, *DATABASE_ERRORS):
                 self.unlock()
                 self.state = Pop3State.CLOSED
@@ -8351,6 +8380,7 @@ class Selected:
     read_only: bool
     modseq: int  # the store's, when this session last looked for changes
     event: int  # the store's last event, then
+    uidvalidity: int  # the index's when the UIDs were read: they mean nothing after it
     recent: set[int] = field(default_factory=set)
     keywords: dict[int, set[str]] = field(default_factory=dict)  # flags of this session only
     expunged: set[int] = field(default_factory=set)  # by others, not told yet (section 7.4.1)
@@ -8563,6 +8593,9 @@ class ImapSession(TakesTurns):
         if not found:
             return self.unknown("*", "cannot read a tag and a command")
         tag, verb = found.group(1).decode("ascii", "replace"), found.group(2).decode().upper()
+        if goodbye := self.renumbered():
+            self.abort_append(pieces)
+            return goodbye
         try:
             arguments = parse_imap_arguments([pieces[0][found.end():], *pieces[1:]])
             if verb == "UID":
@@ -8571,6 +8604,19 @@ class ImapSession(TakesTurns):
         except BadCommand as problem:
             self.abort_append(pieces)
             return [tagged(tag, "BAD", str(problem))]
+        except UidsRenumbered:  # built anew while the command ran: nothing was deleted
+            return self.renumbered() or [untagged("BYE the index was built anew")]
+
+    def renumbered(self) -> list:
+        """BYE, once the index was built anew under the selected mailbox: its UIDs may name
+        other messages now, and a client must see the new UIDVALIDITY before it acts on
+        any (RFC 3501 section 2.3.1.1); it does when it selects the mailbox again."""
+        if self.selected is None or self.selected.uidvalidity == self.store.uidvalidity:
+            return []
+        self.state, self.selected = ImapState.LOGOUT, None
+        self.note(logging.INFO, "closed", "the index was built anew: the UIDs changed")
+        return [untagged("BYE [UNAVAILABLE] the index was built anew and the UIDs changed: "
+                         "log in again")]
 
     def unknown(self, tag: str, text: str) -> list:
         self.unknown_commands += 1
@@ -8832,7 +8878,7 @@ class ImapSession(TakesTurns):
         modseq, event = self.store.modseq, self.store.last_event
         uids = array.array("q", self.store.index.uids(mailbox=box.address))
         read_only = verb == "EXAMINE" or box.read_only
-        self.selected = Selected(box, uids, read_only, modseq, event,
+        self.selected = Selected(box, uids, read_only, modseq, event, self.store.uidvalidity,
                                  self.locks.claim(box.name, uids))
         self.state = ImapState.SELECTED
         unseen = self.store.index.uids(Query((Condition("seen", value=False),)), box.address)
@@ -8854,6 +8900,8 @@ class ImapSession(TakesTurns):
         """What other sessions and programs changed in the selected mailbox since this
         session last looked. No EXPUNGE while answering FETCH, STORE or SEARCH (RFC 3501
         section 7.4.1): those removals wait, their numbers still in place."""
+        if goodbye := self.renumbered():
+            return goodbye
         s = self.selected
         if s is None or (s.event == self.store.last_event and not (expunges and s.expunged)):
             return []
@@ -9095,7 +9143,7 @@ class ImapSession(TakesTurns):
         for batch in batched(s.uids, 500):
             doomed += [m.uid for m in self.store.index.by_uids(batch) if "T" in m.flags and (
                 uid_ranges is None or in_ranges(m.uid, uid_ranges))]
-        self.store.delete_uids(doomed)
+        self.store.delete_uids(doomed, s.uidvalidity)
         return set(doomed)
 
     def append_message_follows(self) -> bool:

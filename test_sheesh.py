@@ -2792,6 +2792,58 @@ def test_the_indexing_thread_comes_back_whatever_a_round_raises(tmp_path, caplog
         assert json.loads(http(server, "/api/health")[2])["index_error"] is None
 
 
+def test_a_rebuild_under_open_sessions_never_lets_an_old_uid_act_on_another_message(tmp_path):
+    """9 messages, 3 deleted, the index damaged and built anew: a POP3 session's message 1
+    (UID 4) became another file, and DELE 1 + QUIT deleted a message the client never saw.
+    Now every session learns the new UIDVALIDITY before it can act on an old UID: POP3 gets
+    -ERR and deletes nothing, IMAP gets BYE."""
+    import imaplib
+    import poplib
+    import sqlite3
+    with make_server(tmp_path, pop3_port=0, imap_port=0, http_port=0) as server:
+        with smtplib.SMTP(server.host, server.port) as client:
+            for number in range(9):
+                client.sendmail("a@b.test", ["c@d.test"], f"Subject: m{number}\r\n\r\nx\r\n")
+        wait_until(lambda: len(server.messages()) == 9, what="nine messages")
+        server.store.delete([m.key for m in server.messages()[:3]])
+        kept = sorted(m.key for m in server.messages())
+        validity = server.store.uidvalidity
+        pop3 = poplib.POP3(server.host, server.pop3_port, timeout=10)
+        pop3.user("anyone")
+        pop3.pass_("anything")
+        imap = imap_login(server)
+        imap.select("INBOX")
+        assert imap.fetch("1", "(UID)")[1] == [b"1 (UID 4)"]
+        assert pop3.dele(1).startswith(b"+OK")  # UID 4, to be removed at QUIT
+        real_work, damaged = server.store._work, []
+
+        def damage_once():
+            if not damaged:
+                damaged.append(True)
+                raise sqlite3.DatabaseError("database disk image is malformed")
+            real_work()
+
+        server.store._work = damage_once
+        wait_until(lambda: server.store.uidvalidity != validity, what="the rebuild")
+        wait_until(lambda: json.loads(http(server, "/api/health")[2]).get("messages") == 6,
+                   what="the new index")
+        assert server.store.uidvalidity > validity
+        with pytest.raises(poplib.error_proto, match="built anew"):
+            pop3.dele(2)
+        with pytest.raises(poplib.error_proto, match="built anew"):
+            pop3.quit()  # UID 4 is another message now: nothing is deleted
+        imap.sock.sendall(b"f1 UID FETCH 4 (BODY.PEEK[])\r\n")
+        answer = b"".join(iter(lambda: imap.sock.recv(65536), b""))  # until it closes
+        assert answer.startswith(b"* BYE [UNAVAILABLE] the index was built anew"), answer
+        assert b"FETCH" not in answer  # no other message's bytes
+        assert sorted(m.key for m in server.messages()) == kept  # nothing was deleted
+        again = imap_login(server)  # a new session sees the new UIDVALIDITY and works
+        assert again.select("INBOX") == ("OK", [b"6"])
+        assert b"UIDVALIDITY %d" % server.store.uidvalidity in again.status(
+            "INBOX", "(UIDVALIDITY)")[1][0]
+        again.logout()
+
+
 def test_changes_by_other_programs_show_in_the_api(tmp_path):
     with make_server(tmp_path, http_port=0) as server:
         with smtplib.SMTP(server.host, server.port) as client:
