@@ -3420,26 +3420,48 @@ class SqlIndex:
         self._readers: list[sqlite3.Connection] = []
         self.full_text = True
 
+    TABLES = {"meta", "messages", "recipients", "expunged", "counts", "search"}
+
     def open(self) -> str | None:
-        """Open the index file, or make it. A file that is not a sheesh index of this version
-        is set aside and a new one made: the reason is returned, for the log."""
+        """Open the index file, or make it. A file that is not a sheesh index of this version,
+        or a damaged one, is set aside and a new one made: the reason is returned, for the
+        log. Errors that are not damage (locked, read-only, full) are raised."""
         problem = None
+        if os.path.lexists(self.path) and not os.path.isfile(self.path):
+            problem = "it is not a regular file"  # a link to /dev/null, a folder
         try:
-            self._writer = self._connect()
-            found = self._writer.execute("PRAGMA application_id").fetchone()[0]
-            tables = self._writer.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
-            version = self._writer.execute("PRAGMA user_version").fetchone()[0]
-            if tables and (found, version) != (INDEX_APPLICATION_ID, INDEX_VERSION):
-                problem = "it is not a sheesh index of this version"
-            elif tables:
-                self._writer.execute("SELECT count(*) FROM counts").fetchone()
+            if problem is None:
+                self._writer = self._connect()
+                problem = self._not_an_index()
         except sqlite3.DatabaseError as error:
+            if not index_damaged(error):
+                raise
             problem = str(error)
         if problem is not None:
             self._set_aside()
             self._writer = self._connect()
         if not self._writer.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
             self._create()
+        self._prepare()
+        return problem
+
+    def _not_an_index(self) -> str | None:
+        """Why the open file is not a usable sheesh index, or None (an empty file is one)."""
+        db = self._writer
+        found = db.execute("PRAGMA application_id").fetchone()[0]
+        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = "
+                                               "'table'")}
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if tables and (found, version) != (INDEX_APPLICATION_ID, INDEX_VERSION):
+            return "it is not a sheesh index of this version"
+        if tables and not self.TABLES <= tables:
+            return f"its table {sorted(self.TABLES - tables)[0]} is missing"
+        if tables:
+            db.execute("SELECT count(*) FROM counts").fetchone()
+        return None
+
+    def _prepare(self) -> None:
+        """What an index made by an earlier version lacks, added."""
         self._writer.executescript(self.SESSIONS)
         self._writer.execute(self.READ_ORDER)
         columns = {row[1] for row in self._writer.execute("PRAGMA table_info(messages)")}
@@ -3447,7 +3469,6 @@ class SqlIndex:
             self._writer.execute("ALTER TABLE messages ADD COLUMN checks TEXT")
         self.full_text = self._writer.execute(
             "SELECT sql LIKE '%fts5%' FROM sqlite_master WHERE name = 'search'").fetchone()[0]
-        return problem
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
@@ -4202,7 +4223,16 @@ class Store:
                         self.path / "tmp")
         if self.persistent:
             self.index = SqlIndex(self.path / INDEX_FILE)
-            if (problem := self.index.open()) is not None:
+            try:
+                problem = self.index.open()
+            except DATABASE_ERRORS as error:  # full, read-only, locked: start all the same
+                self.index.close()
+                self.index = MemoryIndex()
+                log.error("the index %s cannot be opened (%s): it is kept in memory until "
+                          "sheesh restarts", self.path / INDEX_FILE,
+                          escape_for_log(str(error)))
+                problem = None
+            if problem is not None:
                 log.warning("the index %s could not be used (%s): it was set aside and is "
                             "being built again from the Maildir", self.path / INDEX_FILE,
                             escape_for_log(problem))

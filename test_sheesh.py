@@ -2686,9 +2686,12 @@ def test_health_and_list_say_when_indexing_is_under_way(tmp_path, monkeypatch):
         assert json.loads(http(server, "/api/health")[2])["messages"] == 51
 
 
-@pytest.mark.parametrize("damage", ["deleted", "garbage", "foreign"])
+@pytest.mark.parametrize("damage", ["deleted", "garbage", "foreign", "table dropped",
+                                    "link to /dev/null"])
 def test_a_missing_corrupt_or_foreign_index_file_is_set_aside_and_rebuilt(tmp_path, damage,
                                                                            caplog):
+    """A dropped table and a link to /dev/null stopped the start ('no such table', 'disk
+    I/O error'): each is set aside as the other kinds of damage are."""
     import sqlite3
     (tmp_path / "mail" / "new").mkdir(parents=True)
     keys = drop_into_new(tmp_path / "mail", 20)
@@ -2703,6 +2706,13 @@ def test_a_missing_corrupt_or_foreign_index_file_is_set_aside_and_rebuilt(tmp_pa
         index.unlink()
     elif damage == "garbage":
         index.write_bytes(b"this is not a database at all" * 200)
+    elif damage == "table dropped":
+        sqlite3.connect(index).executescript("DROP TABLE messages")
+    elif damage == "link to /dev/null":
+        if os.name != "posix":
+            pytest.skip("no /dev/null to link to")
+        index.unlink()
+        index.symlink_to("/dev/null")
     else:
         index.unlink()
         sqlite3.connect(index).executescript("CREATE TABLE notes (text); INSERT INTO notes "
@@ -2758,6 +2768,36 @@ def test_an_index_locked_by_another_program_is_not_rebuilt_and_catches_up_after(
         assert health()["uidvalidity"] == validity
         assert {m.key: m.uid for m in server.messages() if m.key in uids} == uids
         assert not list(server.store.path.glob("sheesh.index.broken-*"))
+
+
+def test_an_index_that_cannot_be_opened_is_kept_in_memory_and_sheesh_starts(
+        tmp_path, monkeypatch, caplog):
+    """A full disk or a locked index file at start made sheesh exit 1 with a traceback. It
+    starts, with the index in memory for this run, and says so; the file is left alone."""
+    monkeypatch.setattr(sheesh.SqlIndex, "BUSY_TIMEOUT", 0.2)
+    (tmp_path / "mail" / "new").mkdir(parents=True)
+    keys = drop_into_new(tmp_path / "mail", 5)
+    holder = subprocess.Popen(  # a new index file, locked before sheesh can make its tables
+        [sys.executable, "-c", "import sqlite3, sys; db = sqlite3.connect(sys.argv[1], "
+         "isolation_level=None); db.execute('PRAGMA journal_mode = WAL'); "
+         "db.execute('BEGIN EXCLUSIVE'); print('locked', flush=True); sys.stdin.read()",
+         str(tmp_path / "mail" / "sheesh.index")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        with caplog.at_level(logging.ERROR, logger="sheesh"):
+            store = open_store(tmp_path / "mail")
+        try:
+            assert isinstance(store.index, sheesh.MemoryIndex)
+            indexed(store, 5)
+            assert sorted(key for key, _ in summaries(store)) == sorted(keys)
+            assert any("kept in memory" in r.getMessage() for r in caplog.records)
+        finally:
+            store.close()
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=10)
+    assert not list(tmp_path.glob("mail/sheesh.index.broken-*"))
 
 
 def test_the_indexing_thread_comes_back_whatever_a_round_raises(tmp_path, caplog):
