@@ -3567,6 +3567,45 @@ class SqlIndex:
             self._writer.execute("UPDATE counts SET total = total + ?, unread = unread + ?, "
                                  "waiting = waiting + ?", (total, unread, waiting))
 
+    def salvage(self) -> dict | None:
+        """What a damaged file still gives of what the folders cannot: each message's UID
+        (with its key, location, flags, modseq and time), the UIDVALIDITY, the next UID and
+        modification sequence. None if any of it cannot be read: every UID is then new."""
+        try:
+            db = self._connect()
+            try:
+                meta = dict(db.execute("SELECT name, value FROM meta WHERE name IN "
+                                       "('uidvalidity', 'modseq')").fetchall())
+                rows = db.execute("SELECT uid, key, location, flags, modseq, time FROM "
+                                  "messages").fetchall()
+                sequence = db.execute("SELECT seq FROM sqlite_sequence WHERE name = "
+                                      "'messages'").fetchone()
+            finally:
+                db.close()
+        except sqlite3.DatabaseError:
+            return None
+        if "uidvalidity" not in meta:
+            return None
+        return {"rows": rows, "uidvalidity": meta["uidvalidity"],
+                "modseq": meta.get("modseq", 0), "last_uid": sequence[0] if sequence else 0}
+
+    def restore(self, salvaged: dict) -> None:
+        """Give a new index the UIDs salvaged from the old one: each message keeps its UID
+        and is read again from its file; the UIDVALIDITY stays, and so the sessions' UIDs."""
+        db = self._writer
+        with self.transaction():
+            db.executemany("INSERT INTO messages (uid, key, location, flags, modseq, time) "
+                           "VALUES (?, ?, ?, ?, ?, ?)", salvaged["rows"])
+            self._count(waiting=len(salvaged["rows"]))
+            db.execute("INSERT OR REPLACE INTO sqlite_sequence (name, seq) VALUES "
+                       "('messages', max(?, (SELECT coalesce(max(uid), 0) FROM messages)))",
+                       (salvaged["last_uid"],))
+            self.set_meta("uidvalidity", salvaged["uidvalidity"])
+            self.set_meta("modseq", salvaged["modseq"])
+            # Removals before now were not salvaged: a session that looked before compares
+            # its whole list of UIDs (see ImapSession.updates).
+            self.set_meta("expunged_floor", salvaged["modseq"] + 1)
+
     def register(self, rows: list[tuple[str, str, str, float]]) -> None:
         """Make messages known by (key, location, flags, time), in arrival order: each gets
         its UID here. Keys already known are left as they are."""
@@ -4211,6 +4250,7 @@ class Store:
         self._checks_lock = threading.Lock()  # guards _checks_made alone; takes no other
         self.uidvalidity = 0
         self.index_problem: str | None = None  # why the last round of indexing failed
+        self._damage_found: Exception | None = None  # by a reader: the indexer mends it
 
     # -- starting and stopping
 
@@ -4341,12 +4381,22 @@ class Store:
         UIDVALIDITY): a locked, full or unwritable one is an error that passes, and rebuilding
         it would only renumber every message under the sessions that hold their UIDs."""
         try:
+            if (damage := self._damage_found) is not None:
+                raise damage
             self._work()
         except DATABASE_ERRORS as error:
             if not index_damaged(error):
                 raise
             log.error("the index is damaged (%s): building it again", escape_for_log(str(error)))
             self._rebuild()
+            self._damage_found = None
+
+    def damage_found(self, error: Exception) -> None:
+        """A reader's thread found the index damaged (a search of broken full-text pages):
+        the indexing thread builds it again, as if it had found it itself."""
+        if index_damaged(error):
+            self._damage_found = error
+            self._wake.set()
 
     def _index_failed(self, error: Exception, failures: int) -> None:
         """Say it (once while it lasts, with a traceback only for what is not a database's
@@ -4573,16 +4623,24 @@ class Store:
         self._announce_keys("flags", [key for _, key, _, _ in moved])
 
     def _rebuild(self) -> None:
-        """The index file failed: set it aside and build a new one from the folders."""
+        """The index file is damaged: set it aside and build a new one from the folders,
+        with the UIDs the old one still gives (salvage), else with new ones and a new
+        UIDVALIDITY, which every open session learns before it can act on an old UID."""
         with self._lock:
             old = self.uidvalidity
+            salvaged = self.index.salvage()
             self.index.close()
             self.index._set_aside()
             self.index.open()
-            if self.index.meta("uidvalidity") <= old:  # the clock counts seconds: the same
-                self.index.set_meta("uidvalidity", old + 1)  # second would hide the change
+            if salvaged is not None:
+                self.index.restore(salvaged)
+                log.warning("the new index keeps the UIDs of the %d messages the old one "
+                            "still gave", len(salvaged["rows"]))
+            elif self.index.meta("uidvalidity") <= old:  # the clock counts seconds: the
+                self.index.set_meta("uidvalidity", old + 1)  # same would hide the change
             self.uidvalidity = self.index.meta("uidvalidity")
             self._folder_times = None
+            self._rows_to_read = True
 
     # -- retention
 
@@ -6481,6 +6539,7 @@ class WebHandler(http.server.BaseHTTPRequestHandler):
                                                    self.path, self.headers, body,
                                                    self.client_address[0])
             except DATABASE_ERRORS as error:  # locked by another program, being rebuilt
+                self.server.app.store.damage_found(error)
                 response = json_error(503, f"the index cannot be read just now ({error}): "
                                            "try again in a moment")
                 response.headers["Retry-After"] = "1"

@@ -2864,6 +2864,7 @@ def test_a_rebuild_under_open_sessions_never_lets_an_old_uid_act_on_another_mess
             real_work()
 
         server.store._work = damage_once
+        server.store.index.salvage = lambda: None  # the old file gives no UID back
         wait_until(lambda: server.store.uidvalidity != validity, what="the rebuild")
         wait_until(lambda: json.loads(http(server, "/api/health")[2]).get("messages") == 6,
                    what="the new index")
@@ -2882,6 +2883,45 @@ def test_a_rebuild_under_open_sessions_never_lets_an_old_uid_act_on_another_mess
         assert b"UIDVALIDITY %d" % server.store.uidvalidity in again.status(
             "INBOX", "(UIDVALIDITY)")[1][0]
         again.logout()
+
+
+def test_damaged_full_text_pages_are_mended_keeping_every_uid_under_open_sessions(tmp_path):
+    """Broken full-text pages made every search a 500, and a restart did not mend it. The
+    first search that meets the damage has it rebuilt; the new index keeps each message's
+    UID and the UIDVALIDITY, so POP3 and IMAP sessions go on, and DELE acts on its message."""
+    import poplib
+    import sqlite3
+    with make_server(tmp_path, pop3_port=0, imap_port=0, http_port=0) as server:
+        with smtplib.SMTP(server.host, server.port) as client:
+            for number in range(9):
+                client.sendmail("a@b.test", ["c@d.test"], f"Subject: word{number}\r\n\r\nx\r\n")
+        wait_until(lambda: len(server.messages()) == 9, what="nine messages")
+        server.store.delete([m.key for m in server.messages()[:3]])
+        uids = {m.key: m.uid for m in server.messages()}
+        validity = server.store.uidvalidity
+        pop3 = poplib.POP3(server.host, server.pop3_port, timeout=10)
+        pop3.user("anyone")
+        pop3.pass_("anything")
+        first = server.messages()[0]
+        imap = imap_login(server)
+        imap.select("INBOX")
+        damage = sqlite3.connect(server.store.path / "sheesh.index")
+        damage.execute("UPDATE search_data SET block = x'00ff00ff00ff' WHERE id > 1")
+        damage.commit()
+        damage.close()
+        statuses = []
+        wait_until(lambda: statuses.append(http(server, "/api/messages?query=word5")[0])
+                   or statuses[-1] == 200, timeout=15, what="search to work again")
+        assert 500 not in statuses
+        wait_until(lambda: json.loads(http(server, "/api/messages?query=word5")[2])["total"]
+                   == 1, what="the messages read again into the new index")
+        assert list(server.store.path.glob("sheesh.index.broken-*"))  # it was rebuilt
+        assert server.store.uidvalidity == validity
+        assert {m.key: m.uid for m in server.messages()} == uids
+        assert imap.uid("FETCH", str(first.uid), "(BODY.PEEK[])")[1][0][1] == first.raw
+        assert pop3.dele(1).startswith(b"+OK") and pop3.quit().startswith(b"+OK")
+        assert first.key not in {m.key for m in server.messages()}
+        assert len(server.messages()) == 5
 
 
 def test_changes_by_other_programs_show_in_the_api(tmp_path):
