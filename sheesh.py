@@ -1441,6 +1441,7 @@ class Delivery:
     # of "size" everywhere (the log, the API, POP3's LIST, IMAP's RFC822.SIZE): what a
     # reader gets. (--max-size counts the message as sent, as SIZE= does: RFC 1870.)
     size: int
+    head: bytes = b""  # its first bytes as written, for the log line: no read before the 250
 
 
 class Maildir:
@@ -1637,6 +1638,7 @@ class MaildirWriter:
         self.store, self.fd, self.tmp_path, self.name = store, fd, tmp_path, name
         self.envelope = envelope
         self.size = 0
+        self.head = b""  # the first HEADER_SCAN_LIMIT bytes written, kept for the log line
         self._unwritten = trace_headers  # written with the first bytes of the body: one write
         self.on_delivery = None  # else the Maildir's
 
@@ -1649,6 +1651,8 @@ class MaildirWriter:
             raise
         self._unwritten = b""
         self.size += len(chunk)
+        if len(self.head) < HEADER_SCAN_LIMIT:
+            self.head += chunk[:HEADER_SCAN_LIMIT - len(self.head)]
 
     def commit(self) -> str:
         """Put the message on disk and move it into new/; return its queue id."""
@@ -1668,7 +1672,7 @@ class MaildirWriter:
             if isinstance(error, OSError):
                 self.store.failed(error)
             raise
-        delivery = Delivery(self.name, final_path, self.envelope, self.size)
+        delivery = Delivery(self.name, final_path, self.envelope, self.size, self.head)
         if self.on_delivery is not None:
             self.on_delivery(delivery)
         else:
@@ -3178,10 +3182,8 @@ def html_to_text(html: str) -> str:
     return re.sub(r"\s+", " ", html_unescape(re.sub(r"<[^>]*>", " ", html))).strip()
 
 
-def subject_of(path: str) -> str:
+def subject_of(head: bytes) -> str:
     """A just-delivered message's Subject, decoded, for the log line; "" if it has none."""
-    with open(path, "rb") as file:
-        head = file.read(HEADER_SCAN_LIMIT)
     subject = scan_headers(head[:header_bounds(head, 0, len(head))[0]]).get(b"subject")
     return decode_words(subject[0].decode("utf-8", "replace")) if subject else ""
 
@@ -5964,7 +5966,7 @@ def describe_delivery(delivery: Delivery) -> str:
     """The log line for one message: sender, recipients, subject, size, file."""
     envelope = delivery.envelope
     recipients = ", ".join(f"<{recipient}>" for recipient in envelope.recipients)
-    text = (f"from <{envelope.sender}> to {recipients} subject {subject_of(delivery.path)!r}"
+    text = (f"from <{envelope.sender}> to {recipients} subject {subject_of(delivery.head)!r}"
             f" size {delivery.size} stored {delivery.path}")
     return escape_for_log(text)
 

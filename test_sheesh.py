@@ -3641,6 +3641,21 @@ def deliver(store, data: bytes, sender="alice@b.test", recipients=("c@d.test", "
     return writer.commit()
 
 
+def test_the_log_line_takes_the_subject_from_what_was_written_not_from_the_file(tmp_path):
+    """The log line's Subject was read back from the file before the 250: a read on the
+    delivery path. It comes from the bytes the writer just wrote."""
+    delivered = []
+    maildir = sheesh.Maildir(tmp_path / "mail", HOSTNAME, on_delivery=delivered.append)
+    maildir.create()
+    writer = maildir.begin(sheesh.Envelope("a@b.test", ["c@d.test"], client_name="c.test",
+                                           peer="192.0.2.1", protocol="ESMTP"))
+    writer.write(b"Subject: =?utf-8?q?caf=C3=A9?= and\r\n more\r\n\r\n" + b"x" * 200_000)
+    writer.commit()
+    os.unlink(delivered[0].path)  # gone before the line is written: nothing reads it
+    assert "subject 'café and more' size" in sheesh.describe_delivery(delivered[0])
+    assert len(delivered[0].head) == sheesh.HEADER_SCAN_LIMIT
+
+
 def open_store(path, **options):
     """A Store over a fresh Maildir, and the Maildir to deliver into (as a Server joins them)."""
     maildir = sheesh.Maildir(path, HOSTNAME)
