@@ -2924,6 +2924,37 @@ def test_damaged_full_text_pages_are_mended_keeping_every_uid_under_open_session
         assert len(server.messages()) == 5
 
 
+def test_two_sheesh_on_one_maildir_both_list_every_message_each_with_one_uid(tmp_path):
+    """Two servers delivering into one Maildir share its index: the other's "database is
+    locked" once set the file aside and gave every UID anew. Every message that either
+    acknowledged is listed by both, under one UID."""
+    acknowledged, stop = [], threading.Event()
+    with make_server(tmp_path, http_port=0) as one, make_server(tmp_path, http_port=0) as two:
+        def send(server):
+            with smtplib.SMTP(server.host, server.port) as client:
+                while not stop.is_set():
+                    client.sendmail("a@b.test", ["c@d.test"], b"Subject: both\r\n\r\nx\r\n")
+                    acknowledged.append(server.port)
+
+        senders = [threading.Thread(target=send, args=(server,)) for server in (one, two) * 2]
+        for sender in senders:
+            sender.start()
+        time.sleep(3)  # the load itself: both deliver at once for three seconds
+        stop.set()
+        for sender in senders:
+            sender.join()
+        total = len(acknowledged)
+        assert {one.port, two.port} <= set(acknowledged)
+        listed = lambda server: json.loads(http(server, "/api/health")[2]).get("messages")
+        wait_until(lambda: listed(one) == total and listed(two) == total, timeout=30,
+                   what=f"both to list all {total} messages")
+        uids_one = {m.key: m.uid for m in one.messages()}
+        uids_two = {m.key: m.uid for m in two.messages()}
+        assert uids_one == uids_two and len(set(uids_one.values())) == total == len(uids_one)
+        assert one.store.uidvalidity == two.store.uidvalidity
+        assert not list(tmp_path.glob("mail/sheesh.index.broken-*"))
+
+
 def test_changes_by_other_programs_show_in_the_api(tmp_path):
     with make_server(tmp_path, http_port=0) as server:
         with smtplib.SMTP(server.host, server.port) as client:
