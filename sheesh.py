@@ -3406,6 +3406,10 @@ class SqlIndex:
         CREATE TABLE IF NOT EXISTS session_messages (key TEXT PRIMARY KEY,
                                                      session INTEGER NOT NULL) WITHOUT ROWID;
         CREATE INDEX IF NOT EXISTS session_messages_session ON session_messages (session);
+        -- A recipient's delete of a message that others still have (with --users): that
+        -- recipient's mailbox no longer lists it, even when the message is read again.
+        CREATE TABLE IF NOT EXISTS hidden (address TEXT NOT NULL, key TEXT NOT NULL,
+                                           PRIMARY KEY (address, key)) WITHOUT ROWID;
     """
     # The read messages in UID order, for a page deep in the list: with 100,000 messages,
     # the page at offset 99,900 walks this small index in 4 ms, where the rows took 12.
@@ -3569,6 +3573,35 @@ class SqlIndex:
             self._writer.execute("UPDATE counts SET total = total + ?, unread = unread + ?, "
                                  "waiting = waiting + ?", (total, unread, waiting))
 
+    def hide(self, mailbox: str, uids: list[int], modseq: int) -> list[int]:
+        """A recipient's delete (inside a transaction): the messages that other recipients
+        still have leave this mailbox alone (and its sessions are told, as of an expunge);
+        returns the others, which no one has any more, to be deleted."""
+        kept = []
+        for chunk in batched(uids, 500):
+            listed = ",".join(map(str, chunk))
+            kept += self._writer.execute(
+                f"SELECT DISTINCT r.uid, m.key FROM recipients r JOIN messages m ON m.uid = "
+                f"r.uid WHERE r.uid IN ({listed}) AND r.address != ?", (mailbox,)).fetchall()
+        self._writer.executemany("DELETE FROM recipients WHERE address = ? AND uid = ?",
+                                 [(mailbox, uid) for uid, _ in kept])
+        self._writer.executemany("INSERT OR IGNORE INTO hidden VALUES (?, ?)",
+                                 [(mailbox, key) for _, key in kept])
+        self._writer.executemany("INSERT OR REPLACE INTO expunged VALUES (?, ?)",
+                                 [(uid, modseq) for uid, _ in kept])
+        shared = {uid for uid, _ in kept}
+        return [uid for uid in uids if uid not in shared]
+
+    def present(self, uids: list[int], mailbox: str | None) -> set[int]:
+        """Which of these UIDs a mailbox (or all mail, for None) still lists."""
+        found = set()
+        for chunk in batched(uids, 500):
+            listed = ",".join(map(str, chunk))
+            sql = (f"SELECT uid FROM messages WHERE uid IN ({listed})" if mailbox is None else
+                   f"SELECT uid FROM recipients WHERE address = ? AND uid IN ({listed})")
+            found |= {row[0] for row in self._read(sql, () if mailbox is None else (mailbox,))}
+        return found
+
     def salvage(self) -> dict | None:
         """What a damaged file still gives of what the folders cannot: each message's UID
         (with its key, location, flags, modseq and time), the UIDVALIDITY, the next UID and
@@ -3582,13 +3615,15 @@ class SqlIndex:
                                   "messages").fetchall()
                 sequence = db.execute("SELECT seq FROM sqlite_sequence WHERE name = "
                                       "'messages'").fetchone()
+                hidden = db.execute("SELECT address, key FROM hidden").fetchall() if db.execute(
+                    "SELECT 1 FROM sqlite_master WHERE name = 'hidden'").fetchone() else []
             finally:
                 db.close()
         except sqlite3.DatabaseError:
             return None
         if "uidvalidity" not in meta:
             return None
-        return {"rows": rows, "uidvalidity": meta["uidvalidity"],
+        return {"rows": rows, "uidvalidity": meta["uidvalidity"], "hidden": hidden,
                 "modseq": meta.get("modseq", 0), "last_uid": sequence[0] if sequence else 0}
 
     def restore(self, salvaged: dict) -> None:
@@ -3599,6 +3634,7 @@ class SqlIndex:
             db.executemany("INSERT INTO messages (uid, key, location, flags, modseq, time) "
                            "VALUES (?, ?, ?, ?, ?, ?)", salvaged["rows"])
             self._count(waiting=len(salvaged["rows"]))
+            db.executemany("INSERT OR IGNORE INTO hidden VALUES (?, ?)", salvaged["hidden"])
             db.execute("INSERT OR REPLACE INTO sqlite_sequence (name, seq) VALUES "
                        "('messages', max(?, (SELECT coalesce(max(uid), 0) FROM messages)))",
                        (salvaged["last_uid"],))
@@ -3645,9 +3681,10 @@ class SqlIndex:
               s.subject, s.date, s.message_id, "\n".join(s.attachments),
               json.dumps(s.dsn) if s.dsn else None, s.uid)
              for s in (entry.summary for entry in stored)])
-        db.executemany("INSERT OR IGNORE INTO recipients VALUES (?, ?)",
-                       [(address.lower(), entry.summary.uid) for entry in stored
-                        for address in entry.summary.recipients])
+        db.executemany("INSERT OR IGNORE INTO recipients SELECT ?, ? WHERE NOT EXISTS "
+                       "(SELECT 1 FROM hidden WHERE address = ? AND key = ?)",
+                       [(address.lower(), entry.summary.uid, address.lower(), entry.summary.key)
+                        for entry in stored for address in entry.summary.recipients])
         db.executemany("INSERT INTO search (rowid, sender, recipients, subject, body) "
                        "VALUES (?, ?, ?, ?, ?)",
                        [(entry.summary.uid, *entry.columns()) for entry in stored])
@@ -3940,6 +3977,7 @@ class MemoryIndex:
         self._uid_of: dict[str, int] = {}
         self._meta: dict = {"uidvalidity": int(time.time())}
         self._expunged: dict[int, int] = {}  # UID -> the modification sequence of its removal
+        self._hidden: dict[str, set[str]] = {}  # key -> the addresses: see SqlIndex.hide
         self._next_uid = 1
         self._lock = threading.RLock()  # readers come from many threads
         self._sessions: dict[int, dict] = {}  # in the order they ended
@@ -4064,8 +4102,25 @@ class MemoryIndex:
             entries = [IndexEntry(self._rows[uid], body) for uid, body in self._bodies.items()]
         mailbox = mailbox.lower() if mailbox is not None else None
         return sorted((e.summary for e in entries if query.matches(e) and (
-            mailbox is None or mailbox in (r.lower() for r in e.summary.recipients))),
-            key=lambda s: s.uid)
+            mailbox is None or mailbox in self._holders(e.summary))), key=lambda s: s.uid)
+
+    def _holders(self, summary: Summary) -> set[str]:
+        """The recipients whose mailboxes list a message."""
+        return {r.lower() for r in summary.recipients} - self._hidden.get(summary.key, set())
+
+    def hide(self, mailbox: str, uids: list[int], modseq: int) -> list[int]:
+        with self._lock:
+            shared = {uid for uid in uids if uid in self._rows and self._holders(
+                self._rows[uid]) - {mailbox}}
+            for uid in shared:
+                self._hidden.setdefault(self._rows[uid].key, set()).add(mailbox)
+            self._expunged.update((uid, modseq) for uid in shared)
+            return [uid for uid in uids if uid not in shared]
+
+    def present(self, uids: list[int], mailbox: str | None) -> set[int]:
+        with self._lock:
+            return {uid for uid in uids if uid in self._rows and (
+                mailbox is None or mailbox in self._holders(self._rows[uid]))}
 
     def get(self, key: str) -> Summary | None:
         with self._lock:
@@ -4106,7 +4161,7 @@ class MemoryIndex:
     def mailboxes(self) -> list[tuple[str, int, int]]:
         boxes: dict[str, list[int]] = {}
         for summary in self._indexed():
-            for address in {r.lower() for r in summary.recipients}:
+            for address in self._holders(summary):
                 counts = boxes.setdefault(address, [0, 0])
                 counts[0] += 1
                 counts[1] += not summary.seen
@@ -4926,10 +4981,25 @@ class Store:
             removed += count
         return removed
 
-    def delete_uids(self, uids: list[int], uidvalidity: int | None = None) -> int:
+    def delete_uids(self, uids: list[int], uidvalidity: int | None = None,
+                    mailbox: str | None = None) -> int:
         """Delete messages by UID. A session passes the UIDVALIDITY its UIDs came with: if
         the index was built anew since, they may name other messages, and UidsRenumbered is
-        raised before any is deleted (checked under the lock a rebuild takes)."""
+        raised before any is deleted (checked under the lock a rebuild takes). A user's
+        session passes its mailbox too: a message that other recipients still have leaves
+        that mailbox only, and its file goes when no recipient has it any more."""
+        if mailbox is not None:
+            with self._lock:
+                if uidvalidity is not None and uidvalidity != self.uidvalidity:
+                    raise UidsRenumbered(f"UIDVALIDITY {uidvalidity} is now {self.uidvalidity}")
+                with self.index.transaction():
+                    alone = self.index.hide(mailbox.lower(), uids, self.index.next_modseq())
+            hidden = set(uids) - set(alone)
+            for summary in self.index.by_uids(sorted(hidden)):
+                # The Maildir's flags are the file's, so every recipient's: the \Deleted that
+                # this user set goes with the delete, or the others would see it as theirs.
+                self.set_flags(summary.key, summary.flags.replace("T", ""))
+            return len(hidden) + self._remove_uids(alone, uidvalidity)
         return self._remove_uids(uids, uidvalidity)
 
     def _remove_uids(self, uids: list[int], uidvalidity: int | None = None) -> int:
@@ -7769,8 +7839,9 @@ class Pop3Session(TakesTurns):
         (each removal is atomic), then let the maildrop go."""
         if self.state is Pop3State.TRANSACTION and self.deleted:
             try:
+                mailbox = self._maildrop_name if self.users is not None else None
                 self.store.delete_uids([self.uids[n - 1] for n in sorted(self.deleted)],
-                                       self.uidvalidity)
+                                       self.uidvalidity, None if mailbox == "*" else mailbox)
             except UidsRenumbered:
                 self.unlock()
                 self.state = Pop3State.CLOSED
@@ -9003,6 +9074,10 @@ class ImapSession(TakesTurns):
         if s.modseq < self.store.index.meta("expunged_floor", 0):  # the list was trimmed
             current = set(self.store.index.uids(mailbox=s.mailbox.address))
             removed = [uid for uid in s.uids if uid not in current]
+        elif removed := [uid for uid in removed if s.number(uid) is not None]:
+            # Another recipient's delete leaves the message in this mailbox (Store.hide).
+            still = self.store.index.present(removed, s.mailbox.address)
+            removed = [uid for uid in removed if uid not in still]
         s.expunged.update(uid for uid in removed if s.number(uid) is not None)
         s.modseq, replies = modseq, []
         for uid, flags, changed in flagged:  # but this session's own changes
@@ -9234,7 +9309,8 @@ class ImapSession(TakesTurns):
         for batch in batched(s.uids, 500):
             doomed += [m.uid for m in self.store.index.by_uids(batch) if "T" in m.flags and (
                 uid_ranges is None or in_ranges(m.uid, uid_ranges))]
-        self.store.delete_uids(doomed, s.uidvalidity)
+        self.store.delete_uids(doomed, s.uidvalidity,
+                               s.mailbox.address if self.users is not None else None)
         return set(doomed)
 
     def append_message_follows(self) -> bool:

@@ -4535,6 +4535,49 @@ def test_streams_are_counted_as_streams_however_their_path_is_written(tmp_path, 
             sock.close()
 
 
+@pytest.mark.parametrize("index", [True, False], ids=["sqlite", "memory"])
+def test_a_users_delete_leaves_the_other_recipients_their_copy(tmp_path, index):
+    """With --users, alice's EXPUNGE of a message sent to her and carol removed the file, and
+    carol's INBOX went from 2 to 1 (POP3 DELE too). Now a user's delete takes the message out
+    of that user's mailbox; the file goes when no recipient has it any more."""
+    import imaplib
+    import poplib
+    users = {"alice@d.test": "a-pw", "carol@d.test": "c-pw"}
+    with make_server(tmp_path, users=users, pop3_port=0, imap_port=0, index=index) as server:
+        with smtplib.SMTP(server.host, server.port) as client:
+            client.sendmail("a@b.test", ["alice@d.test", "carol@d.test"], b"Subject: both\r\n\r\nx\r\n")
+            client.sendmail("a@b.test", ["carol@d.test"], b"Subject: carol's\r\n\r\nx\r\n")
+        wait_until(lambda: len(server.messages()) == 2, what="two messages")
+        carol = imaplib.IMAP4(server.host, server.imap_port, timeout=10)
+        carol.login("carol@d.test", "c-pw")
+        assert carol.select("INBOX") == ("OK", [b"2"])
+        alice = imaplib.IMAP4(server.host, server.imap_port, timeout=10)
+        alice.login("alice@d.test", "a-pw")
+        assert alice.select("INBOX") == ("OK", [b"1"])
+        alice.store("1", "+FLAGS", "(\\Deleted)")
+        assert alice.expunge() == ("OK", [b"1"])
+        assert len(server.messages()) == 2  # carol still has it: the file stays
+        carol.noop()
+        assert "EXPUNGE" not in carol.untagged_responses  # nothing left carol's INBOX
+        assert carol.search(None, "ALL") == ("OK", [b"1 2"])
+        subject = carol.fetch("1", "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])")[1]
+        assert subject[-2][1].startswith(b"Subject: both"), subject
+        assert carol.fetch("1", "(FLAGS)")[1] == [b"1 (FLAGS (\\Recent))"]  # not alice's \\Deleted
+        again = imaplib.IMAP4(server.host, server.imap_port, timeout=10)
+        again.login("alice@d.test", "a-pw")
+        assert again.select("INBOX") == ("OK", [b"0"])  # gone from alice's mailbox
+        again.logout()
+        carol.logout()
+        alice.logout()
+        pop = poplib.POP3(server.host, server.pop3_port, timeout=10)
+        pop.user("carol@d.test")
+        pop.pass_("c-pw")
+        assert pop.stat()[0] == 2
+        pop.dele(1)  # the last recipient's delete: now the file goes
+        pop.quit()
+        assert [m.summary.subject for m in server.messages()] == ["carol's"]
+
+
 def test_failed_logins_are_throttled_by_address_across_sessions_and_protocols(tmp_path, caplog):
     token = base64.b64encode(b"\0alice\0nope").decode()
     with caplog.at_level(logging.WARNING, logger="sheesh"):
