@@ -104,6 +104,7 @@ import threading
 import time
 import unicodedata
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from email.message import EmailMessage
 from html import unescape as html_unescape
@@ -1778,6 +1779,7 @@ class ConnectionHandler(socketserver.StreamRequestHandler):
     # read1() reads straight into the bytes it returns and never uses rfile's buffer, so a
     # 1-byte buffer instead of 8 KiB saves memory on every idle connection (3.6 KB each).
     rbufsize = 1
+    _woken: socket.socket | None = None  # IMAP's: readable when the store woke the session
 
     def setup(self) -> None:
         if not hasattr(self, "plain_socket"):
@@ -1837,6 +1839,9 @@ class ConnectionHandler(socketserver.StreamRequestHandler):
         super().finish()
         if self.request is not self.plain_socket:
             self.request.close()  # the TLS socket; socketserver closes only the one it made
+        if self._woken is not None:
+            self.waker.close()
+            self._woken.close()
 
     def converse(self) -> None:
         """The connection loop: read, let the session answer, do what its Turn says."""
@@ -1847,6 +1852,12 @@ class ConnectionHandler(socketserver.StreamRequestHandler):
             return
         self.unit_started = self.quiet_since = time.monotonic()
         busy = session.busy
+        if self.poller is not None and hasattr(session, "wake"):  # IMAP, for IDLE
+            self.waker, self._woken = socket.socketpair()
+            for end in (self.waker, self._woken):
+                end.setblocking(False)
+            self.poller.register(self._woken, select.POLLIN)
+            session.wake = self.wake
         while True:
             data = self.read(busy)
             if data is None:  # nothing came, and the session asked to look (IMAP's IDLE)
@@ -1881,8 +1892,15 @@ class ConnectionHandler(socketserver.StreamRequestHandler):
         wait = timeout if tick is None else min(timeout, tick)
         try:
             if self.poller is not None:
-                if not self.poller.poll(wait * 1000):
+                ready = self.poller.poll(wait * 1000)
+                if not ready:
                     raise TimeoutError
+                if self._woken is not None and any(fd == self._woken.fileno() for fd, _ in ready):
+                    with contextlib.suppress(BlockingIOError):
+                        while self._woken.recv(4096):
+                            pass
+                    if len(ready) == 1:  # the store's news, and nothing from the client
+                        return None
             else:
                 self.set_timeout(wait)  # over TLS, read1() itself waits
             data = self.rfile.read1(READ_SIZE)
@@ -1895,6 +1913,11 @@ class ConnectionHandler(socketserver.StreamRequestHandler):
 
     def idle_timeout(self) -> float:
         return min(self.server.idle_timeout, self.session.idle_limit or math.inf)
+
+    def wake(self) -> None:
+        """The store has news for the session (IMAP's IDLE): end the wait in read()."""
+        with contextlib.suppress(OSError):  # full (a wake is pending) or closed: fine
+            self.waker.send(b"!")
 
     def set_timeout(self, seconds: float) -> None:
         """For reads, and for sends too: a client must read its replies."""
@@ -4280,6 +4303,7 @@ class Store:
         self._event_number = 0
         self._waiters: list[Waiter] = []
         self.watchers = 0  # open event streams and IDLE sessions
+        self._wakers: set = set()  # of IDLE sessions, called after each event (watch)
         self._queue_lock = threading.Lock()
         self._queue: collections.deque[tuple[str, float]] = collections.deque()
         self._queued_total = self._indexed_total = 0  # arrivals, and those indexed
@@ -5079,6 +5103,9 @@ class Store:
             self._event_log.append((self._event_number, kind, {
                 "id": keys[-1], "ids": keys[-EVENT_IDS:], "count": len(keys)}))
             self._events.notify_all()
+            wakers = list(self._wakers)
+        for wake in wakers:
+            wake()
 
     def events_after(self, number: int, timeout: float) -> list[tuple[int, str, dict]]:
         """Events after the given number, waiting up to `timeout` for the first one."""
@@ -5093,15 +5120,26 @@ class Store:
 
     @contextlib.contextmanager
     def watching(self):
-        """Count an event stream (or an IDLE session) as someone waiting for mail: while there
-        is one, arrivals are indexed within WATCHED_DELAY instead of when SMTP pauses."""
-        with self._events:
-            self.watchers += 1
+        """Count an event stream as someone waiting for mail (see watch)."""
+        self.watch()
         try:
             yield
         finally:
-            with self._events:
-                self.watchers -= 1
+            self.unwatch()
+
+    def watch(self, wake: Callable[[], None] | None = None) -> None:
+        """Someone waits for mail (an event stream, an IDLE session): while there is one,
+        arrivals are indexed within WATCHED_DELAY instead of when SMTP pauses. `wake` is
+        called, in the announcing thread, after each event: it must not block."""
+        with self._events:
+            self.watchers += 1
+            if wake is not None:
+                self._wakers.add(wake)
+
+    def unwatch(self, wake: Callable[[], None] | None = None) -> None:
+        with self._events:
+            self.watchers -= 1
+            self._wakers.discard(wake)
 
 
 def give_back_memory() -> None:
@@ -8570,6 +8608,9 @@ class ImapSession(TakesTurns):
     tls: str | None = None
     selected: Selected | None = None
     idling: str | None = None  # the tag of the IDLE command in progress
+    # Called by the store, from another thread, when something changed: the handler's way
+    # to wake this session's read (without it, IDLE looks every IMAP_IDLE_TICK seconds).
+    wake: Callable[[], None] | None = None
     unknown_commands: int = 0
     auth_failures: int = 0
     _incoming: Incoming = field(default_factory=lambda: Incoming(IMAP_LINE_LIMIT))
@@ -8653,6 +8694,12 @@ class ImapSession(TakesTurns):
             incoming.clear()  # RFC 3501 section 6.2.1: nothing sent before TLS is used
         return self.hand_over(replies)
 
+    def stop_idling(self) -> str:
+        """IDLE ends: the tag it had."""
+        tag, self.idling = self.idling, None
+        self.store.unwatch(self.wake)
+        return tag
+
     def too_long(self) -> ImapReply:
         self.abort_append(self._pieces)
         self._pieces = []
@@ -8662,7 +8709,7 @@ class ImapSession(TakesTurns):
         if self.transcript is not None:
             self.transcript.client(self.shown(line))
         if self.idling is not None:
-            tag, self.idling = self.idling, None
+            tag = self.stop_idling()
             if line.strip().upper() != b"DONE":
                 return [tagged(tag, "BAD", "expected DONE to end IDLE")]
             return self.updates() + [tagged(tag, "OK", "IDLE terminated")]
@@ -8843,6 +8890,7 @@ class ImapSession(TakesTurns):
                 return self.append(tag, arguments)
             case "IDLE":
                 self.idling = tag
+                self.store.watch(self.wake)  # arrivals are announced at once, and wake us
                 return [go_ahead("idling")] + self.updates()
         if self.state is ImapState.SELECTED:
             return self.in_mailbox(tag, verb, arguments)
@@ -9384,6 +9432,8 @@ class ImapSession(TakesTurns):
         self.abort_append(self._pieces)
         self._literal_writer, self._pieces = None, []
         self.state = ImapState.LOGOUT
+        if self.idling is not None:
+            self.stop_idling()
 
 
 IMAP_COMMANDS = {"CAPABILITY", "NOOP", "LOGOUT", "ID", "STARTTLS", "LOGIN", "AUTHENTICATE",

@@ -21,6 +21,7 @@ import os
 import quopri
 import random
 import re
+import select
 import shutil
 import signal
 import smtplib
@@ -5996,6 +5997,41 @@ def test_imaplib_idle_is_told_of_new_mail_within_a_second(imap_server):
     assert client.readline() == b"* 3 RECENT\r\n"  # the two at SELECT, and this one
     client.send(b"DONE\r\n")
     assert client.readline() == f"{tag} OK IDLE terminated\r\n".encode()
+    client.logout()
+
+
+@pytest.mark.skipif(not hasattr(select, "poll"), reason="without poll() IDLE looks on a timer")
+def test_idle_is_woken_by_the_store_and_does_not_wait_for_a_timer_or_a_pause(
+        imap_server, monkeypatch):
+    """IDLE looked at the store every half second, and under steady SMTP load the news
+    waited for the indexer (up to 5 s): now an IDLE session is a watcher, woken after each
+    event. With its timer set to a minute it still hears of new mail at once, while another
+    client goes on sending."""
+    monkeypatch.setattr(sheesh.ImapSession, "tick_interval", property(lambda self: 60.0))
+    client = imap_login(imap_server)
+    client.select("INBOX")
+    client.send(b"i1 IDLE\r\n")
+    assert client.readline() == b"+ idling\r\n"
+    client.sock.settimeout(5)
+    stop = threading.Event()
+
+    def keep_sending():
+        with smtplib.SMTP(imap_server.host, imap_server.port) as smtp:
+            while not stop.is_set():
+                smtp.sendmail("a@b.test", ["other@d.test"], b"Subject: load\r\n\r\nx\r\n")
+
+    load = threading.Thread(target=keep_sending)
+    load.start()
+    try:
+        with smtplib.SMTP(imap_server.host, imap_server.port) as smtp:
+            smtp.sendmail("a@b.test", ["c@d.test"], b"Subject: while idling\r\n\r\nx\r\n")
+        assert re.fullmatch(rb"\* \d+ EXISTS\r\n", client.readline())
+    finally:
+        stop.set()
+        load.join()
+    client.send(b"DONE\r\n")
+    while not client.readline().startswith(b"i1 OK"):
+        pass
     client.logout()
 
 
