@@ -2833,6 +2833,16 @@ def test_the_indexing_thread_comes_back_whatever_a_round_raises(tmp_path, caplog
         assert json.loads(http(server, "/api/health")[2])["index_error"] is None
 
 
+def nine_sent_three_deleted(server, subject: str) -> None:
+    """Nine messages (subjects subject0 to subject8), the first three deleted: the six left
+    have UIDs 4 to 9, which an index built anew would number 1 to 6."""
+    with smtplib.SMTP(server.host, server.port) as client:
+        for number in range(9):
+            client.sendmail("a@b.test", ["c@d.test"], f"Subject: {subject}{number}\r\n\r\nx\r\n")
+    wait_until(lambda: len(server.messages()) == 9, what="nine messages")
+    server.store.delete([m.key for m in server.messages()[:3]])
+
+
 def test_a_rebuild_under_open_sessions_never_lets_an_old_uid_act_on_another_message(tmp_path):
     """9 messages, 3 deleted, the index damaged and built anew: a POP3 session's message 1
     (UID 4) became another file, and DELE 1 + QUIT deleted a message the client never saw.
@@ -2842,11 +2852,7 @@ def test_a_rebuild_under_open_sessions_never_lets_an_old_uid_act_on_another_mess
     import poplib
     import sqlite3
     with make_server(tmp_path, pop3_port=0, imap_port=0, http_port=0) as server:
-        with smtplib.SMTP(server.host, server.port) as client:
-            for number in range(9):
-                client.sendmail("a@b.test", ["c@d.test"], f"Subject: m{number}\r\n\r\nx\r\n")
-        wait_until(lambda: len(server.messages()) == 9, what="nine messages")
-        server.store.delete([m.key for m in server.messages()[:3]])
+        nine_sent_three_deleted(server, "m")
         kept = sorted(m.key for m in server.messages())
         validity = server.store.uidvalidity
         pop3 = poplib.POP3(server.host, server.pop3_port, timeout=10)
@@ -2893,11 +2899,7 @@ def test_damaged_full_text_pages_are_mended_keeping_every_uid_under_open_session
     import poplib
     import sqlite3
     with make_server(tmp_path, pop3_port=0, imap_port=0, http_port=0) as server:
-        with smtplib.SMTP(server.host, server.port) as client:
-            for number in range(9):
-                client.sendmail("a@b.test", ["c@d.test"], f"Subject: word{number}\r\n\r\nx\r\n")
-        wait_until(lambda: len(server.messages()) == 9, what="nine messages")
-        server.store.delete([m.key for m in server.messages()[:3]])
+        nine_sent_three_deleted(server, "word")
         uids = {m.key: m.uid for m in server.messages()}
         validity = server.store.uidvalidity
         pop3 = poplib.POP3(server.host, server.pop3_port, timeout=10)
@@ -3461,25 +3463,32 @@ def test_html_scanner_finds_the_tags_a_browser_would():
         "link-insecure"}
 
 
+def mutated_message(rng: random.Random, seeds: list[bytes], pieces: list[bytes]) -> bytes:
+    """One of the seeds, changed in 1 to 20 places: a byte, a cut, one of the pieces put in,
+    or random bytes instead."""
+    raw = bytearray(rng.choice(seeds))
+    for _ in range(rng.randint(1, 20)):
+        at = rng.randrange(len(raw) + 1)
+        match rng.randrange(4):
+            case 0:
+                raw[at:at + 1] = bytes([rng.randrange(256)])
+            case 1:
+                del raw[at:at + rng.randint(1, 200)]
+            case 2:
+                raw[at:at] = rng.choice(pieces)
+            case 3:
+                raw = bytearray(rng.randbytes(rng.randint(0, 300)))
+    return bytes(raw)
+
+
 def test_check_message_never_raises_on_any_bytes():
     """Random bytes and mutated messages, 400 of them from a fixed seed, each within a
     budget of CPU time."""
     rng = random.Random(20261130)
     seeds = [clean_message()] + [raw for _, raw in CHECK_CORPUS[:20]]
     for _ in range(400):
-        raw = bytearray(rng.choice(seeds))
-        for _ in range(rng.randint(1, 20)):
-            at = rng.randrange(len(raw) + 1)
-            match rng.randrange(4):
-                case 0:
-                    raw[at:at + 1] = bytes([rng.randrange(256)])
-                case 1:
-                    del raw[at:at + rng.randint(1, 200)]
-                case 2:
-                    raw[at:at] = rng.choice([b"\r\n", b"\n--b1--\r\n", b"=?utf-8?b?", b"<a href=",
-                                             b"cid:", b"\r\n\r\n", b"\xff\xfe", b"Content-Type:"])
-                case 3:
-                    raw = bytearray(rng.randbytes(rng.randint(0, 300)))
+        raw = mutated_message(rng, seeds, [b"\r\n", b"\n--b1--\r\n", b"=?utf-8?b?", b"<a href=",
+                                           b"cid:", b"\r\n\r\n", b"\xff\xfe", b"Content-Type:"])
         findings = []
         assert cpu_seconds(lambda: findings.extend(sheesh.check_message(
             bytes(raw), rng.choice([None, SHOP])))) < 0.5
@@ -3516,21 +3525,10 @@ def test_mime_fuzz_never_raises_and_each_message_costs_little():
     rng = random.Random(20261207)
     seeds = [rich_message(), multipart_message(), clean_message()]
     for _ in range(300):
-        raw = bytearray(rng.choice(seeds))
-        for _ in range(rng.randint(1, 20)):
-            at = rng.randrange(len(raw) + 1)
-            match rng.randrange(4):
-                case 0:
-                    raw[at:at + 1] = bytes([rng.randrange(256)])
-                case 1:
-                    del raw[at:at + rng.randint(1, 200)]
-                case 2:
-                    raw[at:at] = rng.choice([b"\r\n", b"\r\n--b1\r\n", b"=?utf-8?q?=C3", b"=\r\n",
-                                             b"; boundary=", b"\r\n\r\n", b"charset=x-unknown",
-                                             b"Content-Transfer-Encoding: base64\r\n", b"cid:"])
-                case 3:
-                    raw = bytearray(rng.randbytes(rng.randint(0, 300)))
-        assert cpu_seconds(lambda: mime_readers(bytes(raw))) < 0.5
+        raw = mutated_message(rng, seeds, [
+            b"\r\n", b"\r\n--b1\r\n", b"=?utf-8?q?=C3", b"=\r\n", b"; boundary=", b"\r\n\r\n",
+            b"charset=x-unknown", b"Content-Transfer-Encoding: base64\r\n", b"cid:"])
+        assert cpu_seconds(lambda: mime_readers(raw)) < 0.5
 
 
 def test_checks_in_the_api_the_summaries_and_the_in_process_api(tmp_path):
