@@ -4707,6 +4707,8 @@ class Store:
         """The index file is damaged: set it aside and build a new one from the folders,
         with the UIDs the old one still gives (salvage), else with new ones and a new
         UIDVALIDITY, which every open session learns before it can act on an old UID."""
+        if isinstance(self.index, MemoryIndex):
+            return  # no file to be damaged: what raised was not the index's
         with self._lock:
             old = self.uidvalidity
             salvaged = self.index.salvage()

@@ -2579,6 +2579,13 @@ def test_transcript_keeps_a_bounded_record_and_says_what_it_left_out():
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.fixture(params=[True, False], ids=["sqlite", "memory"])
+def index_kind(request):
+    """The index in its SQLite file, and in memory (a Python without sqlite3): the tests of
+    what any index must do run against both."""
+    return request.param
+
+
 def place(maildir: Path, location: str, data: bytes) -> None:
     """A file put into a Maildir's folder as every Maildir writer does it: written in tmp/,
     then renamed into place, so that a reader never sees half of it."""
@@ -2650,10 +2657,10 @@ def test_index_reads_each_message_once_and_a_restart_reads_none(tmp_path, counte
         store.close()
 
 
-def test_eight_concurrent_first_requests_on_a_cold_store_index_it_once(tmp_path, counted_reads):
+def test_eight_concurrent_first_requests_on_a_cold_store_index_it_once(tmp_path, index_kind, counted_reads):
     (tmp_path / "mail" / "new").mkdir(parents=True)
     drop_into_new(tmp_path / "mail", 3000)
-    with make_server(tmp_path, http_port=0) as server:
+    with make_server(tmp_path, http_port=0, index=index_kind) as server:
         answers = []
         threads = [threading.Thread(target=lambda: answers.append(http(server, "/api/messages")))
                    for _ in range(8)]
@@ -2668,13 +2675,13 @@ def test_eight_concurrent_first_requests_on_a_cold_store_index_it_once(tmp_path,
     assert len(counted_reads) == 3000 and set(counted_reads.values()) == {1}
 
 
-def test_health_and_list_say_when_indexing_is_under_way(tmp_path, monkeypatch):
+def test_health_and_list_say_when_indexing_is_under_way(tmp_path, index_kind, monkeypatch):
     (tmp_path / "mail" / "new").mkdir(parents=True)
     drop_into_new(tmp_path / "mail", 50)
     gate = threading.Event()
     real = sheesh.index_entry
     monkeypatch.setattr(sheesh, "index_entry", lambda *args: gate.wait(10) and real(*args))
-    with make_server(tmp_path, http_port=0) as server:
+    with make_server(tmp_path, http_port=0, index=index_kind) as server:
         health = lambda: json.loads(http(server, "/api/health")[2])
         assert health()["indexing"]["done"] == 0  # the total is null until the folders are listed
         wait_until(lambda: health()["indexing"] == {"done": 0, "total": 50}, what="the total")
@@ -2801,11 +2808,11 @@ def test_an_index_that_cannot_be_opened_is_kept_in_memory_and_sheesh_starts(
     assert not list(tmp_path.glob("mail/sheesh.index.broken-*"))
 
 
-def test_the_indexing_thread_comes_back_whatever_a_round_raises(tmp_path, caplog):
+def test_the_indexing_thread_comes_back_whatever_a_round_raises(tmp_path, index_kind, caplog):
     """A rebuild that failed too ended the indexing thread, and every reader then waited
     5 s on each request for ever. Now each failure is logged and the round tried again."""
     import sqlite3
-    with make_server(tmp_path, http_port=0) as server:
+    with make_server(tmp_path, http_port=0, index=index_kind) as server:
         store = server.store
         real_work, real_rebuild, failures = store._work, store._rebuild, []
 
@@ -2958,8 +2965,8 @@ def test_two_sheesh_on_one_maildir_both_list_every_message_each_with_one_uid(tmp
         assert not list(tmp_path.glob("mail/sheesh.index.broken-*"))
 
 
-def test_changes_by_other_programs_show_in_the_api(tmp_path):
-    with make_server(tmp_path, http_port=0) as server:
+def test_changes_by_other_programs_show_in_the_api(tmp_path, index_kind):
+    with make_server(tmp_path, http_port=0, index=index_kind) as server:
         with smtplib.SMTP(server.host, server.port) as client:
             for number in range(3):
                 client.sendmail("a@b.test", ["c@d.test"], f"Subject: m{number}\r\n\r\nx\r\n")
@@ -2992,8 +2999,8 @@ def test_uids_are_stable_across_restarts_and_never_used_again(tmp_path):
         assert send(server, "after") > uids[2]  # not the deleted message's UID again
 
 
-def test_mailboxes_list_each_recipient_and_filter_the_list(tmp_path):
-    with make_server(tmp_path, http_port=0) as server:
+def test_mailboxes_list_each_recipient_and_filter_the_list(tmp_path, index_kind):
+    with make_server(tmp_path, http_port=0, index=index_kind) as server:
         with smtplib.SMTP(server.host, server.port) as client:
             client.sendmail("a@b.test", ["ann@d.test"], b"Subject: one\r\n\r\nx\r\n")
             client.sendmail("a@b.test", ["Ann@d.test", "bob@d.test"], b"Subject: two\r\n\r\nx\r\n")
@@ -3150,9 +3157,9 @@ def test_a_word_repeated_is_searched_once():
     assert sheesh.parse_search("a " * 499) == sheesh.parse_search("a")  # 120 s of CPU before
 
 
-def test_retention_by_count_removes_the_oldest_and_logs_it(tmp_path, caplog):
+def test_retention_by_count_removes_the_oldest_and_logs_it(tmp_path, index_kind, caplog):
     with caplog.at_level(logging.INFO, logger="sheesh"):
-        with make_server(tmp_path, max_messages=3) as server:
+        with make_server(tmp_path, max_messages=3, index=index_kind) as server:
             with smtplib.SMTP(server.host, server.port) as client:
                 for number in range(5):
                     client.sendmail("a@b.test", ["c@d.test"], f"Subject: {number}\r\n\r\nx\r\n")
@@ -3163,12 +3170,12 @@ def test_retention_by_count_removes_the_oldest_and_logs_it(tmp_path, caplog):
                for r in caplog.records)
 
 
-def test_retention_by_age(tmp_path, caplog):
+def test_retention_by_age(tmp_path, index_kind, caplog):
     (tmp_path / "mail" / "new").mkdir(parents=True)
     old = drop_into_new(tmp_path / "mail", 2, when=int(time.time()) - 10 * 86400)
     recent = drop_into_new(tmp_path / "mail", 1, start=5, when=int(time.time()) - 3600)
     with caplog.at_level(logging.INFO, logger="sheesh"):
-        with make_server(tmp_path, max_age=7 * 86400) as server:
+        with make_server(tmp_path, max_age=7 * 86400, index=index_kind) as server:
             wait_until(lambda: [m.key for m in server.messages()] == recent,
                        what="the old messages to go")
             assert not any((tmp_path / "mail" / "new" / key).exists() for key in old)
