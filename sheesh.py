@@ -4280,6 +4280,23 @@ class Waiter:
         return True
 
 
+# The Store's locks: what each guards, who takes it. Each is taken alone (a leaf), but _lock,
+# which is reentrant and may be held while the index takes its own; none is held while a
+# waker or a waiting reader is called.
+#
+#   lock            guards                                          taken by
+#   _lock           the files and the index rows, changed together  the indexing thread; a
+#                   (the index's one writer); uidvalidity; the      request's delete, flag
+#                   rows-to-read flag                               or folder scan
+#   _queue_lock     the arrival queue and its counts                SMTP sessions (arrived),
+#                                                                   the indexing thread, readers
+#   _progress       (a Condition) how far the indexer is            readers that wait for it
+#   _events         (a Condition) the event log, watchers, wakers   event streams, waits, IDLE
+#   _sessions_lock  the open and ended transcripts                  every session, the indexer
+#   _findings_lock  the findings kept per key                       readers, the indexer
+#   _checks_lock    the checks readers made, to be written          readers, the indexer
+
+
 class Store:
     """The Maildir and its index, in step: what every reader uses."""
 
