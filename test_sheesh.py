@@ -2808,6 +2808,47 @@ def test_an_index_that_cannot_be_opened_is_kept_in_memory_and_sheesh_starts(
     assert not list(tmp_path.glob("mail/sheesh.index.broken-*"))
 
 
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A 20 MB tmpfs of its own, to fill: only where this user may mount one (root on Linux)."""
+    place = tmp_path / "small"
+    place.mkdir()
+    if os.name != "posix" or shutil.which("mount") is None or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(place)],
+            capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (it needs root)")
+    yield place
+    subprocess.run(["umount", "-l", str(place)], check=True)
+
+
+def test_a_full_disk_keeps_every_acknowledged_message_listed_and_deletable(small_filesystem):
+    """On a full 20 MB tmpfs the index was set aside three times, the API showed 0 of 119
+    acknowledged messages, a DELETE was a 404 (so no space could be freed), and a restart
+    exited 1. Now SMTP answers 452, every message that got a 250 is on disk, the index is
+    kept, a delete frees space, the index then lists them all, and sheesh starts again."""
+    body = "Subject: fill {}\r\n\r\n" + ("y" * 76 + "\r\n") * 2000  # 156 KB
+    acknowledged = 0
+    with make_server(small_filesystem, http_port=0) as server:
+        with smtplib.SMTP(server.host, server.port) as client:
+            with pytest.raises(smtplib.SMTPDataError, match="insufficient system storage"):
+                for number in range(400):
+                    client.sendmail("a@b.test", ["c@d.test"], body.format(number))
+                    acknowledged += 1
+        assert 10 < acknowledged < 400
+        assert len(files_in(server.store.path, "new")) == acknowledged
+        listed = lambda: json.loads(http(server, "/api/messages?limit=1")[2])
+        wait_until(lambda: listed().get("total"), what="the index to list some")
+        before = shutil.disk_usage(small_filesystem).free
+        deleted = http(server, f"/api/messages/{listed()['messages'][0]['id']}", "DELETE")[0]
+        assert deleted in (200, 503)  # 503: the file went, the index could not say so yet
+        assert shutil.disk_usage(small_filesystem).free > before
+        wait_until(lambda: listed().get("total") == acknowledged - 1, timeout=40,
+                   what=f"all {acknowledged - 1} listed once there was room")
+        assert not list(server.store.path.glob("sheesh.index.broken-*"))
+    with make_server(small_filesystem, http_port=0) as again:  # a restart on the full disk
+        wait_until(lambda: json.loads(http(again, "/api/health")[2])["messages"]
+                   == acknowledged - 1, what="the restart to list them")
+
 def test_the_indexing_thread_comes_back_whatever_a_round_raises(tmp_path, index_kind, caplog):
     """A rebuild that failed too ended the indexing thread, and every reader then waited
     5 s on each request for ever. Now each failure is logged and the round tried again."""
