@@ -4859,6 +4859,37 @@ class Store:
         found = self.index.get(key) if len(key) < 256 else None
         return self.with_checks([found])[0] if found is not None else None
 
+    # -- by UID, for POP3 and IMAP: the index's answers, through the one facade (they
+    # catch up first where a session looks for news: SELECT, STATUS, IMAP's updates)
+
+    def uids(self, query: Query = Query(), mailbox: str | None = None,
+             after: int = 0) -> list[int]:
+        return self.index.uids(query, mailbox, after)
+
+    def by_uids(self, uids: list[int]) -> list[Summary]:
+        return self.index.by_uids(uids)
+
+    def locations(self, uids: list[int]) -> list[tuple[int, str, str]]:
+        return self.index.locations(uids)
+
+    def sizes(self, mailbox: str | None):
+        return self.index.sizes(mailbox)
+
+    def counts(self, mailbox: str | None = None) -> tuple[int, int]:
+        return self.index.counts(mailbox)
+
+    def next_uid(self) -> int:
+        return self.index.next_uid()
+
+    def changes(self, since: int, mailbox: str | None) -> tuple[list, list[int], bool]:
+        """What changed after modification sequence `since`, for IMAP (see SqlIndex.changes),
+        and whether the list of removals was trimmed since: then compare the whole list."""
+        flagged, removed = self.index.changes(since, mailbox)
+        return flagged, removed, since < self.index.meta("expunged_floor", 0)
+
+    def present(self, uids: list[int], mailbox: str | None) -> set[int]:
+        return self.index.present(uids, mailbox)
+
     def with_checks(self, summaries: list[Summary], budget: float | None = None
                     ) -> list[Summary]:
         """The summaries with what the checks (12.5) found, by severity: made for those that
@@ -5014,8 +5045,13 @@ class Store:
     def delete(self, keys: list[str]) -> int:
         """Delete messages, file and index row; returns how many there were."""
         self.catch_up()
-        found = [self.index.key_location(key) for key in keys if len(key) < 256]
-        return self._remove_uids([uid for uid, _ in filter(None, found)])
+        keys = [key for key in keys if len(key) < 256]
+        found = {key: self.index.key_location(key) for key in keys}
+        # Delivered but not yet in the index (which may be failing: a full disk): the file
+        # goes all the same, or no space could be freed from the inbox.
+        unindexed = sum(self.maildir.remove(location) for key, known in found.items()
+                        if known is None and (location := self.locate(key)) is not None)
+        return unindexed + self._remove_uids([known[0] for known in found.values() if known])
 
     def delete_all(self) -> int:
         self.catch_up()
@@ -7791,7 +7827,7 @@ class Pop3Session(TakesTurns):
                               f"of {indexing.get('total')} messages): try again in a minute")
         self.uidvalidity = self.store.uidvalidity
         try:
-            for uid, size in self.store.index.sizes(address):
+            for uid, size in self.store.sizes(address):
                 self.uids.append(uid)
                 self.size += size
         except (OSError, *DATABASE_ERRORS):
@@ -7815,14 +7851,14 @@ class Pop3Session(TakesTurns):
 
     def keys(self, numbers: list[int]) -> dict[int, str]:
         """The Maildir keys of these messages, by number."""
-        by_uid = {uid: key for uid, key, _ in self.store.index.locations(
+        by_uid = {uid: key for uid, key, _ in self.store.locations(
             [self.uids[n - 1] for n in numbers])}
         return {n: by_uid[self.uids[n - 1]] for n in numbers if self.uids[n - 1] in by_uid}
 
     def sizes(self, numbers: list[int]) -> dict[int, int]:
         """Their sizes as RETR sends them, by number, from the index; a message that another
         program deleted since the login is not there."""
-        by_uid = {summary.uid: summary.crlf_size for summary in self.store.index.by_uids(
+        by_uid = {summary.uid: summary.crlf_size for summary in self.store.by_uids(
             [self.uids[n - 1] for n in numbers])}
         return {n: by_uid[self.uids[n - 1]] for n in numbers if self.uids[n - 1] in by_uid}
 
@@ -9052,7 +9088,7 @@ class ImapSession(TakesTurns):
             folder, _, address = name.partition("/")
             if folder.lower() == RECIPIENTS_FOLDER.lower() and address:
                 return ImapMailbox(f"{RECIPIENTS_FOLDER}/{address.lower()}", address.lower(),
-                                   True) if self.store.index.counts(address)[0] else None
+                                   True) if self.store.counts(address)[0] else None
         return None
 
     def list_mailboxes(self, tag: str, verb: str, arguments: list) -> list:
@@ -9080,11 +9116,11 @@ class ImapSession(TakesTurns):
         if box is None:
             return [tagged(tag, "NO", "[NONEXISTENT] no such mailbox")]
         self.store.catch_up()
-        total, unseen = self.store.index.counts(box.address)
-        recent = len(self.store.index.uids(mailbox=box.address,
+        total, unseen = self.store.counts(box.address)
+        recent = len(self.store.uids(mailbox=box.address,
                                            after=self.locks.unclaimed(box.name)))
         values = {"MESSAGES": total, "UNSEEN": unseen, "UIDVALIDITY": self.store.uidvalidity,
-                  "UIDNEXT": self.store.index.next_uid(), "RECENT": recent}
+                  "UIDNEXT": self.store.next_uid(), "RECENT": recent}
         items = [str(item).upper() for item in arguments[1]]
         if not all(item in values for item in items):
             raise BadCommand("STATUS takes MESSAGES, RECENT, UIDNEXT, UIDVALIDITY and UNSEEN")
@@ -9105,19 +9141,19 @@ class ImapSession(TakesTurns):
             return [tagged(tag, "NO", "[UNAVAILABLE] the mailbox is being indexed: try again "
                                       "in a minute")]
         modseq, event = self.store.modseq, self.store.last_event
-        uids = array.array("q", self.store.index.uids(mailbox=box.address))
+        uids = array.array("q", self.store.uids(mailbox=box.address))
         read_only = verb == "EXAMINE" or box.read_only
         self.selected = Selected(box, uids, read_only, modseq, event, self.store.uidvalidity,
                                  self.locks.claim(box.name, uids))
         self.state = ImapState.SELECTED
-        unseen = self.store.index.uids(Query((Condition("seen", value=False),)), box.address)
+        unseen = self.store.uids(Query((Condition("seen", value=False),)), box.address)
         flags = "\\Answered \\Flagged \\Deleted \\Seen \\Draft"
         replies = [untagged(f"FLAGS ({flags})"),
                    untagged(f"OK [PERMANENTFLAGS ({'' if read_only else flags})] "
                             f"{'read-only' if read_only else 'keywords last for the session'}"),
                    untagged(f"{len(uids)} EXISTS"), untagged(f"{len(self.selected.recent)} RECENT"),
                    untagged(f"OK [UIDVALIDITY {self.store.uidvalidity}] UIDs valid"),
-                   untagged(f"OK [UIDNEXT {self.store.index.next_uid()}] predicted next UID")]
+                   untagged(f"OK [UIDNEXT {self.store.next_uid()}] predicted next UID")]
         if unseen:
             replies.append(untagged(f"OK [UNSEEN {self.selected.number(unseen[0])}] first unseen"))
         access = "READ-ONLY" if read_only else "READ-WRITE"
@@ -9137,13 +9173,13 @@ class ImapSession(TakesTurns):
         s.event = self.store.last_event
         self.store.catch_up()
         modseq = self.store.modseq
-        flagged, removed = self.store.index.changes(s.modseq, s.mailbox.address)
-        if s.modseq < self.store.index.meta("expunged_floor", 0):  # the list was trimmed
-            current = set(self.store.index.uids(mailbox=s.mailbox.address))
+        flagged, removed, trimmed = self.store.changes(s.modseq, s.mailbox.address)
+        if trimmed:  # the list of removals was trimmed: compare the whole list
+            current = set(self.store.uids(mailbox=s.mailbox.address))
             removed = [uid for uid in s.uids if uid not in current]
         elif removed := [uid for uid in removed if s.number(uid) is not None]:
             # Another recipient's delete leaves the message in this mailbox (Store.hide).
-            still = self.store.index.present(removed, s.mailbox.address)
+            still = self.store.present(removed, s.mailbox.address)
             removed = [uid for uid in removed if uid not in still]
         s.expunged.update(uid for uid in removed if s.number(uid) is not None)
         s.modseq, replies = modseq, []
@@ -9154,7 +9190,7 @@ class ImapSession(TakesTurns):
                 replies.append(untagged(f"{number} FETCH (FLAGS ({names}))"))
         if expunges and s.expunged:
             replies += self.forget(s, s.expunged)
-        new = self.store.index.uids(mailbox=s.mailbox.address, after=s.uids[-1] if s.uids else 0)
+        new = self.store.uids(mailbox=s.mailbox.address, after=s.uids[-1] if s.uids else 0)
         if new:
             s.uids.extend(new)
             s.recent |= self.locks.claim(s.mailbox.name, new)
@@ -9224,7 +9260,7 @@ class ImapSession(TakesTurns):
         def produce():
             missing = 0
             for batch in batched(chosen, 200):
-                found = {summary.uid: summary for summary in store.index.by_uids(
+                found = {summary.uid: summary for summary in store.by_uids(
                     [uid for _, uid in batch])}
                 for number, uid in batch:
                     summary = found.get(uid)
@@ -9290,7 +9326,7 @@ class ImapSession(TakesTurns):
         chosen = self.chosen(arguments[0], by_uid)
         replies = self.updates(expunges=by_uid)
         for batch in batched(chosen, 200):
-            found = {m.uid: m for m in self.store.index.by_uids([uid for _, uid in batch])}
+            found = {m.uid: m for m in self.store.by_uids([uid for _, uid in batch])}
             for number, uid in batch:
                 summary = found.get(uid)
                 if summary is None:
@@ -9327,7 +9363,7 @@ class ImapSession(TakesTurns):
         test = search_program(arguments, len(s.uids), self.largest_uid())
         replies, found = self.updates(expunges=by_uid), []
         for batch in batched(enumerate(s.uids, start=1), 500):
-            summaries = {m.uid: m for m in self.store.index.by_uids([uid for _, uid in batch])}
+            summaries = {m.uid: m for m in self.store.by_uids([uid for _, uid in batch])}
             for number, uid in batch:
                 summary = summaries.get(uid)
                 if summary is None:
@@ -9351,7 +9387,7 @@ class ImapSession(TakesTurns):
         chosen = self.chosen(arguments[0], by_uid)
         replies, sources, copies = self.updates(expunges=by_uid), [], []
         for _, uid in chosen:
-            [summary] = self.store.index.by_uids([uid]) or [None]
+            [summary] = self.store.by_uids([uid]) or [None]
             copied = self.store.copy(summary.key) if summary is not None else None
             if copied is not None:
                 sources.append(uid)
@@ -9374,7 +9410,7 @@ class ImapSession(TakesTurns):
         """Remove the selected mailbox's messages flagged \\Deleted (of those UIDs)."""
         s, doomed = self.selected, []
         for batch in batched(s.uids, 500):
-            doomed += [m.uid for m in self.store.index.by_uids(batch) if "T" in m.flags and (
+            doomed += [m.uid for m in self.store.by_uids(batch) if "T" in m.flags and (
                 uid_ranges is None or in_ranges(m.uid, uid_ranges))]
         self.store.delete_uids(doomed, s.uidvalidity,
                                s.mailbox.address if self.users is not None else None)
