@@ -2634,6 +2634,19 @@ def summaries(store, query="", mailbox=None):
     return [(m.key, m.subject) for m in store.search(query, mailbox, 500, 0).messages]
 
 
+def test_the_two_index_kinds_have_the_same_methods_with_the_same_parameters():
+    """SqlIndex and MemoryIndex were kept in step by hand: a method one lacks is an
+    AttributeError the day the other kind runs. Only the file's own (salvaging a damaged
+    file) are SqlIndex's alone."""
+    import inspect
+    public = lambda kind: {name: inspect.signature(value) for name, value in vars(kind).items()
+                           if callable(value) and not name.startswith("_")}
+    sql, memory = public(sheesh.SqlIndex), public(sheesh.MemoryIndex)
+    assert set(sql) - set(memory) == {"salvage", "restore"} and set(memory) <= set(sql)
+    for name, signature in memory.items():
+        assert list(signature.parameters) == list(sql[name].parameters), name
+
+
 def test_index_reads_each_message_once_and_a_restart_reads_none(tmp_path, counted_reads):
     (tmp_path / "mail" / "new").mkdir(parents=True)
     keys = drop_into_new(tmp_path / "mail", 2000)
