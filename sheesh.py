@@ -6429,6 +6429,8 @@ class WebApp:
         after = float(number(query, "after", 0)) if "after" in query else time.time()
         search = parse_search(query.get("query", ""))
         found = self.store.wait_for(search, mailbox(query), after, timeout)
+        if found is None and self.store.closed:  # woken by the stop, not by the timeout
+            return json_error(503, "sheesh is stopping")
         if found is None:
             return json_error(408, f"no message matching the query arrived in {timeout:g} s")
         return self.message(found.key)

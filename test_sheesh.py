@@ -3801,7 +3801,14 @@ def test_a_stop_while_web_requests_run_answers_none_with_500(tmp_path):
                     except urllib.error.HTTPError as error:
                         statuses[error.code] += 1
 
-    askers = [threading.Thread(target=ask) for _ in range(4)]
+    waited = []
+
+    def wait_through_the_stop():
+        started.wait()
+        waited.append(http(server, "/api/messages/wait?query=never&timeout=60")[0])
+
+    askers = [threading.Thread(target=ask) for _ in range(3)]
+    askers.append(threading.Thread(target=wait_through_the_stop))
     for asker in askers:
         asker.start()
     started.wait()
@@ -3812,6 +3819,7 @@ def test_a_stop_while_web_requests_run_answers_none_with_500(tmp_path):
     for asker in askers:
         asker.join(timeout=10)
     assert statuses[200] >= 200 and 500 not in statuses, statuses
+    assert waited == [503]  # a wait ended by the stop says so: not 408, nothing came
 
 
 def test_web_lists_messages_newest_first_with_totals(web):
