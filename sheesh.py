@@ -3597,9 +3597,9 @@ class SqlIndex:
                                  "waiting = waiting + ?", (total, unread, waiting))
 
     def hide(self, mailbox: str, uids: list[int], modseq: int) -> list[int]:
-        """A recipient's delete (inside a transaction): the messages that other recipients
-        still have leave this mailbox alone (and its sessions are told, as of an expunge);
-        returns the others, which no one has any more, to be deleted."""
+        """A recipient's delete (inside a transaction): a message that other recipients still
+        have leaves this mailbox only (its sessions are told as of an expunge); returns the
+        others, which no one has any more, for the caller to delete."""
         kept = []
         for chunk in batched(uids, 500):
             listed = ",".join(map(str, chunk))
@@ -8453,9 +8453,9 @@ class SearchFacts:
             return None
 
 
-def contains(text: str, wanted) -> bool:
-    """SEARCH's strings match any part of the text, case aside."""
-    return searched_for(wanted) in text.lower()
+def contains(text: str, wanted: str) -> bool:
+    """SEARCH's strings match any part of the text, case aside (wanted: from searched_for)."""
+    return wanted in text.lower().replace("\r", "")
 
 
 def searched_for(wanted) -> str:
@@ -8467,10 +8467,10 @@ def searched_for(wanted) -> str:
 SEARCH_PIECE = 64 * 1024  # encoded octets of a part that SEARCH decodes at a time
 
 
-def part_holds(buffer, part: MimePart, wanted) -> bool:
-    """Whether a text part, decoded, holds SEARCH's string: a piece at a time, each piece
-    searched with the end of the one before, so that a match across two pieces is found."""
-    wanted = searched_for(wanted)
+def part_holds(buffer, part: MimePart, wanted: str) -> bool:
+    """Whether a text part, decoded, holds SEARCH's string (from searched_for): a piece at a
+    time, each piece searched with the end of the one before, so that a match across two
+    pieces is found."""
     decoder, carried = text_decoder(part.charset), ""
     for chunk in itertools.chain(decoded_chunks(buffer, part, SEARCH_PIECE), [None]):
         piece = decoder.decode(b"", final=True) if chunk is None else decoder.decode(chunk)
@@ -8559,20 +8559,21 @@ def search_key(arguments: list, position: int, largest: int, largest_uid: int, d
 def content_key(key: str, take):
     """A key on a message's content, size or dates: its test, or None if it is not one."""
     match key:
+        # Each string is made ready once (searched_for), not once for every message.
         case _ if key in _HEADER_KEYS:
-            text, field_name = take(), _HEADER_KEYS[key]
+            text, field_name = searched_for(take()), _HEADER_KEYS[key]
             return lambda facts: contains(getattr(facts.summary, field_name), text)
         case "BCC":
-            text = take()
+            text = searched_for(take())
             return lambda facts: contains(facts.header("Bcc"), text)
         case "HEADER":
-            name, text = str(take()), take()
+            name, text = str(take()), searched_for(take())
             return lambda facts: name in facts.headers and contains(facts.header(name), text)
         case "BODY":
-            text = take()
+            text = searched_for(take())
             return lambda facts: facts.text_holds(text)
         case "TEXT":
-            text = take()
+            text = searched_for(take())
             return lambda facts: facts.text_holds(text) or any(
                 contains(decode_words(str(value)), text) for value in facts.headers.values())
         case "LARGER" | "SMALLER":
