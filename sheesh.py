@@ -5978,7 +5978,8 @@ class Server:
 
     def pop3_session(self, peer: str) -> Pop3Session:
         return Pop3Session(self.store, self.pop3_locks, self.config.users,
-                           tls_available=self.tls_context is not None, peer=peer,
+                           tls_available=self.tls_context is not None,
+                           tls_required=self.config.tls_required, peer=peer,
                            logins=self.logins)
 
     def imap_session(self, peer: str) -> ImapSession:
@@ -7673,6 +7674,7 @@ class Pop3Session(TakesTurns):
     locks: MaildropLocks
     users: dict[str, str] | None = None  # as for SMTP AUTH: None accepts any user and password
     tls_available: bool = False
+    tls_required: bool = False  # no USER or PASS before STLS (RFC 2595 section 4)
     peer: str = ""
     logins: LoginGuard | None = None
     state: Pop3State = Pop3State.AUTHORIZATION
@@ -7745,6 +7747,9 @@ class Pop3Session(TakesTurns):
         if self.state is Pop3State.TRANSACTION:
             return self.in_maildrop(command)
         match command:
+            case PopUser() | PopPass() if self.tls_required and self.tls is None:
+                return pop3_error("[AUTH] credentials only over TLS here (--tls-required): "
+                                  "use STLS first")
             case PopUser(name):
                 self.user = name
                 return pop3_ok("send PASS")
@@ -7791,6 +7796,8 @@ class Pop3Session(TakesTurns):
         """CAPA (RFC 2449): what this server supports."""
         lines = ["TOP", "USER", "UIDL", "RESP-CODES", "AUTH-RESP-CODE", "PIPELINING",
                  f"IMPLEMENTATION sheesh-{__version__}"]
+        if self.tls_required and self.tls is None:
+            lines.remove("USER")  # RFC 2595 section 4: no plain logins offered before TLS
         if self.tls_available and self.tls is None and self.state is Pop3State.AUTHORIZATION:
             lines.append("STLS")
         return pop3_lines("capability list follows", "".join(f"{line}\r\n"

@@ -5575,6 +5575,31 @@ def test_poplib_stls_and_pop3s(tmp_path, certificates):
         secure.quit()
 
 
+def test_poplib_with_tls_required_is_refused_credentials_until_stls(tmp_path, certificates):
+    import poplib
+    users = tmp_path / "users"
+    users.write_text("c@d.test:secret\n")
+    with make_server(tmp_path, pop3_port=0, tls_cert=str(certificates.cert),
+                     tls_key=str(certificates.key), tls_required=True,
+                     users=sheesh.read_users(users)) as server:
+        with smtplib.SMTP(server.host, server.port) as client:
+            client.starttls(context=client_context(certificates))
+            client.login("c@d.test", "secret")
+            client.sendmail("a@b.test", ["c@d.test"], b"Subject: secret\r\n\r\nx\r\n")
+        plain = poplib.POP3(server.host, server.pop3_port, timeout=10)
+        assert "USER" not in plain.capa() and "STLS" in plain.capa()
+        with pytest.raises(poplib.error_proto, match="use STLS first"):
+            plain.user("c@d.test")
+        with pytest.raises(poplib.error_proto, match="use STLS first"):
+            plain.pass_("secret")  # not even checked: the password never counts as tried
+        plain.stls(context=client_context(certificates))
+        assert "USER" in plain.capa()
+        plain.user("c@d.test")
+        plain.pass_("secret")
+        assert b"Subject: secret" in b"\r\n".join(plain.retr(1)[1])
+        plain.quit()
+
+
 def test_pop3_idle_timeout(tmp_path, monkeypatch):
     monkeypatch.setattr(sheesh, "POP3_TIMEOUT", 0.3)
     with make_server(tmp_path, pop3_port=0) as server:
