@@ -172,7 +172,8 @@ DEFAULT_MAX_CONNECTIONS_PER_IP = 100
 COMMAND_LINE_LIMIT = 4096
 
 # RFC 4954 section 4 leaves it to the server how to slow down password guessing: each failed
-# AUTH waits this long before its 535, and the third failure in a session ends it.
+# AUTH waits this long before its 535, and the third wrong password in a session ends it (the
+# same wrong password over several mechanisms is one: see Login.refused).
 AUTH_FAILURE_DELAY = 1.0
 MAX_AUTH_FAILURES = 3
 
@@ -2191,9 +2192,13 @@ class Login:
     def __init__(self, users: dict[str, str] | None, peer: str, hostname: str,
                  guard: LoginGuard | None = None) -> None:
         self.users, self.peer, self.hostname, self.guard = users, peer, hostname, guard
-        self.failures = 0
+        self.failures = 0  # distinct wrong credentials: see same_mistake
         self.waiting, self.user, self.refused_user = False, None, None
         self._mechanism, self._username, self._challenge = "", None, b""
+        # The wrong credentials tried so far, each (user, password) or, for CRAM-MD5, (user,
+        # (challenge, digest)): smtplib.login() tries CRAM-MD5, PLAIN and LOGIN in turn, and
+        # one mistyped password must not use all three tries of the session.
+        self._mistakes: list[tuple[str, bytes | tuple[bytes, bytes]]] = []
 
     def begin(self, mechanism: str, initial_response: str | None) -> Reply:
         self._mechanism, self._username = mechanism, None
@@ -2235,7 +2240,7 @@ class Login:
             return TOO_MANY_LOGIN_FAILURES  # even a right password: the guessing stops here
         if self.users is None or password_matches(self.users, user, password):
             return self.accepted(user)
-        return self.refused(user)
+        return self.refused(user, password)
 
     def check_cram_md5(self, user: str, digest: bytes) -> Reply:
         if self.guard is not None and self.guard.refuses(self.peer):
@@ -2243,18 +2248,47 @@ class Login:
         known = self.users.get(user)
         expected = hmac.new((known or "\0 unknown").encode(), self._challenge, "md5")
         same = hmac.compare_digest(digest, expected.hexdigest().encode())
-        return self.accepted(user) if same and known is not None else self.refused(user)
+        if same and known is not None:
+            return self.accepted(user)
+        return self.refused(user, (self._challenge, digest))
 
     def accepted(self, user: str) -> Reply:
         self.user = user
         return AUTH_OK
 
-    def refused(self, user: str) -> Reply:
+    def refused(self, user: str, secret: bytes | tuple[bytes, bytes]) -> Reply:
+        """A wrong password: the address's guard counts every one; the session counts only
+        a mistake it has not seen, so one typo retried over three mechanisms is one."""
         if self.guard is not None:
             self.guard.failed(self.peer, user, "SMTP")
-        self.failures += 1
+        mistake = (user, secret)
+        if not any(same_mistake(mistake, earlier) for earlier in self._mistakes):
+            self.failures += 1
+            self._mistakes.append(mistake)
+        elif isinstance(secret, bytes) and mistake not in self._mistakes:
+            # Kept too, to compare the next CRAM-MD5 answer (to a new challenge) with: at most
+            # one a counted CRAM-MD5 mistake, so the list stays as short as the count.
+            self._mistakes.append(mistake)
         self.refused_user = user
         return BAD_CREDENTIALS
+
+
+def same_mistake(one: tuple, other: tuple) -> bool:
+    """Whether two wrong credentials are the same user and password. A CRAM-MD5 answer
+    hides its password, but the password of a plain one shows whether it made that answer;
+    two CRAM-MD5 answers to different challenges cannot be compared, and count apart."""
+    (user, secret), (other_user, other_secret) = one, other
+    if user != other_user:
+        return False
+    if isinstance(secret, tuple):
+        secret, other_secret = other_secret, secret
+    if isinstance(other_secret, tuple):
+        if isinstance(secret, tuple):
+            return secret == other_secret
+        challenge, digest = other_secret
+        return hmac.compare_digest(hmac.new(secret, challenge, "md5").hexdigest().encode(),
+                                   digest)
+    return hmac.compare_digest(secret, other_secret)
 
 
 class LoginGuard:

@@ -13,6 +13,7 @@ import contextlib
 import datetime
 import errno
 import hashlib
+import hmac
 import itertools
 import json
 import logging
@@ -1927,12 +1928,46 @@ def test_session_with_users_refuses_unknown_users():
 
 def test_session_third_failed_auth_closes_the_session():
     session = greeted(users=USERS)
-    wrong = f"AUTH PLAIN {plain_token('alice', 'guess')}"
-    assert say(session, wrong, wrong) == (
+    wrong = [f"AUTH PLAIN {plain_token('alice', guess)}" for guess in ("one", "two", "three")]
+    assert say(session, *wrong[:2]) == (
         b"535 5.7.8 Error: authentication credentials invalid\r\n" * 2)
-    assert say(session, wrong) == (
+    assert say(session, wrong[2]) == (
         b"421 4.7.0 Error: too many failed authentications, goodbye\r\n")
     assert session.closed
+
+
+def cram_md5_answer(session, user, password):
+    challenge = base64.b64decode(say(session, "AUTH CRAM-MD5")[4:].strip())
+    digest = hmac.new(password.encode(), challenge, "md5").hexdigest()
+    return base64.b64encode(f"{user} {digest}".encode()).decode()
+
+
+def test_session_counts_one_wrong_password_over_three_mechanisms_as_one_mistake():
+    session = greeted(users=USERS)
+    user, typo = (base64.b64encode(v.encode()).decode() for v in ("alice", "corect horse"))
+    refused = b"535 5.7.8 Error: authentication credentials invalid\r\n"
+    for _ in range(2):  # as smtplib.login() does, twice over: CRAM-MD5, PLAIN, LOGIN
+        assert say(session, cram_md5_answer(session, "alice", "corect horse")) == refused
+        assert say(session, f"AUTH PLAIN {plain_token('alice', 'corect horse')}") == refused
+        assert say(session, "AUTH LOGIN", user, typo).endswith(refused)
+    assert session.login.failures == 1 and not session.closed
+    assert say(session, cram_md5_answer(session, "alice", "other")) == refused
+    assert say(session, cram_md5_answer(session, "bob", "corect horse")) == (  # another user
+        b"421 4.7.0 Error: too many failed authentications, goodbye\r\n")
+
+
+def test_smtplib_login_with_a_typo_keeps_the_session_for_the_right_password(
+        tmp_path, monkeypatch):
+    monkeypatch.setattr(sheesh, "AUTH_FAILURE_DELAY", 0.01)
+    with make_server(tmp_path, users=USERS) as server:
+        with smtplib.SMTP(server.host, server.port, timeout=10) as client:
+            client.ehlo()
+            assert "CRAM-MD5" in client.esmtp_features["auth"]
+            with pytest.raises(smtplib.SMTPAuthenticationError):
+                client.login("alice", "corect horse")  # tries CRAM-MD5, PLAIN and LOGIN
+            assert client.login("alice", "correct horse")[0] == 235
+            client.sendmail("alice@b.test", ["c@d.test"], "Subject: typo\r\n\r\nx\r\n")
+        assert server.wait_for_message().message["Subject"] == "typo"
 
 
 def test_session_cram_md5_with_users():
