@@ -3133,16 +3133,20 @@ class IndexEntry:
     summary: Summary
     body: str
 
-    def columns(self) -> tuple[str, str, str, str]:
+    def texts(self) -> tuple[str, str, str, str]:
         """What search matches, by column: who sent it, who it is for, subject, text."""
         s = self.summary
         return (f"{s.sender} {s.from_}", " ".join(s.recipients + [s.to, s.cc]), s.subject,
                 self.body)
 
+    def columns(self) -> tuple[str, ...]:
+        """The texts as the search table takes them: folded (see SEARCH_FOLDING)."""
+        return tuple(map(search_text, self.texts()))
+
     @functools.cached_property
     def tokens(self) -> list[list[str]]:
         """The columns' words, made once for all the waiters that look at this message."""
-        return [search_tokens(text) for text in self.columns()]
+        return [search_tokens(text) for text in self.texts()]
 
 
 # The headers the index keeps, found by one regular expression that runs in C. Indexing reads
@@ -3261,9 +3265,10 @@ def subject_of(head: bytes) -> str:
 # before: does not. Terms are all required.
 
 SEARCH_FIELDS = ("from", "to", "subject", "is", "has", "before", "after")
-# Each word is a prefix term that SQLite's full-text index reads the list of every matching
-# word for: "a" is most of the index. "a" 25 times took 13.6 s of CPU on 20,000 messages, so a
-# search has at most so many words, and of them at most so many of one or two letters.
+# The last word of each term is a prefix, which SQLite's full-text index reads the list of every
+# matching word for: "a" is most of the index. "a" 25 times took 13.6 s of CPU on 20,000
+# messages, so a search has at most so many words, and at most so many terms that end in a word
+# of one or two letters (a kana, an ideograph or an emoji is a whole word: see SEARCH_FOLDING).
 SEARCH_WORDS_LIMIT = 16
 SEARCH_SHORT_WORDS_LIMIT = 3
 
@@ -3316,6 +3321,51 @@ class Query:
         return True
 
 
+# Search folds what it indexes and what it is asked alike, in Python, with one function: SQLite's
+# own folding (unicode61 remove_diacritics 2) takes accents off Latin letters only, so "русский"
+# (with the breve of й) and "Grüße" were indexed as written and never found by their folded
+# queries. Case goes by casefold (ß is ss, final ς is σ), accents by NFKD and dropping every
+# combining mark (й, ё, Greek tonos, the dakuten of が); Turkish dotless ı is taken as i, so
+# that İstanbul, ISTANBUL and ıstanbul are one word. Kana and ideographs are a word each, as
+# Japanese and Chinese put no spaces between words: a query of several is a phrase of them.
+# Emoji are words too. SEARCH_FOLDING names this folding in the index: an index folded another
+# way has its words read again (SqlIndex._refold).
+SEARCH_FOLDING = 2
+_EACH_ALONE = ("\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"  # kana, ideographs
+               "\u2300-\u23ff\u2600-\u27bf\u2b00-\u2bff\U0001f000-\U0001faff")  # emoji
+_SEARCH_WORD = re.compile(rf"[{_EACH_ALONE}]|(?:(?![{_EACH_ALONE}])[^\W_])+")
+_SEARCH_WORD_ALONE = re.compile(f"[{_EACH_ALONE}]")
+
+
+@functools.cache
+def combining_marks() -> re.Pattern:
+    """Every character with a combining class (accents, breves, dakuten), as one class of a
+    regular expression, so that dropping them runs in C: made at the first text that is not
+    ASCII (about 20 ms)."""
+    marks = [code for code in range(0x300, 0x20000) if unicodedata.combining(chr(code))]
+    ranges, start = [], marks[0]
+    for before, code in zip(marks, marks[1:] + [None]):
+        if code != before + 1:
+            ranges.append(f"{re.escape(chr(start))}-{re.escape(chr(before))}")
+            start = code
+    return re.compile(f"[{''.join(ranges)}]")
+
+
+def search_tokens(text: str) -> list[str]:
+    """The words search sees in a text, folded: the same for what is indexed and what is
+    asked (see SEARCH_FOLDING)."""
+    if text.isascii():
+        return _SEARCH_WORD.findall(text.lower())
+    text = unicodedata.normalize("NFKD", text.casefold())
+    return _SEARCH_WORD.findall(combining_marks().sub("", text).replace("\u0131", "i"))
+
+
+def search_text(text: str) -> str:
+    """What the search table is given for a text: its folded words, one space apart. ASCII
+    goes as it is, since SQLite's tokenizer makes the same words of it, faster."""
+    return text if text.isascii() else " ".join(search_tokens(text))
+
+
 def parse_search(text: str) -> Query:
     """A search as typed, or BadQuery saying what is wrong with it."""
     if len(text) > 1000:
@@ -3345,7 +3395,9 @@ def parse_search(text: str) -> Query:
     words = [word for c in conditions if c.kind == "words" for word in c.value]
     if len(words) > SEARCH_WORDS_LIMIT:
         raise BadQuery(f"a search of at most {SEARCH_WORDS_LIMIT} words ({len(words)} here)")
-    if sum(len(word) < 3 for word in words) > SEARCH_SHORT_WORDS_LIMIT:
+    prefixes = [c.value[-1] for c in conditions if c.kind == "words"]  # see _fts
+    if sum(len(word) < 3 and not _SEARCH_WORD_ALONE.fullmatch(word)
+           for word in prefixes) > SEARCH_SHORT_WORDS_LIMIT:
         raise BadQuery(f"at most {SEARCH_SHORT_WORDS_LIMIT} words of one or two letters: "
                        "each one matches most of the mail")
     return Query(tuple(conditions))
@@ -3374,14 +3426,6 @@ def search_condition(field_name: str, value: str, negated: bool) -> Condition | 
             return Condition(field_name, value=moment, negated=negated)
     words = tuple(search_tokens(value))
     return Condition("words", field_name, words, negated) if words else None
-
-
-def search_tokens(text: str) -> list[str]:
-    """Words as SQLite's unicode61 tokenizer sees them: letters and digits, folded to lower
-    case, accents removed (remove_diacritics 2)."""
-    text = unicodedata.normalize("NFKD", text)
-    text = "".join(ch for ch in text if not unicodedata.combining(ch))
-    return re.findall(r"[^\W_]+", text.lower())
 
 
 def phrase_in(words: tuple[str, ...], tokens: list[str]) -> bool:
@@ -3457,8 +3501,10 @@ class SqlIndex:
     # it from the file before deleting it. A file that another program deleted leaves its
     # words behind, harmless: a UID is never used again, and every search is joined with
     # the messages that exist. Building the index anew clears them.
+    # The text comes folded (search_text), so the tokenizer only splits it: So, for emoji.
     FTS5 = ("CREATE VIRTUAL TABLE search USING fts5(sender, recipients, subject, body, "
-            "content='', columnsize=0, tokenize='unicode61 remove_diacritics 2')")
+            "content='', columnsize=0, tokenize=\"unicode61 remove_diacritics 0 categories "
+            "'L* N* Co So'\")")
     # Session transcripts (section 11): made where missing, so an older index keeps its rows.
     SESSIONS = """
         CREATE TABLE IF NOT EXISTS sessions (id INTEGER PRIMARY KEY, peer TEXT NOT NULL,
@@ -3533,6 +3579,11 @@ class SqlIndex:
         columns = {row[1] for row in self._writer.execute("PRAGMA table_info(messages)")}
         if "checks" not in columns:  # an index made before message checks: add the column
             self._writer.execute("ALTER TABLE messages ADD COLUMN checks TEXT")
+        row = self._writer.execute("SELECT value FROM meta WHERE name = 'search_folding'")
+        if (row.fetchone() or (None,))[0] != SEARCH_FOLDING:
+            log.warning("the index's search words were folded by an older sheesh: reading "
+                        "every message again for them")
+            self._refold()
         self.full_text = self._writer.execute(
             "SELECT sql LIKE '%fts5%' FROM sqlite_master WHERE name = 'search'").fetchone()[0]
 
@@ -3556,20 +3607,37 @@ class SqlIndex:
 
     def _create(self) -> None:
         db = self._writer
+        # UIDVALIDITY from the clock: a new index, built later, always has a larger one.
+        db.executescript(f"BEGIN; {self.SCHEMA} INSERT INTO meta VALUES ('uidvalidity', "
+                         f"{int(time.time())}), ('search_folding', {SEARCH_FOLDING}); COMMIT;")
+        self._make_search_table()
+
+    def _make_search_table(self) -> None:
+        db = self._writer
         try:
             db.execute("CREATE VIRTUAL TABLE temp.probe USING fts5(x)")
             db.execute("DROP TABLE temp.probe")
-            search_table = self.FTS5
         except sqlite3.OperationalError:
-            search_table = self.PLAIN
-        # UIDVALIDITY from the clock: a new index, built later, always has a larger one.
-        db.executescript(f"BEGIN; {search_table}; {self.SCHEMA} INSERT INTO meta VALUES "
-                         f"('uidvalidity', {int(time.time())}); COMMIT;")
-        if search_table == self.FTS5:
-            # Merge the index's segments 16 at a time rather than 4: indexing 100,000 of the
-            # benchmark's messages took half as long (14 against 30 microseconds a message),
-            # and a search of a word in all of them still takes 4 ms.
-            db.execute("INSERT INTO search (search, rank) VALUES ('automerge', 16)")
+            db.execute(self.PLAIN)
+            return
+        db.execute(self.FTS5)
+        # Merge the index's segments 16 at a time rather than 4: indexing 100,000 of the
+        # benchmark's messages took half as long (14 against 30 microseconds a message),
+        # and a search of a word in all of them still takes 4 ms.
+        db.execute("INSERT INTO search (search, rank) VALUES ('automerge', 16)")
+
+    def _refold(self) -> None:
+        """An index whose words were folded another way (an older sheesh's): its search table
+        is made anew and every message read again, keeping its UID and flags. Until each is
+        read, it is not listed, as at a first start."""
+        db = self._writer
+        with self.transaction():
+            db.execute("DROP TABLE search")
+            self._make_search_table()
+            db.execute("UPDATE messages SET indexed = 0")
+            db.execute("UPDATE counts SET total = 0, unread = 0, waiting = "
+                       "(SELECT count(*) FROM messages)")
+            self.set_meta("search_folding", SEARCH_FOLDING)
 
     def close(self) -> None:
         for db in self._readers + [self._writer]:
