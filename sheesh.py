@@ -2553,6 +2553,7 @@ class Transcript:
     stored: list[str] = field(default_factory=list)  # keys of the messages it stored
     stored_count: int = 0
     refused: int = 0  # replies that refused something
+    first_refusal: object = None  # the first of them, made text only when asked for
     error: str | None = None  # how it ended, if not as it should
     lines: list = field(default_factory=list)  # (seconds since start, who, text or reply)
     left_out: int = 0  # lines past TRANSCRIPT_LIMIT
@@ -2564,6 +2565,8 @@ class Transcript:
     def server(self, reply) -> None:
         if reply.refusal:
             self.refused += 1
+            if self.first_refusal is None:
+                self.first_refusal = reply
         self._add("server", reply, 40)
 
     def note(self, text: str) -> None:
@@ -2599,7 +2602,14 @@ class Transcript:
         return {"id": self.id, "protocol": self.protocol, "peer": self.peer,
                 "started": self.started, "ended": self.ended, "open": self.ended is None,
                 "tls": self.tls, "user": self.user, "outcome": self.outcome,
-                "error": self.error, "messages": self.stored_count}
+                "error": self.error or self.refusal(), "messages": self.stored_count}
+
+    def refusal(self) -> str | None:
+        """Why a refused session was: its first refusal, as the client was told it."""
+        if self.first_refusal is None:
+            return None
+        lines = self.first_refusal.transcript_lines()
+        return f"refused: {lines[-1] if lines else ''}"[:TRANSCRIPT_LINE_LIMIT]
 
     def as_json(self) -> dict:
         """As the API gives it (JSON escapes what a terminal would act on; the page shows
@@ -3508,7 +3518,8 @@ class SqlIndex:
     # Session transcripts (section 11): made where missing, so an older index keeps its rows.
     SESSIONS = """
         CREATE TABLE IF NOT EXISTS sessions (id INTEGER PRIMARY KEY, peer TEXT NOT NULL,
-                                             outcome TEXT NOT NULL, record TEXT NOT NULL);
+                                             outcome TEXT NOT NULL, record TEXT NOT NULL,
+                                             protocol TEXT NOT NULL DEFAULT '');
         CREATE TABLE IF NOT EXISTS session_messages (key TEXT PRIMARY KEY,
                                                      session INTEGER NOT NULL) WITHOUT ROWID;
         CREATE INDEX IF NOT EXISTS session_messages_session ON session_messages (session);
@@ -3579,6 +3590,13 @@ class SqlIndex:
         columns = {row[1] for row in self._writer.execute("PRAGMA table_info(messages)")}
         if "checks" not in columns:  # an index made before message checks: add the column
             self._writer.execute("ALTER TABLE messages ADD COLUMN checks TEXT")
+        columns = {row[1] for row in self._writer.execute("PRAGMA table_info(sessions)")}
+        if "protocol" not in columns:  # made before sessions could be listed by protocol
+            db = self._writer
+            db.execute("ALTER TABLE sessions ADD COLUMN protocol TEXT NOT NULL DEFAULT ''")
+            db.executemany("UPDATE sessions SET protocol = ? WHERE id = ?", [
+                (json.loads(record).get("protocol", ""), number)
+                for number, record in db.execute("SELECT id, record FROM sessions").fetchall()])
         row = self._writer.execute("SELECT value FROM meta WHERE name = 'search_folding'")
         if (row.fetchone() or (None,))[0] != SEARCH_FOLDING:
             log.warning("the index's search words were folded by an older sheesh: reading "
@@ -3903,19 +3921,20 @@ class SqlIndex:
             (mailbox.lower(),))[0])
 
     def page(self, query: Query, mailbox: str | None, limit: int,
-             offset: int) -> tuple[int, list[Summary]]:
-        """(how many match, the page asked for), newest first."""
+             offset: int) -> tuple[int, int, list[Summary]]:
+        """(how many match, how many of them are unread, the page asked for), newest first."""
         tables, where, params = self._where(query, mailbox)
         with self._reading() as db:
             if where == "indexed":
-                total = db.execute("SELECT total FROM counts").fetchone()[0]
+                total, unread = db.execute("SELECT total, unread FROM counts").fetchone()
             else:
-                total = db.execute(f"SELECT count(*) FROM {tables} WHERE {where}",
-                                   params).fetchone()[0]
+                total, unread = db.execute(
+                    f"SELECT count(*), coalesce(sum(instr(messages.flags, 'S') = 0), 0) FROM "
+                    f"{tables} WHERE {where}", params).fetchone()
             rows = db.execute(f"SELECT {_SUMMARY_COLUMNS} FROM {tables} WHERE {where} "
                               f"ORDER BY {tables.split()[0]}.rowid DESC LIMIT ? OFFSET ?",
                               (*params, limit, offset)).fetchall()
-        return total, [_summary(row) for row in rows]
+        return total, unread, [_summary(row) for row in rows]
 
     def unchecked(self, limit: int) -> list[Summary]:
         """The newest messages whose checks (12.5) were never made."""
@@ -3933,8 +3952,9 @@ class SqlIndex:
     def add_sessions(self, records: list[dict], keep: int) -> None:
         """Record ended sessions (their public() form); keep the newest `keep`."""
         db = self._writer
-        db.executemany("INSERT OR REPLACE INTO sessions VALUES (?, ?, ?, ?)",
-                       [(r["id"], r["peer"], r["outcome"], json.dumps(r)) for r in records])
+        db.executemany("INSERT OR REPLACE INTO sessions (id, peer, outcome, record, protocol) "
+                       "VALUES (?, ?, ?, ?, ?)", [(r["id"], r["peer"], r["outcome"],
+                                                   json.dumps(r), r["protocol"]) for r in records])
         db.executemany("INSERT OR REPLACE INTO session_messages VALUES (?, ?)",
                        [(key, r["id"]) for r in records for key in r["stored"]])
         cut = db.execute("SELECT id FROM sessions ORDER BY id DESC LIMIT 1 OFFSET ?",
@@ -3943,10 +3963,10 @@ class SqlIndex:
             db.execute("DELETE FROM sessions WHERE id <= ?", cut)
             db.execute("DELETE FROM session_messages WHERE session <= ?", cut)
 
-    def sessions(self, peer: str | None, outcome: str | None,
-                 limit: int) -> tuple[int, list[dict]]:
+    def sessions(self, peer: str | None, outcome: str | None, limit: int,
+                 protocol: str | None = None) -> tuple[int, list[dict]]:
         """(how many match, the newest `limit` of them)."""
-        where, params = self._session_filter(peer, outcome)
+        where, params = self._session_filter(peer, outcome, protocol)
         with self._reading() as db:
             total = db.execute(f"SELECT count(*) FROM sessions WHERE {where}",
                                params).fetchone()[0]
@@ -3955,9 +3975,10 @@ class SqlIndex:
         return total, [json.loads(row[0]) for row in rows]
 
     @staticmethod
-    def _session_filter(peer: str | None, outcome: str | None) -> tuple[str, tuple]:
-        conditions = [(column, value) for column, value in (("peer", peer),
-                                                             ("outcome", outcome)) if value]
+    def _session_filter(peer: str | None, outcome: str | None,
+                        protocol: str | None) -> tuple[str, tuple]:
+        conditions = [(column, value) for column, value in (
+            ("peer", peer), ("outcome", outcome), ("protocol", protocol)) if value]
         return (" AND ".join(f"{column} = ?" for column, _ in conditions) or "1",
                 tuple(value for _, value in conditions))
 
@@ -4136,12 +4157,12 @@ class MemoryIndex:
                 for key in gone["stored"]:
                     self._session_of.pop(key, None)
 
-    def sessions(self, peer: str | None, outcome: str | None,
-                 limit: int) -> tuple[int, list[dict]]:
+    def sessions(self, peer: str | None, outcome: str | None, limit: int,
+                 protocol: str | None = None) -> tuple[int, list[dict]]:
+        wanted = {"peer": peer, "outcome": outcome, "protocol": protocol}
         with self._lock:
             found = [r for _, r in sorted(self._sessions.items(), reverse=True)
-                     if (not peer or r["peer"] == peer) and (not outcome or
-                                                             r["outcome"] == outcome)]
+                     if all(not value or r[name] == value for name, value in wanted.items())]
         return len(found), found[:limit]
 
     def session(self, number: int) -> dict | None:
@@ -4264,10 +4285,11 @@ class MemoryIndex:
         return len(messages), sum(not s.seen for s in messages)
 
     def page(self, query: Query, mailbox: str | None, limit: int,
-             offset: int) -> tuple[int, list[Summary]]:
+             offset: int) -> tuple[int, int, list[Summary]]:
         found = self._indexed(query, mailbox)
         found.reverse()
-        return len(found), [replace(s) for s in found[offset:offset + limit]]
+        return (len(found), sum(not s.seen for s in found),
+                [replace(s) for s in found[offset:offset + limit]])
 
     def uids(self, query: Query = Query(), mailbox: str | None = None,
              after: int = 0) -> list[int]:
@@ -4360,7 +4382,7 @@ FINDINGS_KEPT = 256  # messages whose findings are kept in memory
 @dataclass
 class Page:
     total: int  # how many match
-    unread: int  # how many are unread, of all (or of the mailbox's) messages
+    unread: int  # how many of those are unread
     messages: list[Summary]
 
 
@@ -4897,14 +4919,15 @@ class Store:
                 self.index.add_sessions(records, self.max_sessions)
 
     def sessions(self, peer: str | None = None, outcome: str | None = None, limit: int = 50,
-                 offset: int = 0) -> tuple[int, list[dict]]:
+                 offset: int = 0, protocol: str | None = None) -> tuple[int, list[dict]]:
         """(how many, a page of them): the sessions kept, open ones included, newest first."""
         self._record_sessions()
         with self._sessions_lock:
             live = [t.summary() for t in self._live_sessions.values()]
-        live = [t for t in live if (not peer or t["peer"] == peer) and (
-            not outcome or t["outcome"] == outcome)]
-        total, recorded = self.index.sessions(peer, outcome, offset + limit)
+        wanted = {"peer": peer, "outcome": outcome, "protocol": protocol}
+        live = [t for t in live if all(not value or t[name] == value
+                                       for name, value in wanted.items())]
+        total, recorded = self.index.sessions(peer, outcome, offset + limit, protocol)
         ended = [{name: value for name, value in record.items()
                   if name not in ("transcript", "stored")} for record in recorded]
         merged = sorted(live + ended, key=lambda session: session["id"], reverse=True)
@@ -4955,9 +4978,8 @@ class Store:
         """A page of the messages matching a search (see 12.3), newest first."""
         query = parse_search(query) if isinstance(query, str) else query
         self.catch_up()
-        total, messages = self.index.page(query, mailbox, limit, offset)
-        return Page(total, self.index.counts(mailbox)[1],
-                    self.with_checks(messages, budget=CHECK_BUDGET))
+        total, unread, messages = self.index.page(query, mailbox, limit, offset)
+        return Page(total, unread, self.with_checks(messages, budget=CHECK_BUDGET))
 
     def summary(self, key: str) -> Summary | None:
         self.catch_up()
@@ -5228,7 +5250,7 @@ class Store:
         try:
             self.catch_up()
             after_query = Query(query.conditions + (Condition("after", value=after + 1e-6),))
-            _, newest = self.index.page(after_query, mailbox, 1, 0)
+            _, _, newest = self.index.page(after_query, mailbox, 1, 0)
             if newest:
                 return newest[0]
             waiter.ready.wait(timeout)
@@ -6475,8 +6497,11 @@ class WebApp:
         outcome = query.get("outcome") or None
         if outcome not in (None, "stored", "refused", "error", "none"):
             raise BadRequest("outcome is stored, refused, error or none")
+        protocol = (query.get("protocol") or "").upper() or None
+        if protocol not in (None, "SMTP", "POP3", "IMAP"):
+            raise BadRequest("protocol is SMTP, POP3 or IMAP")
         total, sessions = self.store.sessions(query.get("peer") or None, outcome,
-                                              min(limit, PAGE_LIMIT_MAX), offset)
+                                              min(limit, PAGE_LIMIT_MAX), offset, protocol)
         return json_response({"total": total, "offset": offset, "sessions": sessions})
 
     def list_messages(self, query: dict) -> Response:
@@ -6529,7 +6554,9 @@ class WebApp:
         return json_response(self.faults.as_json())
 
     def wait(self, query: dict) -> Response:
-        timeout = min(float(number(query, "timeout", 10)), WAIT_TIMEOUT_MAX)
+        timeout = float(number(query, "timeout", 10))
+        if timeout > WAIT_TIMEOUT_MAX:  # held past it, a proxy or client would cut it anyway
+            raise BadRequest(f"timeout is at most {WAIT_TIMEOUT_MAX:g} seconds")
         # Without after=, a message that arrives from now on: what a test that just sent one
         # means, and never yesterday's match (after=0 takes any).
         after = float(number(query, "after", 0)) if "after" in query else time.time()

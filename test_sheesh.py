@@ -2517,6 +2517,9 @@ def test_refused_sessions_are_kept_with_the_reason_and_no_secret(tmp_path):
         wait_until(lambda: sessions_of(server, dev)["total"] == 2, what="two sessions")
         refused = sessions_of(server, dev, outcome="refused")
         assert refused["total"] == 2 and sessions_of(server, dev, outcome="stored")["total"] == 0
+        assert sorted(s["error"] for s in refused["sessions"]) == [  # why, in the list too
+            "refused: 535 5.7.8 Error: authentication credentials invalid",
+            "refused: 552 5.3.4 Error: message exceeds the fixed maximum message size"]
         auth, size_and_fault = (session_record(server, s["id"], dev) for s in
                                 sorted(refused["sessions"], key=lambda s: s["id"]))
     everything = json.dumps([auth, size_and_fault])
@@ -2548,6 +2551,52 @@ def test_a_client_that_hung_up_during_tls_has_a_session_that_says_so(tmp_path, c
     assert record["error"].startswith("the TLS handshake failed: the client closed the "
                                       "connection during the TLS handshake")
     assert lines_of(record)[-1] == ("sheesh", record["error"])
+
+
+def test_sessions_are_filtered_by_protocol_live_and_kept(tmp_path):
+    import poplib
+    with make_server(tmp_path, http_port=0, pop3_port=0) as server:
+        with smtplib.SMTP(server.host, server.port) as client:
+            client.sendmail("a@b.test", ["c@d.test"], b"Subject: one\r\n\r\nx\r\n")
+        reader = poplib.POP3(server.host, server.pop3_port, timeout=10)
+        reader.user("c@d.test")
+        reader.pass_("x")
+        wait_until(lambda: sessions_of(server)["total"] == 2, what="two sessions")
+        open_pop3 = sessions_of(server, protocol="pop3")
+        assert [(s["protocol"], s["open"]) for s in open_pop3["sessions"]] == [("POP3", True)]
+        reader.quit()
+        wait_until(lambda: not sessions_of(server, protocol="POP3")["sessions"][0]["open"],
+                   what="the POP3 session to end")
+        assert [s["protocol"] for s in sessions_of(server, protocol="SMTP")["sessions"]] == [
+            "SMTP"]
+        assert sessions_of(server, protocol="IMAP")["total"] == 0
+        assert http(server, "/api/sessions?protocol=gopher")[0] == 400
+    with make_server(tmp_path, http_port=0) as again:  # read back from the index
+        assert sessions_of(again, protocol="POP3")["total"] == 1
+
+
+def test_the_unread_count_of_a_search_counts_what_it_found(tmp_path, index_kind):
+    with make_server(tmp_path, http_port=0, index=index_kind) as server:
+        with smtplib.SMTP(server.host, server.port) as client:
+            for subject in ("invoice 1", "invoice 2", "other", "other too"):
+                client.sendmail("a@b.test", ["c@d.test"], f"Subject: {subject}\r\n\r\nx\r\n")
+        indexed(server.store, 4)
+        first = json.loads(http(server, "/api/messages?query=invoice")[2])["messages"][-1]
+        assert http(server, f"/api/messages/{first['id']}/seen", "PUT")[0] == 200
+        found = json.loads(http(server, "/api/messages?query=invoice")[2])
+        assert (found["total"], found["unread"]) == (2, 1)
+        everything = json.loads(http(server, "/api/messages")[2])
+        assert (everything["total"], everything["unread"]) == (4, 3)
+        mailbox = json.loads(http(server, "/api/messages?mailbox=c%40d.test&query=other")[2])
+        assert (mailbox["total"], mailbox["unread"]) == (2, 2)
+
+
+def test_a_wait_longer_than_the_maximum_is_400_at_once(tmp_path):
+    with make_server(tmp_path, http_port=0) as server:
+        started = time.monotonic()
+        status, _, body = http(server, f"/api/messages/wait?timeout={sheesh.WAIT_TIMEOUT_MAX + 1:g}")
+        assert status == 400 and b"timeout is at most 300 seconds" in body
+        assert time.monotonic() - started < 5
 
 
 def test_sessions_are_capped_filtered_and_survive_a_restart(tmp_path):
@@ -3201,7 +3250,7 @@ def test_search_dates_and_the_same_answers_without_sqlite(tmp_path):
         for query in list(queries) + ["password", '"your password"', "to:carl@d.test",
                                       "-has:attachment", "is:read", "GRUßE koln"]:
             parsed = sheesh.parse_search(query)
-            assert [s.subject for s in memory.page(parsed, None, 10, 0)[1]] == [
+            assert [s.subject for s in memory.page(parsed, None, 10, 0)[2]] == [
                 subject for _, subject in summaries(store, query)], query
     finally:
         store.close()
