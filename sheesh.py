@@ -2756,9 +2756,9 @@ def header_bounds(buffer, start: int, end: int) -> tuple[int, int]:
 
 
 # A part's own headers, found as the index's are (see scan_headers); its other headers are
-# parsed only when asked for (IMAP's BODYSTRUCTURE and MIME sections, the web's Content-ID).
+# parsed only when asked for (IMAP's BODYSTRUCTURE and MIME sections).
 _PART_HEADER = re.compile(
-    rb"^(content-type|content-disposition|content-transfer-encoding)[ \t]*:[ \t]*"
+    rb"^(content-type|content-disposition|content-transfer-encoding|content-id)[ \t]*:[ \t]*"
     rb"(.*(?:\n[ \t].*)*)", re.IGNORECASE | re.MULTILINE)
 _PARAMETER = re.compile(r';\s*([^\s=;]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;]*)')
 
@@ -2799,6 +2799,8 @@ class MimePart:
             fields.get(b"content-disposition", ""))
         self.disposition = disposition or None
         self.transfer_encoding = fields.get(b"content-transfer-encoding", "7bit").strip().lower()
+        self.content_id = fields.get(b"content-id", "").strip().removeprefix("<").removesuffix(
+            ">")
 
     @functools.cached_property
     def headers(self) -> email.message.Message:
@@ -2818,6 +2820,12 @@ class MimePart:
     @property
     def charset(self) -> str:
         return self.parameters.get("charset", "").strip().lower() or "utf-8"
+
+    @property
+    def inline(self) -> bool:
+        """A part the HTML shows by its Content-ID (RFC 2392: a cid: image), not a file the
+        reader is meant to save: it is not counted or listed as an attachment."""
+        return bool(self.content_id) and self.disposition != "attachment"
 
     def leaves(self):
         """The parts that hold content, in order; a message/rfc822 part counts as one."""
@@ -3211,7 +3219,7 @@ def index_entry(uid: int, key: str, location: str, flags: str, time_: float, buf
             b"attachment"):
         parts = message_parts(outline(buffer))
         summary.attachments = [attachment_name(part, n) for n, part in
-                               enumerate(parts.attachments)]
+                               enumerate(parts.attachments) if not part.inline]
         body = parts.text or parts.html
         text = part_text(buffer, body, SEARCH_TEXT_LIMIT) if body is not None else ""
         html = body is parts.html and body is not None
@@ -3331,16 +3339,16 @@ class Query:
         return True
 
 
-# Search folds what it indexes and what it is asked alike, in Python, with one function: SQLite's
-# own folding (unicode61 remove_diacritics 2) takes accents off Latin letters only, so "русский"
-# (with the breve of й) and "Grüße" were indexed as written and never found by their folded
-# queries. Case goes by casefold (ß is ss, final ς is σ), accents by NFKD and dropping every
+# Search folds what it indexes and what it is asked alike, in Python, with one function:
+# SQLite's own folding (unicode61 remove_diacritics 2) takes accents off Latin letters only, so
+# "русский" (with the breve of й) and "Grüße" were indexed as written and never found by their
+# folded queries. Case goes by casefold (ß is ss, final ς is σ), accents by NFKD and dropping every
 # combining mark (й, ё, Greek tonos, the dakuten of が); Turkish dotless ı is taken as i, so
 # that İstanbul, ISTANBUL and ıstanbul are one word. Kana and ideographs are a word each, as
 # Japanese and Chinese put no spaces between words: a query of several is a phrase of them.
 # Emoji are words too. SEARCH_FOLDING names this folding in the index: an index folded another
 # way has its words read again (SqlIndex._refold).
-SEARCH_FOLDING = 2
+SEARCH_FOLDING = 3  # 3: and inline parts are not attachments
 _EACH_ALONE = ("\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"  # kana, ideographs
                "\u2300-\u23ff\u2600-\u27bf\u2b00-\u2bff\U0001f000-\U0001faff")  # emoji
 _SEARCH_WORD = re.compile(rf"[{_EACH_ALONE}]|(?:(?![{_EACH_ALONE}])[^\W_])+")
@@ -5651,8 +5659,8 @@ def check_base64(body: bytes, where: str) -> list[Finding]:
 
 def check_content_ids(raw: bytes, leaves: list[MimePart]) -> list[Finding]:
     """RFC 2392: every cid: an HTML part refers to names a part's Content-ID."""
-    ids = {str(part.headers.get("content-id")).strip().strip("<>"): number
-           for number, part in enumerate(leaves, start=1) if part.headers.get("content-id")}
+    ids = {part.content_id: number for number, part in enumerate(leaves, start=1)
+           if part.content_id}
     wanted = {}
     for number, part in enumerate(leaves, start=1):
         if part.content_type == "text/html":
@@ -6434,6 +6442,8 @@ class WebApp:
         match method, parts:
             case "GET", []:
                 return self.page()
+            case "GET", ["favicon.ico"]:  # the page declares none; a browser asks anyway
+                return Response(204, b"", "image/x-icon")
             case "GET", ["api", "health"]:
                 return json_response({"status": "ok", "version": __version__,
                                       **self.store.status(), "relay": self.relay is not None,
@@ -6600,11 +6610,11 @@ class WebApp:
                             root.headers.items()],
                 **shown_text("text", buffer, parts.text), **shown_text("html", buffer, parts.html),
                 "raw_url": f"{url}/raw", "html_url": f"{url}/html" if parts.html else None,
-                "attachments": [{"index": n, "filename": attachment_name(part, n),
-                                 "content_type": part.content_type,
-                                 "size": decoded_size(buffer, part),
-                                 "url": f"{url}/attachments/{n}"}
-                                for n, part in enumerate(parts.attachments)]})
+                "attachments": [attachment_json(buffer, part, n, url) for n, part in
+                                enumerate(parts.attachments) if not part.inline],
+                "inline": [{**attachment_json(buffer, part, n, url),
+                            "content_id": part.content_id}
+                           for n, part in enumerate(parts.attachments) if part.inline]})
 
     def raw(self, key: str) -> Response:
         stored = self.store.message(key)
@@ -6666,13 +6676,20 @@ class WebApp:
                         "text/html; charset=utf-8", {"Content-Security-Policy": policy})
 
 
+def attachment_json(buffer, part: MimePart, number: int, url: str) -> dict:
+    """An attachment (or an inline part) as the API lists it: numbered among all of them."""
+    return {"index": number, "filename": attachment_name(part, number),
+            "content_type": part.content_type, "size": decoded_size(buffer, part),
+            "url": f"{url}/attachments/{number}"}
+
+
 def inline_cid_images(html: str, buffer, parts: list[MimePart]) -> str:
     """Images an HTML part refers to as cid:ID (RFC 2392) come with the message: put each in
     the page as a data: URL, which the HTML part's policy allows and which fetches nothing."""
     wanted = set(urllib.parse.unquote(found) for found in re.findall(r"cid:([^\"'\s>)]+)", html))
     by_id = {}
     for part in parts:
-        content_id = str(part.headers.get("Content-ID") or "").strip().strip("<>")
+        content_id = part.content_id
         if content_id in wanted and part.content_type.startswith("image/"):
             encoded = base64.b64encode(part_bytes(buffer, part)).decode()
             by_id[content_id] = f"data:{part.content_type};base64,{encoded}"
@@ -10268,6 +10285,7 @@ def serve_until_stopped(server: Server, stop_signals: StopSignals) -> int:
 
 INBOX_PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>sheesh</title>
+<link rel="icon" href="data:,">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <meta name="color-scheme" content="light dark">
 <style>
@@ -10347,6 +10365,9 @@ table.transcript{border-collapse:collapse;width:100%;font:12px/1.4 ui-monospace,
  monospace}
 table.transcript td{padding:1px 6px;vertical-align:top;overflow-wrap:anywhere}
 table.transcript td:first-child{color:var(--muted);white-space:nowrap;text-align:right}
+table.transcript td:nth-child(2){white-space:nowrap;overflow-wrap:normal}
+#notice{margin:0;padding:6px 12px;font-size:13px;background:var(--warn);color:var(--bad)}
+#notice[hidden]{display:none}
 tr.client td:nth-child(2){color:var(--accent)}
 tr.sheesh td{color:var(--muted);font-style:italic}
 #help{position:fixed;inset:0;background:rgba(0,0,0,.45);display:flex;align-items:center;
@@ -10365,6 +10386,8 @@ kbd{border:1px solid var(--line);border-radius:4px;padding:0 5px;background:var(
  .back{display:inline-block}
  #search{order:5;flex-basis:100%}
  #mailbox{max-width:50%}
+ .tabs{flex-wrap:nowrap;overflow-x:auto}
+ .tabs button{padding:4px 7px;white-space:nowrap}
 }
 </style></head>
 <body>
@@ -10376,6 +10399,7 @@ kbd{border:1px solid var(--line);border-radius:4px;padding:0 5px;background:var(
   <nav><a id="to-inbox" href="#/">Inbox</a><a id="to-sessions" href="#/sessions">Sessions</a>
   <button id="help-button" title="Keyboard shortcuts (?)">?</button></nav>
 </header>
+<p id="notice" role="alert" hidden></p>
 <div id="panes">
   <section id="list" aria-label="List">
     <p id="indexing" class="note" hidden></p>
@@ -10415,6 +10439,22 @@ function el(tag, attributes, ...children) {
   node.append(...children.filter((c) => c !== null && c !== undefined)
                          .map((c) => c instanceof Node ? c : String(c)));
   return node;
+}
+
+// What went wrong with something the user did, said on the page until the next action.
+function tell(text) {
+  $("#notice").textContent = text;
+  $("#notice").hidden = !text;
+}
+
+async function attempt(what, action) {
+  tell("");
+  try {
+    return await action();
+  } catch (error) {
+    tell(`${what} failed: ${error.message}`);
+    return undefined;
+  }
 }
 
 async function api(path, options) {
@@ -10688,10 +10728,11 @@ function actions(m) {
     release.addEventListener("click", async () => {
       const to = prompt("Release to (comma-separated)", m.recipients.join(", "));
       if (!to) return;
-      const answer = await api(`/api/messages/${encodeURIComponent(m.id)}/release`, {
-        method: "POST", headers: {"Content-Type": "application/json"},
-        body: JSON.stringify({to: to.split(",").map((a) => a.trim()).filter(Boolean)})});
-      row.append(el("span", {"class": "small"}, " queued for " + answer.to.join(", ")));
+      const answer = await attempt("Release", () => api(
+        `/api/messages/${encodeURIComponent(m.id)}/release`, {
+          method: "POST", headers: {"Content-Type": "application/json"},
+          body: JSON.stringify({to: to.split(",").map((a) => a.trim()).filter(Boolean)})}));
+      if (answer) row.append(el("span", {"class": "small"}, " queued for " + answer.to.join(", ")));
     });
     row.append(release);
   }
@@ -10706,7 +10747,9 @@ function back() {
 }
 
 async function deleteMessage(id) {
-  await api(`/api/messages/${encodeURIComponent(id)}`, {method: "DELETE"});
+  const done = await attempt("Delete", () => api(`/api/messages/${encodeURIComponent(id)}`,
+                                                 {method: "DELETE"}));
+  if (done === undefined) return;
   if (state.id === id) location.hash = link("/");
   else loadList();
 }

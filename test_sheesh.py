@@ -4524,6 +4524,79 @@ def test_browser_shows_the_sessions_and_their_transcripts(web_server, browser):
     assert browser.evaluate("document.querySelectorAll('#rows .row').length") == 1
 
 
+def message_with_an_inline_image(subject: str, pdf=True) -> bytes:
+    message = EmailMessage()
+    message["From"], message["To"], message["Subject"] = "a@b.test", "c@d.test", subject
+    message.set_content("text")
+    message.add_alternative('<p>logo: <img src="cid:logo@b.test"></p>', subtype="html")
+    message.get_payload()[1].add_related(PNG_PIXEL, "image", "png", cid="<logo@b.test>")
+    if pdf:
+        message.add_attachment(b"%PDF-1.4", maintype="application", subtype="pdf",
+                               filename="invoice.pdf")
+    return message.as_bytes()
+
+
+PNG_PIXEL = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9Q"
+                             "DwADhgGAWjR9awAAAABJRU5ErkJggg==")
+
+
+def test_inline_images_are_not_counted_or_listed_as_attachments(web_server):
+    key = send(web_server, None, message=message_with_an_inline_image("with a logo"))
+    listed = json.loads(http(web_server, "/api/messages")[2])["messages"][0]
+    assert listed["attachments"] == 1  # the PDF; the logo is part of the HTML
+    detail = json.loads(http(web_server, f"/api/messages/{key}")[2])
+    assert [a["filename"] for a in detail["attachments"]] == ["invoice.pdf"]
+    [logo] = detail["inline"]
+    assert (logo["content_type"], logo["content_id"]) == ("image/png", "logo@b.test")
+    assert http(web_server, logo["url"].removeprefix(web_server.web_url.rstrip("/")))[2] == (
+        PNG_PIXEL)
+    assert json.loads(http(web_server, "/api/messages?query=has:attachment")[2])["total"] == 1
+    send(web_server, None, message=message_with_an_inline_image("only a logo", pdf=False))
+    assert json.loads(http(web_server, "/api/messages?query=has:attachment")[2])["total"] == 1
+    assert json.loads(http(web_server, "/api/messages")[2])["messages"][0]["attachments"] == 0
+
+
+def test_browser_says_why_an_action_failed_counts_the_search_and_fits_a_phone(
+        tmp_path, upstream, browser):
+    with relaying(tmp_path, upstream, relay_match=r"@allowed\.test$") as server:
+        keys = [send(server, subject, ("x@allowed.test",)) for subject in
+                ("invoice 1", "invoice 2", "other")]
+        assert http(server, f"/api/messages/{keys[0]}/seen", "PUT")[0] == 200
+        logo = send(server, None, message=message_with_an_inline_image("with a logo"))
+        browser.open(f"{server.web_url}#/?q=invoice")
+        browser.wait_for("document.querySelector('#counts').innerText === "
+                         "'2 messages, 1 unread'", "the search's own counts")
+        browser.open(f"{server.web_url}#/messages/{logo}")
+        browser.wait_for("document.querySelector('#view h1')?.innerText === 'with a logo'",
+                         "the message")
+        assert browser.evaluate("[...document.querySelectorAll('.attachments li')].map("
+                                "(li) => li.innerText.split(' ')[0])") == ["invoice.pdf"]
+        assert "1 attached" in browser.evaluate(
+            f"document.querySelector('.row[data-id=\"{logo}\"]').innerText")
+        browser.evaluate("window.prompt = () => 'b@other.example'; [...document.querySelectorAll("
+                         "'.actions button')].find((b) => b.innerText === 'Release').click()")
+        browser.wait_for("document.querySelector('#notice').innerText.includes("
+                         "'b@other.example')", "the reason the release was refused")
+        notice = browser.evaluate("document.querySelector('#notice').innerText")
+        assert notice.startswith("Release failed: ") and "--relay-match" in notice
+        assert browser.evaluate("document.querySelector('link[rel=icon]').href") == "data:,"
+        assert http(server, "/favicon.ico")[0] == 204
+        top = "[...document.querySelectorAll('.tabs button')].map((b) => b.offsetTop)"
+        for width in (390, 320):  # an iPhone 15; an iPhone SE, where five tabs cannot fit
+            browser.viewport(width, 844, mobile=True)
+            assert len(set(browser.evaluate(top))) == 1, width  # the tabs in one row
+            assert browser.evaluate("document.documentElement.scrollWidth") <= width
+        browser.evaluate("location.hash = '#/sessions/' + " + json.dumps(str(
+            json.loads(http(server, f"/api/messages/{logo}")[2])["session"]["id"])))
+        browser.wait_for("document.querySelector('table.transcript') !== null", "a transcript")
+        labels = browser.evaluate(  # each label's text, and the lines it takes
+            "[...document.querySelectorAll('table.transcript tr')].map((row) => {"
+            "const range = document.createRange(); range.selectNodeContents(row.cells[1]);"
+            "return [row.cells[1].innerText, range.getClientRects().length]; })")
+        assert {text for text, _ in labels} >= {"S:", "C:"}
+        assert all(lines == 1 for _, lines in labels), labels
+
+
 def test_headless_chromium_finishes_loading_the_page_for_a_screenshot(web_server, tmp_path,
                                                                      chromium_environment):
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
