@@ -1634,6 +1634,13 @@ _O_BINARY = getattr(os, "O_BINARY", 0)  # Windows would otherwise turn LF into C
 TMP_ABANDONED_AFTER = 36 * 3600  # the Maildir convention: a file in tmp/ this old is dead
 
 
+# RFC 5322 section 2.2: a field name is printable ASCII but the colon (and section 4.5.3,
+# obsolete syntax, allows blanks before the colon). A line is at most 998 octets and CRLF
+# (section 2.1.1): what a first line is, is known by then.
+_HEADER_FIELD = re.compile(rb"[!-9;-~]+[ \t]*:")
+FIRST_LINE_LIMIT = 1000
+
+
 class MaildirWriter:
     """One message on its way into the Maildir."""
 
@@ -1643,17 +1650,38 @@ class MaildirWriter:
         self.envelope = envelope
         self.size = 0
         self.head = b""  # the first HEADER_SCAN_LIMIT bytes written, kept for the log line
-        self._unwritten = trace_headers  # written with the first bytes of the body: one write
+        self._unwritten = trace_headers  # written with the first line of the message: one write
+        self._first_line = b""  # the message's first bytes, until they make a line
         self.on_delivery = None  # else the Maildir's
 
     def write(self, data: bytes) -> None:
-        chunk = self._unwritten + data if self._unwritten else data
+        if self._unwritten:
+            data = self._with_trace_headers(data)
+            if data is None:
+                return
+        self._write(data)
+
+    def _with_trace_headers(self, data: bytes, last: bool = False) -> bytes | None:
+        """The trace headers and the message's first line, once that line is whole (or the
+        message ends first). A message whose first line is not a header field has no header
+        section: "hello" after DATA is all body (RFC 5322 section 2.1), and under the trace
+        headers it would read as a header line, which mbsync and fetchmail refuse. A blank
+        line between them keeps it the body it was."""
+        first = self._first_line + data
+        if not last and b"\n" not in first and len(first) < FIRST_LINE_LIMIT:
+            self._first_line = first
+            return None
+        trace, self._unwritten, self._first_line = self._unwritten, b"", b""
+        if first and not first.startswith((b"\r\n", b"\n")) and not _HEADER_FIELD.match(first):
+            trace += b"\r\n"
+        return trace + first
+
+    def _write(self, chunk: bytes) -> None:
         try:
             write_all(self.fd, chunk)
         except OSError as error:
             self.store.failed(error)
             raise
-        self._unwritten = b""
         self.size += len(chunk)
         if len(self.head) < HEADER_SCAN_LIMIT:
             self.head += chunk[:HEADER_SCAN_LIMIT - len(self.head)]
@@ -1662,8 +1690,8 @@ class MaildirWriter:
         """Put the message on disk and move it into new/; return its queue id."""
         final_path = f"{self.store._new}{os.sep}{self.name}"
         try:
-            if self._unwritten:
-                self.write(b"")  # an empty message still has its trace headers
+            if self._unwritten:  # a message of less than a line, or an empty one
+                self._write(self._with_trace_headers(b"", last=True))
             if self.store.fsync:
                 os.fsync(self.fd)
             os.close(self.fd)

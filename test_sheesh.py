@@ -11,6 +11,7 @@ import base64
 import collections
 import contextlib
 import datetime
+import email
 import errno
 import hashlib
 import hmac
@@ -6548,6 +6549,50 @@ def test_fetchmail_over_imap(imap_server, tmp_path):
     # fetchmail adds a Received line of its own and writes Unix line endings
     sent = sheesh.strip_trace_headers(imap_server.messages("c@d.test")[0].raw)
     assert fetched.endswith(sent.replace(b"\r\n", b"\n"))
+
+
+def test_a_message_with_no_header_section_stays_all_body_for_every_reader(tmp_path):
+    """'hello' after DATA or BDAT was stored right under the trace headers, as a header line:
+    mbsync skipped it ('incomplete header') and fetchmail refused it."""
+    with make_server(tmp_path, imap_port=0) as server:
+        client = RawClient(server)
+        client.send(b"EHLO x\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\n")
+        assert client.replies(4)[-1].startswith(b"354 ")
+        client.send(b"hello\r\n.\r\n")
+        assert client.reply().startswith(b"250 ")
+        client.send(b"MAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nBDAT 3\r\nhelBDAT 2 LAST\r\n"
+                    b"lo")  # a first line in two chunks, with no line ending at all
+        assert client.replies(4)[-1].startswith(b"250 ")
+        client.send(b"MAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\n")
+        client.replies(3)
+        client.send(b"X-Odd: a header, as most messages have\r\n\r\nbody\r\n.\r\n")
+        assert client.reply().startswith(b"250 ")
+        client.close()
+        wait_until(lambda: len(server.messages()) == 3, what="three messages")
+        for stored in server.messages():
+            parsed = email.message_from_bytes(stored.raw)
+            assert [name.strip() for name in parsed.keys()] == ["Return-Path", "Delivered-To",
+                                                        "Received"] + ["X-Odd"] * (
+                b"X-Odd" in stored.raw), stored.raw
+            assert parsed.get_payload().rstrip() in ("hello", "body")
+            assert parsed.defects == []  # was MissingHeaderBodySeparatorDefect
+        from_mailbox = [m.get_payload() for m in mailbox.Maildir(server.store.path)]
+        assert sorted(from_mailbox) == ["body\n", "hello", "hello\n"]
+        if shutil.which("mbsync") is not None:  # as test_mbsync_pulls_the_inbox_byte_for_byte
+            local = tmp_path / "synced"
+            local.mkdir()
+            config = tmp_path / "mbsyncrc"
+            config.write_text(
+                f"IMAPAccount sheesh\nHost {server.host}\nPort {server.imap_port}\nUser anyone"
+                f"\nPass anything\nSSLType None\nAuthMechs LOGIN\n\nIMAPStore remote\nAccount "
+                f"sheesh\n\nMaildirStore local\nPath {local}/\nInbox {local}/INBOX\n\nChannel "
+                f"inbox\nFar :remote:INBOX\nNear :local:\nSync Pull\nCreate Near\nSyncState *\n")
+            result = subprocess.run(["mbsync", "-c", str(config), "inbox"], capture_output=True,
+                                    timeout=30, env={**os.environ, "HOME": str(tmp_path)})
+            assert result.returncode == 0 and b"incomplete header" not in result.stderr, (
+                result.stderr)
+            assert len([name for sub in ("new", "cur")
+                        for name in os.listdir(local / "INBOX" / sub)]) == 3
 
 
 def test_cli_imap_ports_are_announced(cli):
