@@ -5558,8 +5558,10 @@ def check_fields(headers) -> list[Finding]:
         findings.append(Finding(
             "message-id-invalid", "error", f"a Message-ID that is not <left@right>: "
             f"{message_ids[0].strip()[:80]!r}", "header Message-ID", "RFC 5322 section 3.6.4"))
-    authors = email.utils.getaddresses(values("from"))
-    if len([a for a in authors if a[1]]) > 1 and not values("sender"):
+    # Sender is for one From of several mailboxes; two From headers are from-repeated above.
+    authors = email.utils.getaddresses(values("from")[:1])
+    if len(values("from")) == 1 and len([a for a in authors if a[1]]) > 1 and not values(
+            "sender"):
         findings.append(Finding(
             "sender-missing", "error", "a From of several mailboxes needs a Sender header "
             "naming the one who sent it", "header From", "RFC 5322 section 3.6.2"))

@@ -3811,6 +3811,21 @@ def test_cli_check_exits_1_on_errors_and_0_on_a_clean_message(tmp_path):
     assert missing.returncode == 2 and "cannot read" in missing.stderr
 
 
+def test_cli_check_calls_two_from_headers_from_repeated_not_sender_missing(tmp_path):
+    twice = tmp_path / "twice.eml"
+    twice.write_bytes(clean_message().replace(b"Subject:", b"From: other@shop.example\r\n"
+                                              b"Subject:", 1))
+    result = run_cli("check", str(twice))
+    assert result.returncode == 1
+    assert re.search(r"error +from-repeated +header From: more than one From header",
+                     result.stdout), result.stdout
+    assert "sender-missing" not in result.stdout
+    several = tmp_path / "several.eml"  # one From of two mailboxes still needs a Sender
+    several.write_bytes(re.sub(rb"(?m)^From: ([^\r\n]*)", rb"From: \1, other@shop.example",
+                               clean_message(), count=1))
+    assert "sender-missing" in run_cli("check", str(several)).stdout
+
+
 # ---------------------------------------------------------------------------------------------
 # 13. The in-process server, used from a test suite
 # ---------------------------------------------------------------------------------------------
