@@ -7498,7 +7498,8 @@ def sendmail_main(argv: list[str]) -> int:
     A sendmail-compatible way in, for programs that call /usr/sbin/sendmail (PHP's mail(),
     cron, git send-email): the message on standard input goes to a running sheesh by SMTP,
     at -S HOST:PORT, or SHEESH_HOST and SHEESH_PORT, or 127.0.0.1 port 1025. Exit status as
-    sendmail's (sysexits.h): 64 bad usage, 69 refused, 75 try again later.
+    sendmail's (sysexits.h): 0 sent (to the recipients that were not refused: a warning
+    names the others), 64 bad usage, 69 refused, 75 try again later.
     """
     parser = build_sendmail_parser()
     options = parser.parse_args(argv)
@@ -7560,7 +7561,8 @@ def build_sendmail_parser() -> argparse.ArgumentParser:
     parser.add_argument("recipients", nargs="*", metavar="RECIPIENT")
     parser.add_argument("-t", dest="from_headers", action="store_true",
                         help="also send to the To, Cc and Bcc headers' addresses; remove Bcc")
-    parser.add_argument("-f", "-r", dest="sender", help="the envelope sender")
+    parser.add_argument("-f", "-r", dest="sender", help="the envelope sender (default: "
+                        "$USER@HOSTNAME, or sheesh@HOSTNAME)")
     parser.add_argument("-F", dest="full_name", help="the sender's full name, for the From "
                         "header that is added when the message has none")
     parser.add_argument("-i", "-oi", dest="ignore_dots", action="store_true",
@@ -7587,17 +7589,22 @@ def send_once(host: str, port: int, sender: str, recipients: list[str], data: by
               file=sys.stderr)
         return 75 if 400 <= error.smtp_code < 500 else 69
     except smtplib.SMTPRecipientsRefused as error:
-        print(f"sheesh sendmail: every recipient was refused: {error.recipients}",
-              file=sys.stderr)
+        print("sheesh sendmail: every recipient was refused:", file=sys.stderr)
+        print_refusals(error.recipients)
         return 69
     except (OSError, smtplib.SMTPException) as error:
         print(f"sheesh sendmail: cannot send to {host} port {port}: "
               f"{getattr(error, 'strerror', None) or error}", file=sys.stderr)
         return 69 if isinstance(error, ConnectionRefusedError) else 75
+    if refused:  # stored for the others: done, as Postfix's sendmail once it is queued
+        print("sheesh sendmail: warning: sent, but not to these recipients:", file=sys.stderr)
+        print_refusals(refused)
+    return 0
+
+
+def print_refusals(refused: dict[str, tuple[int, bytes]]) -> None:
     for recipient, (code, text) in refused.items():
-        print(f"sheesh sendmail: {recipient} refused: {code} {text.decode('utf-8', 'replace')}",
-              file=sys.stderr)
-    return 69 if refused else 0
+        print(f"{recipient}: {code} {text.decode('utf-8', 'replace')}", file=sys.stderr)
 
 
 def remove_header(data: bytes, name: bytes) -> bytes:

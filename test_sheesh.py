@@ -5462,7 +5462,25 @@ def test_sendmail_refused_recipient_is_reported(tmp_path):
     with make_server(tmp_path, faults=("rcpt *@bounce.test: 550 5.1.1 No such user",)) as server:
         result = run_sendmail(server.port, "x@bounce.test", stdin=b"x\n")
     assert result.returncode == 69
-    assert b"550" in result.stderr and b"No such user" in result.stderr
+    assert result.stderr.decode().splitlines() == [
+        "sheesh sendmail: every recipient was refused:", "x@bounce.test: 550 5.1.1 No such user"]
+
+
+def test_sendmail_with_one_of_two_recipients_refused_exits_0_with_a_warning(tmp_path):
+    """It exited 69 ('refused') though the message was stored for the other recipient."""
+    with make_server(tmp_path, faults=("rcpt *@bounce.test: 550 5.1.1 No such user",)) as server:
+        result = run_sendmail(server.port, "x@bounce.test", "ok@d.test", stdin=b"Subject: s\n\nx\n")
+        assert server.wait_for_message().recipients == ["ok@d.test"]
+    assert result.returncode == 0
+    assert result.stderr.decode().splitlines() == [
+        "sheesh sendmail: warning: sent, but not to these recipients:",
+        "x@bounce.test: 550 5.1.1 No such user"]
+
+
+def test_sendmail_help_names_the_default_sender():
+    result = subprocess.run([sys.executable, str(HERE / "sheesh.py"), "sendmail", "--help"],
+                            capture_output=True, timeout=20)
+    assert b"(default: $USER@HOSTNAME, or sheesh@HOSTNAME)" in b" ".join(result.stdout.split())
 
 
 def test_cli_relay_options_are_checked():
