@@ -2139,6 +2139,11 @@ class Listener(socketserver.ThreadingTCPServer):
                 if not handler.session.in_data:
                     handler.hang_up()
 
+    def in_data(self) -> int:
+        """How many sessions are receiving a message just now."""
+        with self._changed:
+            return sum(handler.session.in_data for handler in self._handlers)
+
     def finish_sessions(self, deadline: float) -> None:
         """Let messages in DATA finish until the deadline; then cut them off, unstored."""
         with self._changed:
@@ -6236,6 +6241,11 @@ class Server:
         """How many clients are connected right now, on every port."""
         return sum(listener.connections for listener in self._listeners)
 
+    @property
+    def messages_arriving(self) -> int:
+        """How many messages are in DATA (or in chunks) right now: what a stop waits for."""
+        return sum(listener.in_data() for listener in self._listeners)
+
     def messages(self, mailbox: str | None = None) -> list[StoredMessage]:
         """Every message in the Maildir (or for one recipient), oldest first."""
         return self.store.messages(mailbox)
@@ -10282,8 +10292,12 @@ class StopSignals:
 def serve_until_stopped(server: Server, stop_signals: StopSignals) -> int:
     """Wait until asked to stop, then stop cleanly and return 0."""
     stop_signals.wait()
-    log.warning("stopping: messages already in DATA get %g seconds to finish",
-                server.config.grace)
+    arriving = server.messages_arriving
+    if arriving:
+        log.warning("stopping: %d message%s in DATA get%s %g seconds to finish", arriving,
+                    "s" * (arriving > 1), "s" * (arriving == 1), server.config.grace)
+    else:
+        log.warning("stopping")  # nothing under way: at once
     server.stop()
     return 0
 

@@ -6820,7 +6820,28 @@ def test_cli_a_ctrl_c_while_starting_stops_it_cleanly_once_started(tmp_path):
     result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
                             timeout=60)
     assert (result.returncode, "Traceback" in result.stderr) == (0, False), result.stderr
-    assert "listening on" in result.stderr and "stopping:" in result.stderr
+    assert "listening on" in result.stderr and "stopping" in result.stderr
+
+
+def test_cli_ctrl_c_says_what_it_waits_for_and_with_nothing_in_flight_waits_for_nothing(cli):
+    idle = cli("--grace", "30")
+    code, _, stderr = idle.stop(signal.SIGINT)
+    assert code == 0 and stderr.splitlines()[-1].endswith(" stopping"), stderr
+    busy = cli("--grace", "30")
+    client = socket.create_connection((busy.host, busy.port), timeout=10)
+    client.sendall(b"EHLO x\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\n"
+                   b"Subject: half\r\n")
+    reader = client.makefile("rb")
+    while not reader.readline().startswith(b"354 "):
+        pass
+    busy.proc.send_signal(signal.SIGINT)
+    assert busy.proc.stderr.readline().rstrip().endswith(
+        "stopping: 1 message in DATA gets 30 seconds to finish")
+    client.sendall(b"\r\nthe rest\r\n.\r\n")  # it finishes within its grace, and is stored
+    assert reader.readline().startswith(b"250 ")
+    client.close()
+    assert busy.proc.wait(timeout=15) == 0
+    assert len(files_in(busy.maildir, "new")) == 1
 
 
 def test_cli_print_shows_the_envelope_and_the_message(cli):
