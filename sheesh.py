@@ -9876,13 +9876,16 @@ def claim_a_cpu(choices: list[int]) -> int:
     """A CPU that no other sheesh on this machine runs on, if there is one, so that two sinks
     do not share one core. Each running sheesh holds an abstract Unix socket named for its
     CPU (Linux's, as is CPU pinning): no file, and gone when the process ends, however it
-    ends. The search starts at the process id, so that when all are taken they still spread."""
+    ends. The search starts at the process id, so that when all are taken they still spread.
+    SHEESH_CPU_CLAIMS names another set of claims, apart from every other sheesh's: a test
+    suite's sheesh then spread among themselves whatever sinks run beside them."""
+    namespace = os.environ.get("SHEESH_CPU_CLAIMS", "sheesh")
     start = os.getpid() % len(choices)
     for offset in range(len(choices)):
         cpu = choices[(start + offset) % len(choices)]
         claim = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            claim.bind(f"\0sheesh-cpu-{cpu}")
+            claim.bind(f"\0{namespace}-cpu-{cpu}")
         except OSError:  # another sheesh runs there
             claim.close()
             continue
