@@ -4448,6 +4448,96 @@ class Waiter:
         return True
 
 
+class Events:
+    """What changed in the store, for whoever waits for it: the numbered event log that event
+    streams read, the waiters of /api/messages/wait (each handed the message it waits for),
+    and IDLE sessions, woken through the waker each gives. None of them polls. The indexing
+    thread and the request that changed something announce; request threads and IMAP
+    sessions wait. One lock (a Condition) guards all of it, taken alone; a waker is called
+    outside it."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._log: collections.deque = collections.deque(maxlen=EVENTS_KEPT)
+        self.last = 0  # the number of the latest event
+        self.waiters: list[Waiter] = []
+        self.watchers = 0  # open event streams and IDLE sessions
+        self._wakers: set = set()  # of IDLE sessions, called after each event (watch)
+        self.stopped = False
+
+    @property
+    def waiting(self) -> int:
+        """How many wait for news: while any do, arrivals are announced within moments."""
+        return self.watchers + len(self.waiters)
+
+    def announce(self, kind: str, keys: list[str]) -> None:
+        """One event for a batch of changes: its count, the newest id, and the newest ids
+        (up to EVENT_IDS). One event per message would cost 300 event streams 90 MB/s of
+        writing under load, and SMTP half its rate."""
+        if not keys:
+            return
+        with self._changed:
+            self.last += 1
+            self._log.append((self.last, kind, {"id": keys[-1], "ids": keys[-EVENT_IDS:],
+                                                "count": len(keys)}))
+            self._changed.notify_all()
+            wakers = list(self._wakers)
+        for wake in wakers:
+            wake()
+
+    def after(self, number: int, timeout: float) -> list[tuple[int, str, dict]]:
+        """Events after the given number, waiting up to `timeout` for the first one."""
+        with self._changed:
+            self._changed.wait_for(lambda: self.stopped or self.last > number, timeout)
+            return [event for event in self._log if event[0] > number]
+
+    def watch(self, wake: Callable[[], None] | None = None) -> None:
+        """Someone waits for mail (an event stream, an IDLE session): while there is one,
+        arrivals are indexed within WATCHED_DELAY instead of when SMTP pauses. `wake` is
+        called, in the announcing thread, after each event: it must not block."""
+        with self._changed:
+            self.watchers += 1
+            if wake is not None:
+                self._wakers.add(wake)
+
+    def unwatch(self, wake: Callable[[], None] | None = None) -> None:
+        with self._changed:
+            self.watchers -= 1
+            self._wakers.discard(wake)
+
+    def add(self, waiter: Waiter) -> None:
+        with self._changed:
+            self.waiters.append(waiter)
+
+    def remove(self, waiter: Waiter) -> None:
+        with self._changed:
+            self.waiters.remove(waiter)
+
+    def offer(self, entries: list[IndexEntry]) -> None:
+        """Hand new messages to the waiters they match. A waiter whose words are not among
+        the batch's is passed over at once: a hundred waiters cost one look each a batch."""
+        with self._changed:
+            waiters = [waiter for waiter in self.waiters if waiter.found is None]
+        if not waiters or not entries:
+            return
+        words = sorted({token for entry in entries for column in entry.tokens
+                        for token in column})
+        for waiter in waiters:
+            if waiter.query.could_match(words):
+                for entry in reversed(entries):  # the newest match first
+                    if waiter.offer(entry):
+                        break
+
+    def stop(self) -> None:
+        """Wake every wait and stream to say that sheesh stops."""
+        with self._changed:
+            self.stopped = True
+            self._changed.notify_all()
+            waiters = list(self.waiters)
+        for waiter in waiters:
+            waiter.ready.set()
+
+
 # The Store's locks: what each guards, who takes it. Each is taken alone (a leaf), but _lock,
 # which is reentrant and may be held while the index takes its own; none is held while a
 # waker or a waiting reader is called.
@@ -4459,7 +4549,8 @@ class Waiter:
 #   _queue_lock     the arrival queue and its counts                SMTP sessions (arrived),
 #                                                                   the indexing thread, readers
 #   _progress       (a Condition) how far the indexer is            readers that wait for it
-#   _events         (a Condition) the event log, watchers, wakers   event streams, waits, IDLE
+#   Events._changed (a Condition) the event log, waiters, watchers  event streams, waits, IDLE,
+#                   and wakers                                      the indexing thread
 #   _sessions_lock  the open and ended transcripts                  every session, the indexer
 #   _findings_lock  the findings kept per key                       readers, the indexer
 #   _checks_lock    the checks readers made, to be written          readers, the indexer
@@ -4483,12 +4574,7 @@ class Store:
         self._last_ended = self._first_ended = 0.0
         self.index: SqlIndex | MemoryIndex = MemoryIndex()
         self._lock = threading.RLock()  # the one writer: files and index rows change together
-        self._events = threading.Condition()  # event streams and IMAP IDLE wait on this
-        self._event_log: collections.deque = collections.deque(maxlen=EVENTS_KEPT)
-        self._event_number = 0
-        self._waiters: list[Waiter] = []
-        self.watchers = 0  # open event streams and IDLE sessions
-        self._wakers: set = set()  # of IDLE sessions, called after each event (watch)
+        self.events = Events()
         self._queue_lock = threading.Lock()
         self._queue: collections.deque[tuple[str, float]] = collections.deque()
         self._queued_total = self._indexed_total = 0  # arrivals, and those indexed
@@ -4553,11 +4639,8 @@ class Store:
     def stop_waiting(self) -> None:
         """Wake whatever waits for news (event streams, waits, IDLE) to say that sheesh stops;
         reads still work until close()."""
-        with self._events:
-            self._stopping = True
-            self._events.notify_all()
-        for waiter in list(self._waiters):
-            waiter.ready.set()
+        self._stopping = True
+        self.events.stop()
         with self._progress:
             self._progress.notify_all()
 
@@ -4597,7 +4680,7 @@ class Store:
             self._checks_to_make = True
             self._last_queued = self._own_change = now
         # The indexing thread times itself from the queue: one wake-up will do.
-        if first or fresh and (self.watchers or self._waiters):
+        if first or fresh and self.events.waiting:
             self._wake.set()
         return number
 
@@ -4693,7 +4776,7 @@ class Store:
             waits.append(self._arrivals_due_in())
         if self._ended_sessions:
             waits.append(self._sessions_due_in())
-        if len(self._queue) > self._announced and (self.watchers or self._waiters):
+        if len(self._queue) > self._announced and self.events.waiting:
             waits.append(self._announcement_due_in())
         return max(0.0, min(waits))
 
@@ -4707,7 +4790,7 @@ class Store:
         """When arrivals are to be announced to those waiting: gathered for a moment, longer
         the more there are to wake (300 event streams woken 50 times a second would cost
         SMTP a third of its rate)."""
-        waiting = self.watchers + len(self._waiters)
+        waiting = self.events.waiting
         delay = min(WATCHED_DELAY_MAX, WATCHED_DELAY + WATCHED_DELAY_EACH * waiting)
         return self._first_unannounced + delay - time.monotonic()
 
@@ -4723,7 +4806,7 @@ class Store:
             self._record_sessions()
         if self._queue and (self._hurry or self._arrivals_due_in() <= 0):
             self._index_arrivals()
-        elif len(self._queue) > self._announced and (self.watchers or self._waiters) and (
+        elif len(self._queue) > self._announced and self.events.waiting and (
                 self._announcement_due_in() <= 0):
             self._announce_arrivals()
         if self._folders_need_a_scan():
@@ -4756,7 +4839,7 @@ class Store:
         with self._queue_lock:
             fresh = [key for key, _ in itertools.islice(self._queue, self._announced, None)]
             self._announced += len(fresh)
-        if self._waiters:
+        if self.events.waiters:
             entries = []
             for key in fresh:
                 try:
@@ -4765,8 +4848,8 @@ class Store:
                                                    arrival_time(key, time.time()), buffer))
                 except OSError:
                     continue  # moved or removed already: the index will say so
-            self._offer(entries)
-        self._announce_keys("new", fresh)
+            self.events.offer(entries)
+        self.events.announce("new", fresh)
 
     def _index_arrivals(self) -> None:
         """Index what the sessions delivered, and tell those waiting of it (all but what the
@@ -4844,8 +4927,8 @@ class Store:
     def _tell(self, entries: list[IndexEntry | None]) -> None:
         """New messages: to the waiters they match, and to the event streams."""
         entries = [entry for entry in entries if entry is not None]
-        self._offer(entries)
-        self._announce_keys("new", [entry.summary.key for entry in entries])
+        self.events.offer(entries)
+        self.events.announce("new", [entry.summary.key for entry in entries])
 
     def _folders_need_a_scan(self) -> bool:
         now = time.monotonic()
@@ -4885,8 +4968,8 @@ class Store:
                 self.index.set_meta("folder_times", f"{times[0]},{times[1]}")
             self._folder_times = times
         self._scan_cost = time.monotonic() - started
-        self._announce_keys("deleted", [key for _, key in gone])
-        self._announce_keys("flags", [key for _, key, _, _ in moved])
+        self.events.announce("deleted", [key for _, key in gone])
+        self.events.announce("flags", [key for _, key, _, _ in moved])
 
     def _rebuild(self) -> None:
         """The index file is damaged: set it aside and build a new one from the folders,
@@ -5178,7 +5261,7 @@ class Store:
             self._own_change = time.monotonic()
             was_seen = summary.seen
             summary.location, summary.flags, summary.modseq = new_location, flags, modseq
-        self._announce_keys("seen" if summary.seen and not was_seen else "flags", [key])
+        self.events.announce("seen" if summary.seen and not was_seen else "flags", [key])
         return summary
 
     @property
@@ -5267,7 +5350,7 @@ class Store:
                                       {uid: text for uid, text in texts.items() if text})
                 self._own_change = time.monotonic()
             removed += [key for _, key, _ in rows]
-        self._announce_keys("deleted", removed)
+        self.events.announce("deleted", removed)
         return len(removed)
 
     def _indexed_text(self, uid: int, key: str, location: str) -> tuple | None:
@@ -5284,10 +5367,9 @@ class Store:
                  timeout: float) -> Summary | None:
         """The newest message matching `query` that arrived after `after` (a Unix time),
         waiting up to `timeout` seconds for one. The indexing thread hands a new message to
-        each waiter it matches: nothing is searched again."""
+        each waiter it matches (Events.offer): nothing is searched again."""
         waiter = Waiter(query, mailbox, after)
-        with self._events:
-            self._waiters.append(waiter)
+        self.events.add(waiter)
         try:
             self.catch_up()
             after_query = Query(query.conditions + (Condition("after", value=after + 1e-6),))
@@ -5297,72 +5379,29 @@ class Store:
             waiter.ready.wait(timeout)
             return waiter.found
         finally:
-            with self._events:
-                self._waiters.remove(waiter)
-
-    def _offer(self, entries: list[IndexEntry]) -> None:
-        """Hand new messages to the waiters they match. A waiter whose words are not among
-        the batch's is passed over at once: a hundred waiters cost one look each a batch."""
-        with self._events:
-            waiters = [waiter for waiter in self._waiters if waiter.found is None]
-        if not waiters or not entries:
-            return
-        words = sorted({token for entry in entries for column in entry.tokens
-                        for token in column})
-        for waiter in waiters:
-            if waiter.query.could_match(words):
-                for entry in reversed(entries):  # the newest match first
-                    if waiter.offer(entry):
-                        break
-
-    def _announce_keys(self, kind: str, keys: list[str]) -> None:
-        """One event for a batch of changes: its count, the newest id, and the newest ids
-        (up to EVENT_IDS). One event per message would cost 300 event streams 90 MB/s of
-        writing under load, and SMTP half its rate."""
-        if not keys:
-            return
-        with self._events:
-            self._event_number += 1
-            self._event_log.append((self._event_number, kind, {
-                "id": keys[-1], "ids": keys[-EVENT_IDS:], "count": len(keys)}))
-            self._events.notify_all()
-            wakers = list(self._wakers)
-        for wake in wakers:
-            wake()
+            self.events.remove(waiter)
 
     def events_after(self, number: int, timeout: float) -> list[tuple[int, str, dict]]:
-        """Events after the given number, waiting up to `timeout` for the first one."""
-        with self._events:
-            self._events.wait_for(lambda: self._stopping or self._event_number > number,
-                                  timeout)
-            return [event for event in self._event_log if event[0] > number]
+        return self.events.after(number, timeout)
 
     @property
     def last_event(self) -> int:
-        return self._event_number
+        return self.events.last
 
     @contextlib.contextmanager
     def watching(self):
-        """Count an event stream as someone waiting for mail (see watch)."""
-        self.watch()
+        """Count an event stream as someone waiting for mail (see Events.watch)."""
+        self.events.watch()
         try:
             yield
         finally:
-            self.unwatch()
+            self.events.unwatch()
 
     def watch(self, wake: Callable[[], None] | None = None) -> None:
-        """Someone waits for mail (an event stream, an IDLE session): while there is one,
-        arrivals are indexed within WATCHED_DELAY instead of when SMTP pauses. `wake` is
-        called, in the announcing thread, after each event: it must not block."""
-        with self._events:
-            self.watchers += 1
-            if wake is not None:
-                self._wakers.add(wake)
+        self.events.watch(wake)
 
     def unwatch(self, wake: Callable[[], None] | None = None) -> None:
-        with self._events:
-            self.watchers -= 1
-            self._wakers.discard(wake)
+        self.events.unwatch(wake)
 
 
 def give_back_memory() -> None:
