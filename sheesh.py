@@ -4538,6 +4538,76 @@ class Events:
             waiter.ready.set()
 
 
+class SessionLog:
+    """The transcripts of this run's sessions (section 11): the open ones, and the ended ones
+    not yet written to the index. Every session's thread starts and ends its own; the
+    indexing thread takes the ended ones to write when connections pause (take_ended). One
+    lock guards both lists, taken alone."""
+
+    def __init__(self, keep: int) -> None:
+        self._numbers = itertools.count(1)
+        self._open: dict[int, Transcript] = {}
+        self._ended: collections.deque[Transcript] = collections.deque(maxlen=keep)
+        self._lock = threading.Lock()
+        self._first_ended = self._last_ended = 0.0
+
+    def number_after(self, last: int) -> None:
+        """Go on from the last number the index kept, so that numbers stay unique."""
+        self._numbers = itertools.count(last + 1)
+
+    def started(self, protocol: str, peer: str) -> Transcript:
+        """A new session's transcript, numbered, among the open ones until it ends."""
+        transcript = Transcript(protocol, peer)
+        transcript.id = next(self._numbers)
+        with self._lock:
+            self._open[transcript.id] = transcript
+        return transcript
+
+    def ended(self, transcript: Transcript) -> None:
+        transcript.ended, now = time.time(), time.monotonic()
+        with self._lock:
+            self._open.pop(transcript.id, None)
+            if not self._ended:
+                self._first_ended = now
+            self._ended.append(transcript)
+            self._last_ended = now
+
+    def due_in(self) -> float | None:
+        """When the ended ones are to be written: once connections pause (or at the latest
+        INDEX_DELAY_MAX after the first ended); None with none to write."""
+        if not self._ended:
+            return None
+        now = time.monotonic()
+        return min(self._last_ended + INDEX_QUIET, self._first_ended + INDEX_DELAY_MAX) - now
+
+    def take_ended(self) -> list[dict]:
+        """The ended transcripts, as records for the index: they are the index's from now."""
+        with self._lock:
+            ended = list(self._ended)
+            self._ended.clear()
+        return [transcript.as_json() for transcript in ended]
+
+    def open_ones(self, wanted: dict) -> list[dict]:
+        """The open sessions' summaries whose fields have the values wanted (None: any)."""
+        with self._lock:
+            summaries = [transcript.summary() for transcript in self._open.values()]
+        return [summary for summary in summaries if all(
+            not value or summary[name] == value for name, value in wanted.items())]
+
+    def open_record(self, number: int) -> dict | None:
+        with self._lock:
+            transcript = self._open.get(number)
+        return transcript.as_json() if transcript is not None else None
+
+    def storer_of(self, key: str) -> int | None:
+        """The open or unwritten session that stored a message."""
+        with self._lock:
+            for transcript in [*self._open.values(), *self._ended]:
+                if key in transcript.stored:
+                    return transcript.id
+        return None
+
+
 # The Store's locks: what each guards, who takes it. Each is taken alone (a leaf), but _lock,
 # which is reentrant and may be held while the index takes its own; none is held while a
 # waker or a waiting reader is called.
@@ -4551,7 +4621,7 @@ class Events:
 #   _progress       (a Condition) how far the indexer is            readers that wait for it
 #   Events._changed (a Condition) the event log, waiters, watchers  event streams, waits, IDLE,
 #                   and wakers                                      the indexing thread
-#   _sessions_lock  the open and ended transcripts                  every session, the indexer
+#   SessionLog._lock the open and ended transcripts                 every session, the indexer
 #   _findings_lock  the findings kept per key                       readers, the indexer
 #   _checks_lock    the checks readers made, to be written          readers, the indexer
 
@@ -4566,12 +4636,7 @@ class Store:
         self.persistent = persistent and sqlite3 is not None
         self.max_messages, self.max_age = max_messages, max_age
         self.max_sessions = max_sessions
-        self._session_numbers = itertools.count(1)
-        self._live_sessions: dict[int, Transcript] = {}
-        self._ended_sessions: collections.deque[Transcript] = collections.deque(
-            maxlen=max_sessions)  # ended, not yet written to the index
-        self._sessions_lock = threading.Lock()
-        self._last_ended = self._first_ended = 0.0
+        self.session_log = SessionLog(max_sessions)
         self.index: SqlIndex | MemoryIndex = MemoryIndex()
         self._lock = threading.RLock()  # the one writer: files and index rows change together
         self.events = Events()
@@ -4629,7 +4694,7 @@ class Store:
                             "being built again from the Maildir", self.path / INDEX_FILE,
                             escape_for_log(problem))
         self.uidvalidity = self.index.meta("uidvalidity")
-        self._session_numbers = itertools.count(self.index.last_session() + 1)
+        self.session_log.number_after(self.index.last_session())
         known = self.index.meta("folder_times")
         self._folder_times = tuple(map(int, known.split(","))) if known else None
         self._thread = threading.Thread(target=self._keep_index, name="sheesh-index",
@@ -4774,8 +4839,8 @@ class Store:
             waits.append(max(0.01, self._last_queued + CHECK_QUIET - time.monotonic()))
         if self._queue:
             waits.append(self._arrivals_due_in())
-        if self._ended_sessions:
-            waits.append(self._sessions_due_in())
+        if (sessions_due := self.session_log.due_in()) is not None:
+            waits.append(sessions_due)
         if len(self._queue) > self._announced and self.events.waiting:
             waits.append(self._announcement_due_in())
         return max(0.0, min(waits))
@@ -4794,15 +4859,10 @@ class Store:
         delay = min(WATCHED_DELAY_MAX, WATCHED_DELAY + WATCHED_DELAY_EACH * waiting)
         return self._first_unannounced + delay - time.monotonic()
 
-    def _sessions_due_in(self) -> float:
-        """Ended sessions are written as arrivals are indexed: when connections pause."""
-        now = time.monotonic()
-        return min(self._last_ended + INDEX_QUIET, self._first_ended + INDEX_DELAY_MAX) - now
-
     def _work(self) -> None:
         if self._checks_made:
             self._keep_checks()
-        if self._ended_sessions and self._sessions_due_in() <= 0:
+        if (sessions_due := self.session_log.due_in()) is not None and sessions_due <= 0:
             self._record_sessions()
         if self._queue and (self._hurry or self._arrivals_due_in() <= 0):
             self._index_arrivals()
@@ -5016,29 +5076,14 @@ class Store:
     # -- session transcripts (section 11, kept by the handler)
 
     def session_started(self, protocol: str, peer: str) -> Transcript:
-        """A new session's transcript, numbered, among the open ones until it ends."""
-        transcript = Transcript(protocol, peer)
-        transcript.id = next(self._session_numbers)
-        with self._sessions_lock:
-            self._live_sessions[transcript.id] = transcript
-        return transcript
+        return self.session_log.started(protocol, peer)
 
     def session_ended(self, transcript: Transcript) -> None:
         """Queued for the index, written by the indexing thread when connections pause."""
-        transcript.ended, now = time.time(), time.monotonic()
-        with self._sessions_lock:
-            self._live_sessions.pop(transcript.id, None)
-            if not self._ended_sessions:
-                self._first_ended = now
-            self._ended_sessions.append(transcript)
-            self._last_ended = now
+        self.session_log.ended(transcript)
 
     def _record_sessions(self) -> None:
-        with self._sessions_lock:
-            ended = list(self._ended_sessions)
-            self._ended_sessions.clear()
-        if ended:
-            records = [transcript.as_json() for transcript in ended]
+        if records := self.session_log.take_ended():
             with self._lock, self.index.transaction():
                 self.index.add_sessions(records, self.max_sessions)
 
@@ -5046,11 +5091,8 @@ class Store:
                  offset: int = 0, protocol: str | None = None) -> tuple[int, list[dict]]:
         """(how many, a page of them): the sessions kept, open ones included, newest first."""
         self._record_sessions()
-        with self._sessions_lock:
-            live = [t.summary() for t in self._live_sessions.values()]
-        wanted = {"peer": peer, "outcome": outcome, "protocol": protocol}
-        live = [t for t in live if all(not value or t[name] == value
-                                       for name, value in wanted.items())]
+        live = self.session_log.open_ones({"peer": peer, "outcome": outcome,
+                                           "protocol": protocol})
         total, recorded = self.index.sessions(peer, outcome, offset + limit, protocol)
         ended = [{name: value for name, value in record.items()
                   if name not in ("transcript", "stored")} for record in recorded]
@@ -5059,20 +5101,15 @@ class Store:
 
     def session(self, number: int) -> dict | None:
         """One session with its transcript and the messages it stored."""
-        with self._sessions_lock:
-            live = self._live_sessions.get(number)
-        if live is not None:
-            return live.as_json()
+        if (live := self.session_log.open_record(number)) is not None:
+            return live
         self._record_sessions()
         return self.index.session(number)
 
     def session_of(self, key: str) -> int | None:
         """The session that stored a message, if it is still kept."""
-        with self._sessions_lock:
-            for transcript in [*self._live_sessions.values(), *self._ended_sessions]:
-                if key in transcript.stored:
-                    return transcript.id
-        return self.index.session_of(key)
+        found = self.session_log.storer_of(key)
+        return found if found is not None else self.index.session_of(key)
 
     # -- reading
 
