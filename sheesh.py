@@ -3789,6 +3789,21 @@ class SqlIndex:
             found |= {row[0] for row in self._read(sql, () if mailbox is None else (mailbox,))}
         return found
 
+    def rebuild(self, uidvalidity: int) -> int | None:
+        """The file is damaged: set it aside and make a new one, with the UIDs the old one
+        still gives (salvage): how many it kept, or None when it could keep none, and the
+        UIDVALIDITY is then larger than the one given, so that every session learns it."""
+        salvaged = self.salvage()
+        self.close()
+        self._set_aside()
+        self.open()
+        if salvaged is not None:
+            self.restore(salvaged)
+            return len(salvaged["rows"])
+        if self.meta("uidvalidity") <= uidvalidity:  # the clock counts seconds: the same
+            self.set_meta("uidvalidity", uidvalidity + 1)  # would hide the change
+        return None
+
     def salvage(self) -> dict | None:
         """What a damaged file still gives of what the folders cannot: each message's UID
         (with its key, location, flags, modseq and time), the UIDVALIDITY, the next UID and
@@ -4397,6 +4412,26 @@ class MemoryIndex:
 # When the index is new (or was lost), the folders are listed once and every message gets its
 # UID in arrival order at once; then the messages are read, newest first, in batches, while the
 # server already serves: the inbox shows what is indexed so far and says indexing is under way.
+#
+# Four owners, each with its own state and lock: Events (what changed, for whoever waits), the
+# SessionLog (this run's transcripts), the Indexer (its thread, the arrival queue, scans,
+# rebuilds, retention) and the Store, the one facade that every reader and writer uses: the web
+# inbox, the API, POP3, IMAP, the relay and sheesh.Server. Each lock is taken alone (a leaf), but
+# Store.lock, which is reentrant and may be held while the index takes its own; none is held
+# while a waker or a waiting reader is called.
+#
+#   lock                 guards                                       taken by
+#   Store.lock           the files and the index rows, changed        the indexing thread; a
+#                        together (the index's one writer);           request's delete, flag or
+#                        uidvalidity; the rows-to-read flag           folder scan
+#   Indexer._queue_lock  the arrival queue and its counts             SMTP sessions (arrived),
+#                                                                     the indexing thread
+#   Indexer._progress    (a Condition) how far the indexer is         readers that wait for it
+#   Events._changed      (a Condition) the event log, the waiters,    event streams, waits,
+#                        the watchers and their wakers                IDLE, the indexing thread
+#   SessionLog._lock     the open and ended transcripts               every session, the indexer
+#   Store._findings_lock the findings kept per key                    readers, the indexer
+#   Store._checks_lock   the checks readers made, to be written       readers, the indexer
 
 INDEX_QUIET = 0.05  # deliveries paused this long: index what arrived
 INDEX_DELAY_MAX = 5.0  # and never later than this after a message arrived
@@ -4608,38 +4643,18 @@ class SessionLog:
         return None
 
 
-# The Store's locks: what each guards, who takes it. Each is taken alone (a leaf), but _lock,
-# which is reentrant and may be held while the index takes its own; none is held while a
-# waker or a waiting reader is called.
-#
-#   lock            guards                                          taken by
-#   _lock           the files and the index rows, changed together  the indexing thread; a
-#                   (the index's one writer); uidvalidity; the      request's delete, flag
-#                   rows-to-read flag                               or folder scan
-#   _queue_lock     the arrival queue and its counts                SMTP sessions (arrived),
-#                                                                   the indexing thread, readers
-#   _progress       (a Condition) how far the indexer is            readers that wait for it
-#   Events._changed (a Condition) the event log, waiters, watchers  event streams, waits, IDLE,
-#                   and wakers                                      the indexing thread
-#   SessionLog._lock the open and ended transcripts                 every session, the indexer
-#   _findings_lock  the findings kept per key                       readers, the indexer
-#   _checks_lock    the checks readers made, to be written          readers, the indexer
+class Indexer:
+    """The indexing thread, and what it alone changes: the queue of arrivals that SMTP
+    sessions hand it (arrived), the rounds that read them, and the files other programs put
+    in the folders, into the index (the newest first, in batches, when deliveries pause),
+    folder scans, the rebuild of a damaged index, retention, and the writing of ended
+    transcripts and of the checks that readers made. Readers wait for it (catch_up,
+    complete) but never do its work. Its lock, _queue_lock, guards the queue and its
+    counts; _progress (a Condition) tells readers how far it is; writes to the index take
+    the Store's lock. It never ends on an error (see _keep_index)."""
 
-
-class Store:
-    """The Maildir and its index, in step: what every reader uses."""
-
-    def __init__(self, maildir: Maildir, *, persistent: bool = True,
-                 max_messages: int | None = None, max_age: float | None = None,
-                 max_sessions: int = DEFAULT_MAX_SESSIONS) -> None:
-        self.maildir, self.path = maildir, maildir.path
-        self.persistent = persistent and sqlite3 is not None
-        self.max_messages, self.max_age = max_messages, max_age
-        self.max_sessions = max_sessions
-        self.session_log = SessionLog(max_sessions)
-        self.index: SqlIndex | MemoryIndex = MemoryIndex()
-        self._lock = threading.RLock()  # the one writer: files and index rows change together
-        self.events = Events()
+    def __init__(self, store: Store) -> None:
+        self.store = store
         self._queue_lock = threading.Lock()
         self._queue: collections.deque[tuple[str, float]] = collections.deque()
         self._queued_total = self._indexed_total = 0  # arrivals, and those indexed
@@ -4654,47 +4669,28 @@ class Store:
         self._thread: threading.Thread | None = None
         self._folder_times: tuple[int, int] | None = None
         self._own_change = -math.inf  # when sheesh last changed the folders (monotonic)
-        self._looked = False  # at the folders, once since opening
+        self.looked = False  # at the folders, once since opening
         self._rows_to_read = True  # the index may know messages it has not read yet
         self._checked_at = self._last_sweep = self._trimmed = -math.inf
         self._verified_at = -math.inf  # when the index last matched the folders, for sure
         self._scan_cost = 0.0
         self._checks_to_make = True  # messages may lack their checks (12.5): look when quiet
-        # The findings of the messages checked last, by key: a detail view asks twice.
-        self._findings: collections.OrderedDict[str, list[Finding]] = collections.OrderedDict()
-        self._findings_lock = threading.Lock()  # guards _findings alone; takes no other
-        self._checks_made: dict[int, dict] = {}  # by UID: found by readers, to be written
-        self._checks_lock = threading.Lock()  # guards _checks_made alone; takes no other
-        self.uidvalidity = 0
-        self.index_problem: str | None = None  # why the last round of indexing failed
+        self.problem: str | None = None  # why the last round of indexing failed
         self._damage_found: Exception | None = None  # by a reader: the indexer mends it
 
-    # -- starting and stopping
+    @property
+    def index(self) -> SqlIndex | MemoryIndex:
+        return self.store.index
 
-    def open(self) -> None:
-        """Create the Maildir if needed, open (or make) the index and start keeping it."""
-        self.maildir.create()
-        if removed := self.maildir.remove_leftovers():
-            log.warning("removed %d unfinished file%s from %s (deliveries cut off by a crash "
-                        "or left for 36 hours)", removed, "s" * (removed > 1),
-                        self.path / "tmp")
-        if self.persistent:
-            self.index = SqlIndex(self.path / INDEX_FILE)
-            try:
-                problem = self.index.open()
-            except DATABASE_ERRORS as error:  # full, read-only, locked: start all the same
-                self.index.close()
-                self.index = MemoryIndex()
-                log.error("the index %s cannot be opened (%s): it is kept in memory until "
-                          "sheesh restarts", self.path / INDEX_FILE,
-                          escape_for_log(str(error)))
-                problem = None
-            if problem is not None:
-                log.warning("the index %s could not be used (%s): it was set aside and is "
-                            "being built again from the Maildir", self.path / INDEX_FILE,
-                            escape_for_log(problem))
-        self.uidvalidity = self.index.meta("uidvalidity")
-        self.session_log.number_after(self.index.last_session())
+    @property
+    def maildir(self) -> Maildir:
+        return self.store.maildir
+
+    @property
+    def events(self) -> Events:
+        return self.store.events
+
+    def start(self) -> None:
         known = self.index.meta("folder_times")
         self._folder_times = tuple(map(int, known.split(","))) if known else None
         self._thread = threading.Thread(target=self._keep_index, name="sheesh-index",
@@ -4702,29 +4698,30 @@ class Store:
         self._thread.start()
 
     def stop_waiting(self) -> None:
-        """Wake whatever waits for news (event streams, waits, IDLE) to say that sheesh stops;
-        reads still work until close()."""
+        """Readers that wait for it stop waiting; the thread ends at its next wake."""
         self._stopping = True
-        self.events.stop()
         with self._progress:
             self._progress.notify_all()
 
-    def close(self) -> None:
+    def stop(self) -> None:
         self.stop_waiting()
         self._wake.set()
         if self._thread is not None:
             self._thread.join()
-            self._record_sessions()
+
+    def changed_folders(self) -> None:
+        """sheesh itself just moved or removed files (a flag, a delete): the folders' new
+        times are its own doing, and need no listing at once."""
+        self._own_change = time.monotonic()
+
+    def complete(self, timeout: float) -> bool:
+        """Wait until every message in the folders is indexed (POP3 and IMAP need the whole
+        maildrop); False if that takes longer than `timeout`."""
+        deadline = time.monotonic() + timeout
+        self.catch_up(timeout)
         with self._progress:
-            self._progress.notify_all()
-        self.index.close()
-        self.maildir.close()
-
-    @property
-    def closed(self) -> bool:
-        return self._stopping
-
-    # -- what the indexing thread does
+            return self._progress.wait_for(lambda: self._stopping or self.looked and (
+                not self.index.unindexed_count()), max(0.0, deadline - time.monotonic()))
 
     def arrived(self, delivery: Delivery) -> int:
         """A delivery just committed, in the session's thread: queue it, and nothing more.
@@ -4760,13 +4757,13 @@ class Store:
         """Wait until every message delivered so far is in the index (readers call this)."""
         with self._queue_lock:
             target = self._queued_total
-        if self._indexed_total >= target or self.index_problem is not None:
+        if self._indexed_total >= target or self.problem is not None:
             return  # a failing index is not waited for: what it has is answered at once
         with self._progress:
             self._hurry = True
             self._wake.set()
             self._progress.wait_for(lambda: self._indexed_total >= target or self._stopping
-                                    or self.index_problem is not None, timeout)
+                                    or self.problem is not None, timeout)
 
     def _keep_index(self) -> None:
         """The indexing thread's loop. It never ends on an error: whatever a round raises
@@ -4788,7 +4785,7 @@ class Store:
                 if failures:
                     log.warning("the index works again after %d failed round%s", failures,
                                 "s" * (failures > 1))
-                failures, self.index_problem = 0, None
+                failures, self.problem = 0, None
 
     def _work_or_mend(self) -> None:
         """One round of work. Only a damaged index file is built anew (which changes the
@@ -4816,7 +4813,7 @@ class Store:
         """Say it (once while it lasts, with a traceback only for what is not a database's
         or a disk's error), and look at the folders again once it works: what was delivered
         meanwhile is in them."""
-        self.index_problem = str(error) or type(error).__name__
+        self.problem = str(error) or type(error).__name__
         self._folder_times = None
         with self._progress:  # readers waiting for it stop waiting
             self._progress.notify_all()
@@ -4826,10 +4823,10 @@ class Store:
             pass
         elif isinstance(error, DATABASE_ERRORS):
             log.error("the index %s cannot be written (%s): deliveries go on into the "
-                      "Maildir, and are indexed once it can", self.path / INDEX_FILE,
-                      escape_for_log(self.index_problem))
+                      "Maildir, and are indexed once it can", self.store.path / INDEX_FILE,
+                      escape_for_log(self.problem))
         else:
-            log.exception("error while indexing %s", self.path)
+            log.exception("error while indexing %s", self.store.path)
 
     def _next_work_in(self) -> float:
         if self._hurry or self._overflowed:
@@ -4839,7 +4836,7 @@ class Store:
             waits.append(max(0.01, self._last_queued + CHECK_QUIET - time.monotonic()))
         if self._queue:
             waits.append(self._arrivals_due_in())
-        if (sessions_due := self.session_log.due_in()) is not None:
+        if (sessions_due := self.store.session_log.due_in()) is not None:
             waits.append(sessions_due)
         if len(self._queue) > self._announced and self.events.waiting:
             waits.append(self._announcement_due_in())
@@ -4860,19 +4857,18 @@ class Store:
         return self._first_unannounced + delay - time.monotonic()
 
     def _work(self) -> None:
-        if self._checks_made:
-            self._keep_checks()
-        if (sessions_due := self.session_log.due_in()) is not None and sessions_due <= 0:
-            self._record_sessions()
+        self.store.keep_checks()
+        if (sessions_due := self.store.session_log.due_in()) is not None and sessions_due <= 0:
+            self.store.record_sessions()
         if self._queue and (self._hurry or self._arrivals_due_in() <= 0):
             self._index_arrivals()
         elif len(self._queue) > self._announced and self.events.waiting and (
                 self._announcement_due_in() <= 0):
             self._announce_arrivals()
         if self._folders_need_a_scan():
-            self._scan_folders()
-        self._looked = True
-        with self._lock:  # a scan in a reader's thread may set it again meanwhile
+            self.scan_folders()
+        self.looked = True
+        with self.store.lock:  # a scan in a reader's thread may set it again meanwhile
             rows_to_read, self._rows_to_read = self._rows_to_read, False
         if rows_to_read and self._index_waiting():  # being built: more next time round
             self._rows_to_read = True
@@ -4880,11 +4876,12 @@ class Store:
         elif rows_to_read:
             with self._progress:
                 self._progress.notify_all()
-        if self.max_messages or self.max_age:
+        if self.store.max_messages or self.store.max_age:
             self._keep_within_limits()
         if self._checks_to_make and not self._queue and not self._rows_to_read and (
                 time.monotonic() - self._last_queued >= CHECK_QUIET):
-            self._checks_to_make = bool(self.with_checks(self.index.unchecked(CHECK_BATCH)))
+            unchecked = self.index.unchecked(CHECK_BATCH)
+            self._checks_to_make = bool(self.store.with_checks(unchecked))
         if time.monotonic() - self._trimmed >= MEMORY_TRIM_INTERVAL:
             self._trimmed = time.monotonic()
             give_back_memory()
@@ -4920,7 +4917,7 @@ class Store:
             through, overflowed, self._overflowed = self._queued_total, self._overflowed, False
         keys = [key for key, _ in arrivals]
         try:
-            with self._lock, self.index.transaction():
+            with self.store.lock, self.index.transaction():
                 self.index.register([(key, f"new/{key}", "", arrival_time(key, time.time()))
                                      for key in keys])
         except BaseException:  # queued again, in front, for the next round
@@ -4933,7 +4930,7 @@ class Store:
                 self._overflowed |= overflowed
             raise
         if overflowed:
-            self._scan_folders(force=True)
+            self.scan_folders(force=True)
         stored = {entry.summary.key: entry for entry in self._read_waiting(len(keys))[0]}
         # A folder listing may have read some of them first: read those again to tell them.
         self._tell([stored.get(key) or self._read_again(key) for key in keys[announced:]])
@@ -4968,10 +4965,10 @@ class Store:
             except OSError as error:
                 log.warning("cannot read %s for the index: %s", location,
                             escape_for_log(error.strerror or str(error)))
-        with self._lock, self.index.transaction():
+        with self.store.lock, self.index.transaction():
             stored = self.index.fill(entries)
         if missing:
-            self._scan_folders(force=True)
+            self.scan_folders(force=True)
         return stored, len(waiting) == max(limit, 1)
 
     def _read_again(self, key: str) -> IndexEntry | None:
@@ -5010,10 +5007,10 @@ class Store:
         quiet = now - self._own_change >= RESCAN_QUIET
         return quiet and since >= spacing or since >= max(RESCAN_INTERVAL, spacing)
 
-    def _scan_folders(self, force: bool = False) -> None:
+    def scan_folders(self, force: bool = False) -> None:
         """List new/ and cur/, and bring the index in line with what is there."""
         started = self._verified_at = time.monotonic()
-        with self._lock:
+        with self.store.lock:
             times = self.maildir.folder_times()  # before listing: a later change shows later
             found = ((key, location, flags, arrival_time(key, 0) or entry.stat().st_mtime)
                      for location, entry in self.maildir.scan()
@@ -5037,41 +5034,126 @@ class Store:
         UIDVALIDITY, which every open session learns before it can act on an old UID."""
         if isinstance(self.index, MemoryIndex):
             return  # no file to be damaged: what raised was not the index's
-        with self._lock:
-            old = self.uidvalidity
-            salvaged = self.index.salvage()
-            self.index.close()
-            self.index._set_aside()
-            self.index.open()
-            if salvaged is not None:
-                self.index.restore(salvaged)
+        with self.store.lock:
+            kept = self.index.rebuild(self.store.uidvalidity)
+            if kept is not None:
                 log.warning("the new index keeps the UIDs of the %d messages the old one "
-                            "still gave", len(salvaged["rows"]))
-            elif self.index.meta("uidvalidity") <= old:  # the clock counts seconds: the
-                self.index.set_meta("uidvalidity", old + 1)  # same would hide the change
-            self.uidvalidity = self.index.meta("uidvalidity")
+                            "still gave", kept)
+            self.store.uidvalidity = self.index.meta("uidvalidity")
             self._folder_times = None
             self._rows_to_read = True
-
-    # -- retention
 
     def _keep_within_limits(self) -> None:
         now = time.monotonic()
         doomed, why = [], []
-        if self.max_messages:
+        if self.store.max_messages:
             total = self.index.counts()[0] + self.index.unindexed_count()
-            if total > self.max_messages:
-                doomed += self.index.oldest(total - self.max_messages)
-                why.append(f"over --max-messages {self.max_messages}")
-        if self.max_age and now - self._last_sweep >= RETENTION_INTERVAL:
+            if total > self.store.max_messages:
+                doomed += self.index.oldest(total - self.store.max_messages)
+                why.append(f"over --max-messages {self.store.max_messages}")
+        if self.store.max_age and now - self._last_sweep >= RETENTION_INTERVAL:
             self._last_sweep = now
-            old = self.index.older_than(time.time() - self.max_age)
+            old = self.index.older_than(time.time() - self.store.max_age)
             if old:
                 doomed += old
-                why.append(f"older than --max-age {format_duration(self.max_age)}")
+                why.append(f"older than --max-age {format_duration(self.store.max_age)}")
         if doomed:
-            removed = self._remove_uids(sorted(set(doomed)))
+            removed = self.store.remove_uids(sorted(set(doomed)))
             log.info("retention: removed %d messages (%s)", removed, ", ".join(why))
+
+
+
+class Store:
+    """The Maildir and its index, in step: what every reader uses."""
+
+    def __init__(self, maildir: Maildir, *, persistent: bool = True,
+                 max_messages: int | None = None, max_age: float | None = None,
+                 max_sessions: int = DEFAULT_MAX_SESSIONS) -> None:
+        self.maildir, self.path = maildir, maildir.path
+        self.persistent = persistent and sqlite3 is not None
+        self.max_messages, self.max_age = max_messages, max_age
+        self.max_sessions = max_sessions
+        self.session_log = SessionLog(max_sessions)
+        self.index: SqlIndex | MemoryIndex = MemoryIndex()
+        self.lock = threading.RLock()  # the one writer: files and index rows change together
+        self.events = Events()
+        self._stopping = False
+        self.indexer = Indexer(self)
+        # The findings of the messages checked last, by key: a detail view asks twice.
+        self._findings: collections.OrderedDict[str, list[Finding]] = collections.OrderedDict()
+        self._findings_lock = threading.Lock()  # guards _findings alone; takes no other
+        self._checks_made: dict[int, dict] = {}  # by UID: found by readers, to be written
+        self._checks_lock = threading.Lock()  # guards _checks_made alone; takes no other
+        self.uidvalidity = 0  # the index's: set by open, and by the indexer's rebuild
+
+    # -- starting and stopping
+
+    def open(self) -> None:
+        """Create the Maildir if needed, open (or make) the index and start keeping it."""
+        self.maildir.create()
+        if removed := self.maildir.remove_leftovers():
+            log.warning("removed %d unfinished file%s from %s (deliveries cut off by a crash "
+                        "or left for 36 hours)", removed, "s" * (removed > 1),
+                        self.path / "tmp")
+        if self.persistent:
+            self.index = SqlIndex(self.path / INDEX_FILE)
+            try:
+                problem = self.index.open()
+            except DATABASE_ERRORS as error:  # full, read-only, locked: start all the same
+                self.index.close()
+                self.index = MemoryIndex()
+                log.error("the index %s cannot be opened (%s): it is kept in memory until "
+                          "sheesh restarts", self.path / INDEX_FILE,
+                          escape_for_log(str(error)))
+                problem = None
+            if problem is not None:
+                log.warning("the index %s could not be used (%s): it was set aside and is "
+                            "being built again from the Maildir", self.path / INDEX_FILE,
+                            escape_for_log(problem))
+        self.uidvalidity = self.index.meta("uidvalidity")
+        self.session_log.number_after(self.index.last_session())
+        self.indexer.start()
+
+    def stop_waiting(self) -> None:
+        """Wake whatever waits for news (event streams, waits, IDLE) to say that sheesh stops;
+        reads still work until close()."""
+        self._stopping = True
+        self.events.stop()
+        self.indexer.stop_waiting()
+
+    def close(self) -> None:
+        self.stop_waiting()
+        self.indexer.stop()
+        self.record_sessions()
+        self.index.close()
+        self.maildir.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._stopping
+
+    # -- the indexer's: what arrives, and waiting for it
+
+    def arrived(self, delivery: Delivery) -> int:
+        """A delivery just committed, in the session's thread: queued for the indexer."""
+        return self.indexer.arrived(delivery)
+
+    def wait_indexed(self, number: int, timeout: float) -> bool:
+        return self.indexer.wait_indexed(number, timeout)
+
+    def catch_up(self, timeout: float = 5.0) -> None:
+        """Wait until every message delivered so far is in the index (readers call this)."""
+        self.indexer.catch_up(timeout)
+
+    def complete(self, timeout: float) -> bool:
+        return self.indexer.complete(timeout)
+
+    def damage_found(self, error: Exception) -> None:
+        self.indexer.damage_found(error)
+
+    @property
+    def index_problem(self) -> str | None:
+        return self.indexer.problem
 
     # -- session transcripts (section 11, kept by the handler)
 
@@ -5082,15 +5164,17 @@ class Store:
         """Queued for the index, written by the indexing thread when connections pause."""
         self.session_log.ended(transcript)
 
-    def _record_sessions(self) -> None:
+    def record_sessions(self) -> None:
+        """Write the ended sessions into the index (the indexing thread, and readers that
+        are about to read them)."""
         if records := self.session_log.take_ended():
-            with self._lock, self.index.transaction():
+            with self.lock, self.index.transaction():
                 self.index.add_sessions(records, self.max_sessions)
 
     def sessions(self, peer: str | None = None, outcome: str | None = None, limit: int = 50,
                  offset: int = 0, protocol: str | None = None) -> tuple[int, list[dict]]:
         """(how many, a page of them): the sessions kept, open ones included, newest first."""
-        self._record_sessions()
+        self.record_sessions()
         live = self.session_log.open_ones({"peer": peer, "outcome": outcome,
                                            "protocol": protocol})
         total, recorded = self.index.sessions(peer, outcome, offset + limit, protocol)
@@ -5103,7 +5187,7 @@ class Store:
         """One session with its transcript and the messages it stored."""
         if (live := self.session_log.open_record(number)) is not None:
             return live
-        self._record_sessions()
+        self.record_sessions()
         return self.index.session(number)
 
     def session_of(self, key: str) -> int | None:
@@ -5119,20 +5203,11 @@ class Store:
         self.catch_up()
         total, unread = self.index.counts()
         waiting = self.index.unindexed_count()
-        looking = not self._looked
+        looking = not self.indexer.looked
         indexing = ({"done": total, "total": None if looking else total + waiting}
                     if looking or waiting else None)
         return {"messages": total, "unread": unread, "uidvalidity": self.uidvalidity,
                 "indexing": indexing, "index_error": self.index_problem}
-
-    def complete(self, timeout: float) -> bool:
-        """Wait until every message in the folders is indexed (POP3 and IMAP need the whole
-        maildrop); False if that takes longer than `timeout`."""
-        deadline = time.monotonic() + timeout
-        self.catch_up(timeout)
-        with self._progress:
-            return self._progress.wait_for(lambda: self._stopping or self._looked and (
-                not self.index.unindexed_count()), max(0.0, deadline - time.monotonic()))
 
     def search(self, query: Query | str = "", mailbox: str | None = None, limit: int = 50,
                offset: int = 0) -> Page:
@@ -5194,12 +5269,15 @@ class Store:
                 self._checks_made.update(made)
         return summaries
 
-    def _keep_checks(self) -> None:
-        """Write what readers' threads found (with_checks) into the index."""
+    def keep_checks(self) -> None:
+        """Write what readers' threads found (with_checks) into the index (the indexing
+        thread's work)."""
+        if not self._checks_made:
+            return
         with self._checks_lock:
             made, self._checks_made = self._checks_made, {}
         try:
-            with self._lock, self.index.transaction():
+            with self.lock, self.index.transaction():
                 self.index.set_checks(made)
         except BaseException:
             with self._checks_lock:
@@ -5256,7 +5334,7 @@ class Store:
             return None
         if os.path.exists(self.maildir.file_path(known[1])):
             return known[1]
-        self._scan_folders(force=True)
+        self.indexer.scan_folders(force=True)
         known = self.index.key_location(key)
         return known[1] if known is not None else None
 
@@ -5277,7 +5355,7 @@ class Store:
     def set_flags(self, key: str, flags: str) -> Summary | None:
         """Give a message these flags (moving it to cur/, as mutt would); None if it is gone."""
         flags = "".join(sorted(set(flags)))
-        with self._lock:
+        with self.lock:
             summary = self.index.get(key)
             if summary is None:
                 return None
@@ -5295,7 +5373,7 @@ class Store:
             with self.index.transaction():
                 modseq = self.index.next_modseq()
                 self.index.move(summary.uid, new_location, flags, modseq)
-            self._own_change = time.monotonic()
+            self.indexer.changed_folders()
             was_seen = summary.seen
             summary.location, summary.flags, summary.modseq = new_location, flags, modseq
         self.events.announce("seen" if summary.seen and not was_seen else "flags", [key])
@@ -5339,12 +5417,12 @@ class Store:
         # goes all the same, or no space could be freed from the inbox.
         unindexed = sum(self.maildir.remove(location) for key, known in found.items()
                         if known is None and (location := self.locate(key)) is not None)
-        return unindexed + self._remove_uids([known[0] for known in found.values() if known])
+        return unindexed + self.remove_uids([known[0] for known in found.values() if known])
 
     def delete_all(self) -> int:
         self.catch_up()
         removed = 0
-        while (uids := self.index.oldest(10_000)) and (count := self._remove_uids(uids)):
+        while (uids := self.index.oldest(10_000)) and (count := self.remove_uids(uids)):
             removed += count
         return removed
 
@@ -5356,7 +5434,7 @@ class Store:
         session passes its mailbox too: a message that other recipients still have leaves
         that mailbox only, and its file goes when no recipient has it any more."""
         if mailbox is not None:
-            with self._lock:
+            with self.lock:
                 if uidvalidity is not None and uidvalidity != self.uidvalidity:
                     raise UidsRenumbered(f"UIDVALIDITY {uidvalidity} is now {self.uidvalidity}")
                 with self.index.transaction():
@@ -5366,13 +5444,13 @@ class Store:
                 # The Maildir's flags are the file's, so every recipient's: the \Deleted that
                 # this user set goes with the delete, or the others would see it as theirs.
                 self.set_flags(summary.key, summary.flags.replace("T", ""))
-            return len(hidden) + self._remove_uids(alone, uidvalidity)
-        return self._remove_uids(uids, uidvalidity)
+            return len(hidden) + self.remove_uids(alone, uidvalidity)
+        return self.remove_uids(uids, uidvalidity)
 
-    def _remove_uids(self, uids: list[int], uidvalidity: int | None = None) -> int:
+    def remove_uids(self, uids: list[int], uidvalidity: int | None = None) -> int:
         removed = []
         for chunk in batched(uids, 1000):
-            with self._lock:
+            with self.lock:
                 if uidvalidity is not None and uidvalidity != self.uidvalidity:
                     raise UidsRenumbered(f"UIDVALIDITY {uidvalidity} is now {self.uidvalidity}")
                 rows, texts = self.index.locations(chunk), {}
@@ -5385,7 +5463,7 @@ class Store:
                 with self.index.transaction():
                     self.index.remove([uid for uid, _, _ in rows], self.index.next_modseq(),
                                       {uid: text for uid, text in texts.items() if text})
-                self._own_change = time.monotonic()
+                self.indexer.changed_folders()
             removed += [key for _, key, _ in rows]
         self.events.announce("deleted", removed)
         return len(removed)

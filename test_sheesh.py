@@ -2729,7 +2729,7 @@ def test_the_two_index_kinds_have_the_same_methods_with_the_same_parameters():
     public = lambda kind: {name: inspect.signature(value) for name, value in vars(kind).items()
                            if callable(value) and not name.startswith("_")}
     sql, memory = public(sheesh.SqlIndex), public(sheesh.MemoryIndex)
-    assert set(sql) - set(memory) == {"salvage", "restore"} and set(memory) <= set(sql)
+    assert set(sql) - set(memory) == {"salvage", "restore", "rebuild"} and set(memory) <= set(sql)
     for name, signature in memory.items():
         assert list(signature.parameters) == list(sql[name].parameters), name
 
@@ -2955,7 +2955,7 @@ def test_the_indexing_thread_comes_back_whatever_a_round_raises(tmp_path, index_
     import sqlite3
     with make_server(tmp_path, http_port=0, index=index_kind) as server:
         store = server.store
-        real_work, real_rebuild, failures = store._work, store._rebuild, []
+        real_work, real_rebuild, failures = store.indexer._work, store.indexer._rebuild, []
 
         def damaged():
             if failures.count("work") < 2:
@@ -2969,14 +2969,14 @@ def test_the_indexing_thread_comes_back_whatever_a_round_raises(tmp_path, index_
                 raise OSError(errno.ENOSPC, "No space left on device")
             real_rebuild()
 
-        store._work, store._rebuild = damaged, rebuild_fails
+        store.indexer._work, store.indexer._rebuild = damaged, rebuild_fails
         with caplog.at_level(logging.WARNING, logger="sheesh"):
             with smtplib.SMTP(server.host, server.port) as client:
                 client.sendmail("a@b.test", ["c@d.test"], b"Subject: through\r\n\r\nx\r\n")
             wait_until(lambda: json.loads(http(server, "/api/messages")[2]).get("total") == 1,
                        timeout=15, what="the message, once the thread came back")  # or 503
         assert failures == ["work", "rebuild", "work"]  # and the third rebuild worked
-        assert store._thread.is_alive()
+        assert store.indexer._thread.is_alive()
         assert any("works again" in r.getMessage() for r in caplog.records)
         assert json.loads(http(server, "/api/health")[2])["index_error"] is None
 
@@ -3010,7 +3010,7 @@ def test_a_rebuild_under_open_sessions_never_lets_an_old_uid_act_on_another_mess
         imap.select("INBOX")
         assert imap.fetch("1", "(UID)")[1] == [b"1 (UID 4)"]
         assert pop3.dele(1).startswith(b"+OK")  # UID 4, to be removed at QUIT
-        real_work, damaged = server.store._work, []
+        real_work, damaged = server.store.indexer._work, []
 
         def damage_once():
             if not damaged:
@@ -3018,7 +3018,7 @@ def test_a_rebuild_under_open_sessions_never_lets_an_old_uid_act_on_another_mess
                 raise sqlite3.DatabaseError("database disk image is malformed")
             real_work()
 
-        server.store._work = damage_once
+        server.store.indexer._work = damage_once
         server.store.index.salvage = lambda: None  # the old file gives no UID back
         wait_until(lambda: server.store.uidvalidity != validity, what="the rebuild")
         wait_until(lambda: json.loads(http(server, "/api/health")[2]).get("messages") == 6,
