@@ -102,6 +102,7 @@ import sys
 import tempfile
 import threading
 import time
+import typing
 import unicodedata
 import urllib.parse
 from collections.abc import Callable
@@ -3513,6 +3514,72 @@ _SQL_CONDITIONS = {("seen", True): "instr(flags, 'S') > 0",
                    ("after", False): "time >= ?", ("after", True): "time < ?"}
 
 
+@typing.runtime_checkable
+class Index(typing.Protocol):
+    """What the Store asks of an index: the contract that SqlIndex (a file) and MemoryIndex
+    (for a Python without sqlite3) both keep, and that the tests hold each to. Writes come
+    from one thread at a time, under the Store's lock, inside transaction(); reads come from
+    any thread. A UID is never used again; a Summary is a copy the caller may keep."""
+
+    full_text: bool  # whether search matches words through a full-text index
+
+    # -- opening, meta, transactions
+    def open(self) -> str | None:
+        """Open or make it; why an unusable one was set aside, or None."""
+    def close(self) -> None: ...
+    def transaction(self) -> typing.ContextManager: ...
+    def meta(self, name: str, default=None):
+        """uidvalidity, modseq, folder_times, expunged_floor, search_folding."""
+    def set_meta(self, name: str, value) -> None: ...
+    def next_modseq(self) -> int:
+        """The next modification sequence number, taken (inside a transaction)."""
+
+    # -- writing, inside a transaction
+    def register(self, rows: list[tuple[str, str, str, float]]) -> None:
+        """Make messages known by (key, location, flags, time): each gets its UID."""
+    def unindexed(self, limit: int) -> list[tuple[int, str, str, str, float]]:
+        """Messages known but not read yet, newest first."""
+    def unindexed_count(self) -> int: ...
+    def fill(self, entries: list[IndexEntry]) -> list[IndexEntry]:
+        """Store what was read of messages; those that were not already."""
+    def move(self, uid: int, location: str, flags: str, modseq: int) -> None: ...
+    def remove(self, uids: list[int], modseq: int, texts: dict | None = None) -> None: ...
+    def reconcile(self, found) -> tuple[list[tuple[int, str]], list[tuple[int, str, str, str]]]:
+        """Brought in line with a scan of the folders: those gone, those moved."""
+    def hide(self, mailbox: str, uids: list[int], modseq: int) -> list[int]:
+        """One recipient's delete; the UIDs that no recipient has any more."""
+    def set_checks(self, counts: dict[int, dict]) -> None: ...
+    def add_sessions(self, records: list[dict], keep: int) -> None: ...
+
+    # -- reading, from any thread
+    def get(self, key: str) -> Summary | None: ...
+    def key_location(self, key: str) -> tuple[int, str] | None: ...
+    def by_uids(self, uids: list[int]) -> list[Summary]: ...
+    def locations(self, uids: list[int]) -> list[tuple[int, str, str]]: ...
+    def present(self, uids: list[int], mailbox: str | None) -> set[int]: ...
+    def counts(self, mailbox: str | None = None) -> tuple[int, int]:
+        """(messages, unread) of the indexed messages."""
+    def page(self, query: Query, mailbox: str | None, limit: int,
+             offset: int) -> tuple[int, int, list[Summary]]:
+        """(how many match, how many of them unread, the page), newest first."""
+    def uids(self, query: Query = Query(), mailbox: str | None = None,
+             after: int = 0) -> list[int]: ...
+    def changes(self, since: int, mailbox: str | None) -> tuple[list[tuple[int, str, int]],
+                                                                list[int]]:
+        """(uid, flags, modseq) changed after a modseq, and the UIDs removed since."""
+    def next_uid(self) -> int: ...
+    def sizes(self, mailbox: str | None) -> list[tuple[int, int]]: ...
+    def mailboxes(self) -> list[tuple[str, int, int]]: ...
+    def oldest(self, count: int) -> list[int]: ...
+    def older_than(self, moment: float) -> list[int]: ...
+    def unchecked(self, limit: int) -> list[Summary]: ...
+    def sessions(self, peer: str | None, outcome: str | None, limit: int,
+                 protocol: str | None = None) -> tuple[int, list[dict]]: ...
+    def session(self, number: int) -> dict | None: ...
+    def session_of(self, key: str) -> int | None: ...
+    def last_session(self) -> int: ...
+
+
 class SqlIndex:
     """The index in an SQLite file, in WAL mode so that readers never wait for the writer.
     Writes go through one connection, used by the Store under its lock; reads take one of a
@@ -4679,7 +4746,7 @@ class Indexer:
         self._damage_found: Exception | None = None  # by a reader: the indexer mends it
 
     @property
-    def index(self) -> SqlIndex | MemoryIndex:
+    def index(self) -> Index:
         return self.store.index
 
     @property
@@ -5074,7 +5141,7 @@ class Store:
         self.max_messages, self.max_age = max_messages, max_age
         self.max_sessions = max_sessions
         self.session_log = SessionLog(max_sessions)
-        self.index: SqlIndex | MemoryIndex = MemoryIndex()
+        self.index: Index = MemoryIndex()
         self.lock = threading.RLock()  # the one writer: files and index rows change together
         self.events = Events()
         self._stopping = False

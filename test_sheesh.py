@@ -2721,17 +2721,63 @@ def summaries(store, query="", mailbox=None):
     return [(m.key, m.subject) for m in store.search(query, mailbox, 500, 0).messages]
 
 
-def test_the_two_index_kinds_have_the_same_methods_with_the_same_parameters():
+def test_both_index_kinds_keep_the_index_contract_with_the_same_parameters():
     """SqlIndex and MemoryIndex were kept in step by hand: a method one lacks is an
-    AttributeError the day the other kind runs. Only the file's own (salvaging a damaged
-    file) are SqlIndex's alone."""
+    AttributeError the day the other kind runs. The Index protocol is the contract: each kind
+    has every method of it, with its parameters, and no other public one but the file's own
+    (salvaging a damaged file)."""
     import inspect
     public = lambda kind: {name: inspect.signature(value) for name, value in vars(kind).items()
                            if callable(value) and not name.startswith("_")}
+    contract = public(sheesh.Index)
     sql, memory = public(sheesh.SqlIndex), public(sheesh.MemoryIndex)
-    assert set(sql) - set(memory) == {"salvage", "restore", "rebuild"} and set(memory) <= set(sql)
-    for name, signature in memory.items():
-        assert list(signature.parameters) == list(sql[name].parameters), name
+    assert set(memory) == set(contract) and set(sql) - set(contract) == {
+        "salvage", "restore", "rebuild"}
+    for name, signature in contract.items():
+        for kind in (sql, memory):
+            assert list(kind[name].parameters) == list(signature.parameters), name
+    assert isinstance(sheesh.MemoryIndex(), sheesh.Index)
+    assert isinstance(sheesh.SqlIndex(os.devnull), sheesh.Index)
+
+
+def test_both_index_kinds_answer_every_read_of_the_contract_alike(tmp_path):
+    """The same deliveries, flags, deletes and a recipient's delete, through two Stores, one
+    on each kind: every read the contract has gives the same answer (UIDs included)."""
+    answers = []
+    for persistent in (True, False):
+        store = open_store(tmp_path / f"mail-{persistent}", persistent=persistent)
+        try:
+            keys = [deliver(store.maildir, f"Subject: n{n}\r\n\r\nword{n % 3}\r\n".encode(),
+                            recipients=[f"r{n % 2}@d.test", "all@d.test"]) for n in range(8)]
+            indexed(store, 8)
+            modseq = store.modseq
+            store.mark_seen(keys[1])
+            store.set_flags(keys[2], "FS")
+            store.delete([keys[3]])
+            store.delete_uids([store.index.get(keys[4]).uid], store.uidvalidity, "r0@d.test")
+            store.catch_up()
+            index = store.index
+            uids = [index.get(key).uid for key in keys if index.get(key)]
+            number = {key: n for n, key in enumerate(keys)}  # keys differ from store to store
+            found = sheesh.parse_search("word1")
+            answers.append([
+                index.counts(), index.counts("all@d.test"), index.mailboxes(),
+                index.page(found, None, 10, 0)[:2],
+                [number[m.key] for m in index.page(sheesh.Query(), "r0@d.test", 10, 0)[2]],
+                [uid - uids[0] for uid in index.uids(found)],
+                [uid - uids[0] for uid in index.uids(sheesh.Query(), "r1@d.test", uids[1])],
+                [(uid - uids[0], flags) for uid, flags, _ in index.changes(modseq, None)[0]],
+                [uid - uids[0] for uid in index.changes(modseq, None)[1]],
+                sorted(uid - uids[0] for uid in index.present(uids, "r0@d.test")),
+                [size for _, size in index.sizes("all@d.test")], len(index.oldest(3)),
+                [(number[key], location.split("/")[0]) for _, key, location in
+                 index.locations(uids)],
+                index.next_uid() - uids[0], index.unindexed_count(),
+                [number[s.key] for s in index.by_uids(uids)], index.key_location(keys[3]),
+            ])
+        finally:
+            store.close()
+    assert answers[0] == answers[1]
 
 
 def test_index_reads_each_message_once_and_a_restart_reads_none(tmp_path, counted_reads):
@@ -3166,8 +3212,8 @@ def test_mailboxes_list_each_recipient_and_filter_the_list(tmp_path, index_kind)
         assert waited["subject"] == "for carl"
 
 
-def search_store(tmp_path):
-    store = open_store(tmp_path / "mail")
+def search_store(tmp_path, persistent=True):
+    store = open_store(tmp_path / "mail", persistent=persistent)
     day = 86400
     messages = [  # (subject, sender, recipients, From, body, attachment, seen, days ago)
         ("Reset your password", "noreply@shop.test", ["ann@d.test"], "Shop <noreply@shop.test>",
@@ -3220,8 +3266,8 @@ def search_store(tmp_path):
 ])
 
 
-def test_search_syntax(tmp_path, query, expected):
-    store = search_store(tmp_path)
+def test_search_syntax(tmp_path, index_kind, query, expected):
+    store = search_store(tmp_path, persistent=index_kind)
     try:
         assert [subject for _, subject in summaries(store, query)] == expected
     finally:
@@ -3758,8 +3804,8 @@ def test_mime_fuzz_never_raises_and_each_message_costs_little():
         assert cpu_seconds(lambda: mime_readers(raw)) < 0.5
 
 
-def test_checks_in_the_api_the_summaries_and_the_in_process_api(tmp_path):
-    with make_server(tmp_path, http_port=0) as server:
+def test_checks_in_the_api_the_summaries_and_the_in_process_api(tmp_path, index_kind):
+    with make_server(tmp_path, http_port=0, index=index_kind) as server:
         with smtplib.SMTP(server.host, server.port) as client:
             client.sendmail("bounce@shop.example", ["dana@example.com"], clean_message())
             client.sendmail("a@b.test", ["c@d.test"], b"Subject: careless\r\n\r\nx\r\n")
@@ -3775,13 +3821,15 @@ def test_checks_in_the_api_the_summaries_and_the_in_process_api(tmp_path):
     assert clean.checks() == [] and {f.id for f in careless.checks()} >= {"from-missing"}
 
 
-def test_arrivals_are_checked_once_deliveries_pause_without_anyone_looking(server):
-    with smtplib.SMTP(server.host, server.port) as client:
-        client.sendmail("a@b.test", ["c@d.test"], b"Subject: careless\r\n\r\nx\r\n")
-    key = server.wait_for_message().key
-    server.store.catch_up()
-    wait_until(lambda: (server.store.index.get(key).checks or {}).get("error") == 3,
-               what="the checks, made by the indexing thread")
+def test_arrivals_are_checked_once_deliveries_pause_without_anyone_looking(tmp_path,
+                                                                          index_kind):
+    with make_server(tmp_path, index=index_kind) as server:
+        with smtplib.SMTP(server.host, server.port) as client:
+            client.sendmail("a@b.test", ["c@d.test"], b"Subject: careless\r\n\r\nx\r\n")
+        key = server.wait_for_message().key
+        server.store.catch_up()
+        wait_until(lambda: (server.store.index.get(key).checks or {}).get("error") == 3,
+                   what="the checks, made by the indexing thread")
 
 
 def test_smtputf8_messages_say_so_in_their_trace_and_their_checks(server):
