@@ -4503,6 +4503,11 @@ class MemoryIndex:
 INDEX_QUIET = 0.05  # deliveries paused this long: index what arrived
 INDEX_DELAY_MAX = 5.0  # and never later than this after a message arrived
 INDEX_BACKLOG_MAX = 50_000  # keys queued for the index; beyond, the next scan finds them
+INDEX_ROUND_MAX = 50  # with someone waiting for news, arrivals indexed in one round (then
+# they are told); with no one, a round takes the whole queue, which costs less a message
+INDEX_BEHIND = 50  # with someone waiting for news, arrivals the indexer may be behind by;
+INDEX_BEHIND_PAUSE = 0.001  # beyond, each session pauses this long (for each INDEX_BEHIND
+INDEX_BEHIND_PAUSE_MAX = 0.02  # it is behind, up to this) before its 250
 WATCHED_DELAY = 0.02  # with someone waiting, announce arrivals gathered this long,
 WATCHED_DELAY_EACH = 0.0005  # and this much longer for each one waiting,
 WATCHED_DELAY_MAX = 0.25  # up to this
@@ -4811,6 +4816,13 @@ class Indexer:
         # The indexing thread times itself from the queue: one wake-up will do.
         if first or fresh and self.events.waiting:
             self._wake.set()
+        behind = number - self._indexed_total
+        if self.events.waiting and behind > INDEX_BEHIND:
+            # Someone waits for news (IDLE, a wait) and the indexer is behind a flood: with a
+            # GIL it runs one turn in as many as there are busy sessions, and would fall ever
+            # further behind. This session lets it run a moment before its 250 (the message
+            # is on disk already), the longer the further behind it is.
+            time.sleep(min(INDEX_BEHIND_PAUSE_MAX, INDEX_BEHIND_PAUSE * behind / INDEX_BEHIND))
         return number
 
     def wait_indexed(self, number: int, timeout: float) -> bool:
@@ -4820,8 +4832,9 @@ class Indexer:
             return self._progress.wait_for(
                 lambda: self._indexed_total >= number or self._stopping, timeout)
 
-    def catch_up(self, timeout: float = 5.0) -> None:
-        """Wait until every message delivered so far is in the index (readers call this)."""
+    def catch_up(self, timeout: float = 5.0, until=lambda: False) -> None:
+        """Wait until every message delivered so far is in the index (readers call this), or
+        until `until()` is true."""
         with self._queue_lock:
             target = self._queued_total
         if self._indexed_total >= target or self.problem is not None:
@@ -4830,7 +4843,7 @@ class Indexer:
             self._hurry = True
             self._wake.set()
             self._progress.wait_for(lambda: self._indexed_total >= target or self._stopping
-                                    or self.problem is not None, timeout)
+                                    or self.problem is not None or until(), timeout)
 
     def _keep_index(self) -> None:
         """The indexing thread's loop. It never ends on an error: whatever a round raises
@@ -4973,15 +4986,22 @@ class Indexer:
                 except OSError:
                     continue  # moved or removed already: the index will say so
             self.events.offer(entries)
+            with self._progress:  # a wait that is catching up has its message now
+                self._progress.notify_all()
         self.events.announce("new", fresh)
 
     def _index_arrivals(self) -> None:
         """Index what the sessions delivered, and tell those waiting of it (all but what the
         watched path told them already). The queue is the one announcer of arrivals."""
         with self._queue_lock:
-            arrivals, self._queue = list(self._queue), collections.deque()
-            announced, self._announced = self._announced, 0
-            through, overflowed, self._overflowed = self._queued_total, self._overflowed, False
+            overflowed, self._overflowed = self._overflowed, False
+            if overflowed or len(self._queue) <= INDEX_ROUND_MAX or not self.events.waiting:
+                arrivals, self._queue = list(self._queue), collections.deque()
+            else:  # watched: a round at a time, so that news of a flood comes in moments
+                arrivals = [self._queue.popleft() for _ in range(INDEX_ROUND_MAX)]
+            announced = min(self._announced, len(arrivals))
+            self._announced -= announced
+            through = self._queued_total - len(self._queue)  # the last one taken
         keys = [key for key, _ in arrivals]
         try:
             with self.store.lock, self.index.transaction():
@@ -5553,7 +5573,7 @@ class Store:
         waiter = Waiter(query, mailbox, after)
         self.events.add(waiter)
         try:
-            self.catch_up()
+            self.indexer.catch_up(until=waiter.ready.is_set)
             after_query = Query(query.conditions + (Condition("after", value=after + 1e-6),))
             _, _, newest = self.index.page(after_query, mailbox, 1, 0)
             if newest:

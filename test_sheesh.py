@@ -2780,6 +2780,40 @@ def test_both_index_kinds_answer_every_read_of_the_contract_alike(tmp_path):
     assert answers[0] == answers[1]
 
 
+def test_a_watched_flood_is_indexed_a_round_at_a_time_and_its_senders_wait_for_the_indexer(
+        tmp_path, monkeypatch):
+    """Under a flood with someone waiting for news, the indexer took the whole queue in one
+    round (4,000 messages, 2.5 s) and told IDLE and the waits of them only then; the senders,
+    busy on the GIL, kept it ever behind. Now a watched round takes INDEX_ROUND_MAX, and a
+    session pauses before its 250 while the indexer is behind."""
+    store = open_store(tmp_path / "mail")
+    try:
+        gate, real = threading.Event(), store.indexer._work
+        store.indexer._work = lambda: gate.wait(30) and real()  # the thread stays out of it
+        keys = [deliver(store.maildir, f"Subject: {n}\r\n\r\nx\r\n".encode())
+                for n in range(sheesh.INDEX_ROUND_MAX + 20)]
+        store.watch()
+        paused = []
+        monkeypatch.setattr(sheesh.time, "sleep", paused.append)
+        deliver(store.maildir, b"Subject: one more\r\n\r\nx\r\n")  # behind by 71: it pauses
+        monkeypatch.undo()
+        assert paused and 0 < paused[0] <= sheesh.INDEX_BEHIND_PAUSE_MAX
+        before = store.last_event
+        store.indexer._index_arrivals()
+        assert store.indexer._indexed_total == sheesh.INDEX_ROUND_MAX  # the oldest first
+        [(_, kind, news)] = store.events_after(before, 0)
+        assert (kind, news["count"], news["id"]) == (
+            "new", sheesh.INDEX_ROUND_MAX, keys[sheesh.INDEX_ROUND_MAX - 1])
+        store.unwatch()
+        store.indexer._index_arrivals()  # no one waits: the rest in one round
+        assert store.indexer._indexed_total == len(keys) + 1
+        gate.set()
+        indexed(store, len(keys) + 1)
+    finally:
+        gate.set()
+        store.close()
+
+
 def test_index_reads_each_message_once_and_a_restart_reads_none(tmp_path, counted_reads):
     (tmp_path / "mail" / "new").mkdir(parents=True)
     keys = drop_into_new(tmp_path / "mail", 2000)
