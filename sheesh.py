@@ -4730,6 +4730,7 @@ class Indexer:
         self._queue_lock = threading.Lock()
         self._queue: collections.deque[tuple[str, float]] = collections.deque()
         self._queued_total = self._indexed_total = 0  # arrivals, and those indexed
+        self.announced_total = 0  # the first so many arrivals were announced (IDLE's news)
         self._announced = 0  # of the queued arrivals, the first so many were announced
         self._first_unannounced = 0.0
         self._overflowed = False
@@ -4832,11 +4833,13 @@ class Indexer:
             return self._progress.wait_for(
                 lambda: self._indexed_total >= number or self._stopping, timeout)
 
-    def catch_up(self, timeout: float = 5.0, until=lambda: False) -> None:
-        """Wait until every message delivered so far is in the index (readers call this), or
-        until `until()` is true."""
-        with self._queue_lock:
-            target = self._queued_total
+    def catch_up(self, timeout: float = 5.0, until=lambda: False,
+                 target: int | None = None) -> None:
+        """Wait until every message delivered so far (or the first `target` of them) is in
+        the index (readers call this), or until `until()` is true."""
+        if target is None:
+            with self._queue_lock:
+                target = self._queued_total
         if self._indexed_total >= target or self.problem is not None:
             return  # a failing index is not waited for: what it has is answered at once
         with self._progress:
@@ -4976,6 +4979,7 @@ class Indexer:
         with self._queue_lock:
             fresh = [key for key, _ in itertools.islice(self._queue, self._announced, None)]
             self._announced += len(fresh)
+            self.announced_total = self._queued_total - len(self._queue) + self._announced
         if self.events.waiters:
             entries = []
             for key in fresh:
@@ -5019,12 +5023,13 @@ class Indexer:
         if overflowed:
             self.scan_folders(force=True)
         stored = {entry.summary.key: entry for entry in self._read_waiting(len(keys))[0]}
-        # A folder listing may have read some of them first: read those again to tell them.
-        self._tell([stored.get(key) or self._read_again(key) for key in keys[announced:]])
         self._own_change = time.monotonic()
         with self._progress:
             self._indexed_total = max(self._indexed_total, through)
+            self.announced_total = max(self.announced_total, through)
             self._progress.notify_all()
+        # A folder listing may have read some of them first: read those again to tell them.
+        self._tell([stored.get(key) or self._read_again(key) for key in keys[announced:]])
 
     def _index_waiting(self) -> bool:
         """Read a batch of the messages known but not yet read (a new index, or files that
@@ -5231,6 +5236,11 @@ class Store:
     def catch_up(self, timeout: float = 5.0) -> None:
         """Wait until every message delivered so far is in the index (readers call this)."""
         self.indexer.catch_up(timeout)
+
+    def catch_up_with_news(self) -> None:
+        """Wait until what was announced is in the index: for IDLE, woken by the news, which
+        need not wait for what arrived since (under a flood, a round or two more)."""
+        self.indexer.catch_up(target=self.indexer.announced_total)
 
     def complete(self, timeout: float) -> bool:
         return self.indexer.complete(timeout)
@@ -9161,7 +9171,8 @@ class ImapSession(TakesTurns):
         return IMAP_IDLE_TICK if self.idling is not None else None
 
     def tick(self) -> Turn:
-        return self.hand_over(self.updates() if self.idling is not None else [])
+        """IDLE's news (the store woke it, or its timer did): what was announced."""
+        return self.hand_over(self.updates(news=True) if self.idling is not None else [])
 
     def capabilities(self) -> str:
         words = ["IMAP4rev1", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE", "NAMESPACE",
@@ -9608,17 +9619,21 @@ class ImapSession(TakesTurns):
 
     # -- what changed meanwhile (RFC 3501 section 5.2: EXISTS, EXPUNGE, FETCH FLAGS)
 
-    def updates(self, expunges: bool = True) -> list:
+    def updates(self, expunges: bool = True, news: bool = False) -> list:
         """What other sessions and programs changed in the selected mailbox since this
-        session last looked. No EXPUNGE while answering FETCH, STORE or SEARCH (RFC 3501
-        section 7.4.1): those removals wait, their numbers still in place."""
+        session last looked (with `news`, as far as it was announced: IDLE). No EXPUNGE while
+        answering FETCH, STORE or SEARCH (RFC 3501 section 7.4.1): those removals wait,
+        their numbers still in place."""
         if goodbye := self.renumbered():
             return goodbye
         s = self.selected
         if s is None or (s.event == self.store.last_event and not (expunges and s.expunged)):
             return []
         s.event = self.store.last_event
-        self.store.catch_up()
+        if news:
+            self.store.catch_up_with_news()
+        else:
+            self.store.catch_up()
         modseq = self.store.modseq
         flagged, removed, trimmed = self.store.changes(s.modseq, s.mailbox.address)
         if trimmed:  # the list of removals was trimmed: compare the whole list
