@@ -5314,8 +5314,13 @@ class Store:
         total, unread, messages = self.index.page(query, mailbox, limit, offset)
         return Page(total, unread, self.with_checks(messages, budget=CHECK_BUDGET))
 
-    def summary(self, key: str) -> Summary | None:
-        self.catch_up()
+    def summary(self, key: str, news: bool = False) -> Summary | None:
+        """The message's summary; with `news`, of a message just announced, which need not
+        wait for what arrived since (a wait's answer, under a flood)."""
+        if news:
+            self.catch_up_with_news()
+        else:
+            self.catch_up()
         found = self.index.get(key) if len(key) < 256 else None
         return self.with_checks([found])[0] if found is not None else None
 
@@ -5404,8 +5409,8 @@ class Store:
                 self._findings.popitem(last=False)
         return findings
 
-    def message(self, key: str) -> StoredMessage | None:
-        summary = self.summary(key)
+    def message(self, key: str, news: bool = False) -> StoredMessage | None:
+        summary = self.summary(key, news)
         return StoredMessage(self, summary) if summary is not None else None
 
     def messages(self, mailbox: str | None = None) -> list[StoredMessage]:
@@ -6867,12 +6872,12 @@ class WebApp:
             return json_error(503, "sheesh is stopping")
         if found is None:
             return json_error(408, f"no message matching the query arrived in {timeout:g} s")
-        return self.message(found.key)
+        return self.message(found.key, news=True)
 
     @contextlib.contextmanager
-    def _reading(self, key: str):
+    def _reading(self, key: str, news: bool = False):
         """The message's bytes and MIME outline, or None if there is no such message."""
-        stored = self.store.message(key)
+        stored = self.store.message(key, news)
         try:
             file = stored.open() if stored is not None else None
         except LookupError:
@@ -6883,8 +6888,8 @@ class WebApp:
         with file, message_bytes(file) as buffer:
             yield stored, buffer, outline(buffer)
 
-    def message(self, key: str) -> Response:
-        with self._reading(key) as found:
+    def message(self, key: str, news: bool = False) -> Response:
+        with self._reading(key, news) as found:
             if found is None:
                 return json_error(404, "no such message")
             stored, buffer, root = found
