@@ -2861,11 +2861,13 @@ class MimePart:
         reader is meant to save: it is not counted or listed as an attachment."""
         return bool(self.content_id) and self.disposition != "attachment"
 
-    def leaves(self):
-        """The parts that hold content, in order; a message/rfc822 part counts as one."""
-        if self.content_type.startswith("multipart/") and self.parts:
+    def leaves(self, into_messages: bool = False):
+        """The parts that hold content, in order; a message/rfc822 part counts as one, or,
+        `into_messages`, its message's parts do (what IMAP's SEARCH BODY reads)."""
+        if self.parts and (self.content_type.startswith("multipart/") or (
+                into_messages and self.content_type in RFC822_TYPES)):
             for part in self.parts:
-                yield from part.leaves()
+                yield from part.leaves(into_messages)
         else:
             yield self
 
@@ -8777,7 +8779,8 @@ def section_bytes(buffer, root: MimePart, numbers: tuple[int, ...], kind: str,
 
 def header_fields(header: bytes, names: tuple[str, ...], keep: bool) -> bytes:
     """The header lines (with their continuations) named, or all but those; then the blank
-    line, as RFC 3501 section 6.4.5 asks."""
+    line, as RFC 3501 section 6.4.5 asks, "except in the case of a message which has no body
+    and no blank line"."""
     wanted, chosen, taking = {name.lower() for name in names}, [], False
     for line in header.split(b"\r\n"):
         if not line:
@@ -8787,24 +8790,27 @@ def header_fields(header: bytes, names: tuple[str, ...], keep: bool) -> bytes:
             taking = (name in wanted) == keep
         if taking:
             chosen.append(line + b"\r\n")
-    return b"".join(chosen) + b"\r\n"
+    blank = header.endswith((b"\r\n\r\n", b"\n\n")) or header in (b"\r\n", b"\n")
+    return b"".join(chosen) + b"\r\n" * blank
 
 
 def count_lines(buffer, start: int, end: int) -> int:
-    lines = count_in(buffer, b"\n", start, end)
-    return lines + (end > start and buffer[end - 1:end] != b"\n")
+    """A body's size in lines (RFC 3501 section 7.4.2), as Dovecot counts them: its line
+    endings. A part's last line ends at the boundary, which has the line ending."""
+    return count_in(buffer, b"\n", start, end)
 
 
 def body_structure(buffer, part: MimePart, extended: bool = True) -> bytes:
     """BODYSTRUCTURE (extended) or BODY (RFC 3501 section 7.4.2), from the outline."""
+    headers = part.headers
     if part.content_type.startswith("multipart/") and part.parts:
         fields = [imap_string(part.content_type.split("/", 1)[1].upper())]
         if extended:
-            fields += [parameter_list(part.parameters), disposition_of(part), b"NIL", b"NIL"]
+            fields += [parameter_list(part.parameters), disposition_of(part),
+                       *language_and_location(headers)]
         children = b"".join(body_structure(buffer, child, extended) for child in part.parts)
         return b"(" + children + b" " + b" ".join(fields) + b")"
     maintype, subtype = part.content_type.split("/", 1)
-    headers = part.headers
     fields = [imap_string(maintype.upper()), imap_string(subtype.upper()),
               parameter_list(part.parameters),
               imap_string(one_line(headers.get("Content-ID"))),
@@ -8818,8 +8824,18 @@ def body_structure(buffer, part: MimePart, extended: bool = True) -> bytes:
                    str(count_lines(buffer, part.body_start, part.end)).encode()]
     if extended:
         fields += [imap_string(one_line(headers.get("Content-MD5"))), disposition_of(part),
-                   b"NIL", b"NIL"]
+                   *language_and_location(headers)]
     return imap_list(fields)
+
+
+def language_and_location(headers) -> list[bytes]:
+    """BODYSTRUCTURE's body-fld-lang (one string, or a list of them: RFC 3282's
+    Content-Language) and body-fld-loc (RFC 2557's Content-Location)."""
+    languages = [word.strip() for word in (one_line(headers.get("Content-Language")) or "")
+                 .split(",") if word.strip()]
+    language = (b"NIL" if not languages else imap_string(languages[0]) if len(languages) == 1
+                else imap_list(imap_string(word) for word in languages))
+    return [language, imap_string(one_line(headers.get("Content-Location")))]
 
 
 def parameter_list(parameters: dict[str, str]) -> bytes:
@@ -8841,21 +8857,61 @@ def one_line(value) -> str | None:
     return None if value is None else re.sub(r"\r?\n[ \t]*", " ", str(value)).strip()
 
 
+def address_groups(value: str) -> list[tuple[str | None, list[tuple[str, str]]]]:
+    """An address list split into its groups ("Team: a@x, b@y;") and the mailboxes between
+    them (group None), in order, each a list of (name, address): email.utils.getaddresses
+    drops the groups. One pass over the text, minding quotes, comments and angle brackets."""
+    pieces, start, group, quoted, depth, angle, escaped = [], 0, None, False, 0, False, False
+    for position, char in enumerate(value):
+        if escaped:
+            escaped = False
+        elif char == "\\" and (quoted or depth):
+            escaped = True
+        elif quoted:
+            quoted = char != '"'
+        elif char == '"':
+            quoted = True
+        elif char == "(":
+            depth += 1
+        elif char == ")" and depth:
+            depth -= 1
+        elif depth:
+            pass
+        elif char == "<":
+            angle = True
+        elif char == ">":
+            angle = False
+        elif char == ":" and not angle and group is None:
+            pieces.append((None, value[start:value.rfind(",", start, position) + 1]))
+            group = value[value.rfind(",", start, position) + 1:position].strip().strip('"')
+            start = position + 1
+        elif char == ";" and not angle and group is not None:
+            pieces.append((group, value[start:position]))
+            group, start = None, position + 1
+    pieces.append((group, value[start:]))
+    return [(name, [(person, address) for person, address in email.utils.getaddresses([text])
+                    if address]) for name, text in pieces
+            if name is not None or text.strip(" ,")]
+
+
 def envelope_of(message: MimePart) -> bytes:
     """ENVELOPE: date, subject, from, sender, reply-to, to, cc, bcc, in-reply-to and
     message-id, from the raw header values; Sender and Reply-To default to From."""
     headers = message.headers
 
     def addresses(name: str) -> bytes:
-        values = [one_line(value) for value in headers.get_all(name, [])]
-        found = [(person, address) for person, address in email.utils.getaddresses(values)
-                 if address]
-        if not found:
-            return b"NIL"
-        return imap_list(imap_list([imap_string(person or None), b"NIL",
-                                    imap_string(address.rpartition("@")[0] or address),
-                                    imap_string(address.rpartition("@")[2] or None)])
-                         for person, address in found)
+        # RFC 3501 section 9: "(" 1*address ")", no space between them; a group (RFC 5322
+        # section 3.4) is (NIL NIL "name" NIL), its addresses, then (NIL NIL NIL NIL).
+        found = []
+        for value in headers.get_all(name, []):
+            for group, members in address_groups(one_line(value)[:HEADER_DECODE_LIMIT]):
+                found += [b"(NIL NIL " + imap_string(group) + b" NIL)"] if group else []
+                found += [imap_list([imap_string(person or None), b"NIL",
+                                     imap_string(address.rpartition("@")[0] or address),
+                                     imap_string(address.rpartition("@")[2] or None)])
+                          for person, address in members]
+                found += [b"(NIL NIL NIL NIL)"] if group else []
+        return b"(" + b"".join(found) + b")" if found else b"NIL"
     from_ = addresses("From")
     return imap_list([imap_string(one_line(headers.get("Date"))),
                       imap_string(one_line(headers.get("Subject"))), from_,
@@ -8897,7 +8953,8 @@ class SearchFacts:
         one while any number of sessions search it."""
         try:
             with self.store.maildir.read(self.store.locate(self.summary.key)) as buffer:
-                return any(part_holds(buffer, part, wanted) for part in outline(buffer).leaves()
+                return any(part_holds(buffer, part, wanted)
+                           for part in outline(buffer).leaves(into_messages=True)
                            if part.content_type.startswith("text/"))
         except (OSError, TypeError):
             return False

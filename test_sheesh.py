@@ -6294,6 +6294,43 @@ def imap_login(server, user="anyone", port=None):
     return client
 
 
+DOVECOT_LIKE = (  # what Dovecot answered differently: groups, line counts, languages, forwards
+    b"From: Alice <alice@b.test>\r\nTo: undisclosed-recipients:;\r\n"
+    b"Cc: Team: a@x.test, B <b@y.test>;, c@z.test\r\nSubject: groups\r\n"
+    b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b1\r\n"
+    b"Content-Language: en\r\n\r\n"
+    b"--b1\r\nContent-Type: text/plain\r\nContent-Language: en, fr\r\n"
+    b"Content-Location: http://b.test/note.txt\r\n\r\nno line ending before the boundary\r\n"
+    b"--b1\r\nContent-Type: message/rfc822\r\n\r\n"
+    b"Subject: forwarded\r\n\r\nthe needle-in-a-forward is here\r\n"
+    b"--b1--\r\n")
+
+
+def test_imap_answers_as_dovecot_does_for_groups_lines_languages_and_forwards(tmp_path):
+    with make_server(tmp_path, imap_port=0) as server:
+        with smtplib.SMTP(server.host, server.port) as client:
+            client.sendmail("a@b.test", ["c@d.test"], DOVECOT_LIKE)
+            client.sendmail("a@b.test", ["c@d.test"], b"Subject: no body\r\nX-A: 1")
+        imap = imap_login(server)
+        imap.select("INBOX")
+        _, data = imap.fetch("1", "(ENVELOPE)")
+        assert (b' (("Alice" NIL "alice" "b.test")) ((NIL NIL "undisclosed-recipients" NIL)'
+                b'(NIL NIL NIL NIL)) ((NIL NIL "Team" NIL)(NIL NIL "a" "x.test")("B" NIL "b" '
+                b'"y.test")(NIL NIL NIL NIL)(NIL NIL "c" "z.test")) NIL NIL NIL)') in data[0]
+        _, data = imap.fetch("1", "(BODYSTRUCTURE)")
+        assert (b'("TEXT" "PLAIN" NIL NIL NIL "7BIT" 34 0 NIL NIL ("EN" "FR")'.lower()
+                in data[0].lower())  # 34 octets, no line ending of its own: 0 lines
+        assert b'"http://b.test/note.txt"' in data[0]
+        assert data[0].rstrip(b")").endswith(b'"MIXED" ("BOUNDARY" "b1") NIL "en" NIL')
+        assert imap.search(None, "BODY", "needle-in-a-forward") == ("OK", [b"1"])
+        _, data = imap.fetch("2", "(BODY.PEEK[HEADER.FIELDS.NOT (X-A RETURN-PATH "
+                                  "DELIVERED-TO RECEIVED)])")
+        assert data[0][1] == b"Subject: no body\r\n"  # no body, no blank line: none added
+        _, data = imap.fetch("1", "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+        assert data[0][1] == b"Subject: groups\r\n\r\n"  # the blank line is there
+        imap.logout()
+
+
 def test_imaplib_fetches_every_item_of_a_multipart_message(imap_server):
     client = imap_login(imap_server)
     assert client.select("INBOX") == ("OK", [b"2"])
