@@ -3166,6 +3166,7 @@ class Summary:
     modseq: int = 0
     dsn: dict | None = None  # what the client asked of delivery notifications (RFC 3461)
     checks: dict | None = None  # findings by severity (12.5), once someone has looked
+    keywords: str = ""  # IMAP's keywords ($Important, $Label1), one space apart
 
     @property
     def seen(self) -> bool:
@@ -3494,16 +3495,17 @@ def phrase_in(words: tuple[str, ...], tokens: list[str]) -> bool:
 
 _SUMMARY_COLUMNS = ", ".join(f"messages.{name}" for name in (
     "uid key location flags time size crlf_size sender recipients from_ to_ cc subject date "
-    "message_id attachments modseq dsn checks".split()))
+    "message_id attachments modseq dsn checks keywords".split()))
 
 
 def _summary(row) -> Summary:
     (uid, key, location, flags, time_, size, crlf, sender, recipients, from_, to, cc, subject,
-     date, message_id, attachments, modseq, dsn, checks) = row
+     date, message_id, attachments, modseq, dsn, checks, keywords) = row
     return Summary(uid, key, location, flags, time_, size, crlf, sender,
                    recipients.split("\n") if recipients else [], from_, to, cc, subject, date,
                    message_id, attachments.split("\n") if attachments else [], modseq,
-                   json.loads(dsn) if dsn else None, json.loads(checks) if checks else None)
+                   json.loads(dsn) if dsn else None, json.loads(checks) if checks else None,
+                   keywords)
 
 
 # What a condition of the search syntax is in SQL; the words go to SQLite's full-text index.
@@ -3545,6 +3547,8 @@ class Index(typing.Protocol):
     def fill(self, entries: list[IndexEntry]) -> list[IndexEntry]:
         """Store what was read of messages; those that were not already."""
     def move(self, uid: int, location: str, flags: str, modseq: int) -> None: ...
+    def set_keywords(self, uid: int, keywords: str, modseq: int) -> None:
+        """IMAP's keywords of a message, one space apart (its flags are the file's)."""
     def remove(self, uids: list[int], modseq: int, texts: dict | None = None) -> None: ...
     def reconcile(self, found) -> tuple[list[tuple[int, str]], list[tuple[int, str, str, str]]]:
         """Brought in line with a scan of the folders: those gone, those moved."""
@@ -3566,9 +3570,9 @@ class Index(typing.Protocol):
         """(how many match, how many of them unread, the page), newest first."""
     def uids(self, query: Query = Query(), mailbox: str | None = None,
              after: int = 0) -> list[int]: ...
-    def changes(self, since: int, mailbox: str | None) -> tuple[list[tuple[int, str, int]],
-                                                                list[int]]:
-        """(uid, flags, modseq) changed after a modseq, and the UIDs removed since."""
+    def changes(self, since: int, mailbox: str | None) -> tuple[
+            list[tuple[int, str, int, str]], list[int]]:
+        """(uid, flags, modseq, keywords) changed after a modseq, and the UIDs removed."""
     def next_uid(self) -> int: ...
     def sizes(self, mailbox: str | None) -> list[tuple[int, int]]: ...
     def mailboxes(self) -> list[tuple[str, int, int]]: ...
@@ -3601,7 +3605,8 @@ class SqlIndex:
             from_ TEXT NOT NULL DEFAULT '', to_ TEXT NOT NULL DEFAULT '',
             cc TEXT NOT NULL DEFAULT '', subject TEXT NOT NULL DEFAULT '',
             date TEXT NOT NULL DEFAULT '', message_id TEXT NOT NULL DEFAULT '',
-            attachments TEXT NOT NULL DEFAULT '', dsn TEXT, checks TEXT);
+            attachments TEXT NOT NULL DEFAULT '', dsn TEXT, checks TEXT,
+            keywords TEXT NOT NULL DEFAULT '');
         CREATE INDEX messages_unindexed ON messages (uid) WHERE NOT indexed;
         CREATE INDEX messages_modseq ON messages (modseq);
         CREATE INDEX messages_time ON messages (time);
@@ -3700,6 +3705,9 @@ class SqlIndex:
         columns = {row[1] for row in self._writer.execute("PRAGMA table_info(messages)")}
         if "checks" not in columns:  # an index made before message checks: add the column
             self._writer.execute("ALTER TABLE messages ADD COLUMN checks TEXT")
+        if "keywords" not in columns:  # made before IMAP kept keywords
+            self._writer.execute("ALTER TABLE messages ADD COLUMN keywords TEXT NOT NULL "
+                                 "DEFAULT ''")
         columns = {row[1] for row in self._writer.execute("PRAGMA table_info(sessions)")}
         if "protocol" not in columns:  # made before sessions could be listed by protocol
             db = self._writer
@@ -3882,8 +3890,10 @@ class SqlIndex:
             try:
                 meta = dict(db.execute("SELECT name, value FROM meta WHERE name IN "
                                        "('uidvalidity', 'modseq')").fetchall())
-                rows = db.execute("SELECT uid, key, location, flags, modseq, time FROM "
-                                  "messages").fetchall()
+                columns = {row[1] for row in db.execute("PRAGMA table_info(messages)")}
+                keywords = "keywords" if "keywords" in columns else "''"
+                rows = db.execute(f"SELECT uid, key, location, flags, modseq, time, {keywords} "
+                                  f"FROM messages").fetchall()
                 sequence = db.execute("SELECT seq FROM sqlite_sequence WHERE name = "
                                       "'messages'").fetchone()
                 hidden = db.execute("SELECT address, key FROM hidden").fetchall() if db.execute(
@@ -3902,8 +3912,8 @@ class SqlIndex:
         and is read again from its file; the UIDVALIDITY stays, and so the sessions' UIDs."""
         db = self._writer
         with self.transaction():
-            db.executemany("INSERT INTO messages (uid, key, location, flags, modseq, time) "
-                           "VALUES (?, ?, ?, ?, ?, ?)", salvaged["rows"])
+            db.executemany("INSERT INTO messages (uid, key, location, flags, modseq, time, "
+                           "keywords) VALUES (?, ?, ?, ?, ?, ?, ?)", salvaged["rows"])
             self._count(waiting=len(salvaged["rows"]))
             db.executemany("INSERT OR IGNORE INTO hidden VALUES (?, ?)", salvaged["hidden"])
             db.execute("INSERT OR REPLACE INTO sqlite_sequence (name, seq) VALUES "
@@ -3961,6 +3971,10 @@ class SqlIndex:
                        [(entry.summary.uid, *entry.columns()) for entry in stored])
         self._count(len(stored), sum(not entry.summary.seen for entry in stored), -len(stored))
         return stored
+
+    def set_keywords(self, uid: int, keywords: str, modseq: int) -> None:
+        self._writer.execute("UPDATE messages SET keywords = ?, modseq = ? WHERE uid = ?",
+                             (keywords, modseq, uid))
 
     def move(self, uid: int, location: str, flags: str, modseq: int) -> None:
         before = self._writer.execute("SELECT indexed, instr(flags, 'S') = 0 FROM messages "
@@ -4126,13 +4140,13 @@ class SqlIndex:
         return [row[0] for row in self._read(
             f"SELECT uid FROM {tables} WHERE {where} AND uid > ? ORDER BY uid", (*params, after))]
 
-    def changes(self, since: int, mailbox: str | None) -> tuple[list[tuple[int, str, int]],
-                                                                list[int]]:
-        """What changed after modification sequence `since`: ((UID, flags, modseq) of the
-        messages whose flags changed, UIDs of those removed)."""
+    def changes(self, since: int, mailbox: str | None) -> tuple[
+            list[tuple[int, str, int, str]], list[int]]:
+        """What changed after modification sequence `since`: ((UID, flags, modseq, keywords)
+        of the messages whose flags changed, UIDs of those removed)."""
         _, where, params = self._where(Query(), mailbox)
-        flagged = self._read(f"SELECT uid, flags, modseq FROM messages WHERE {where} AND "
-                             "modseq > ? ORDER BY uid", (*params, since))
+        flagged = self._read(f"SELECT uid, flags, modseq, keywords FROM messages WHERE {where} "
+                             "AND modseq > ? ORDER BY uid", (*params, since))
         return flagged, [row[0] for row in self._read(
             "SELECT uid FROM expunged WHERE modseq > ? ORDER BY uid", (since,))]
 
@@ -4343,9 +4357,15 @@ class MemoryIndex:
                 if known is None or uid in self._bodies:
                     continue
                 entry.summary.location, entry.summary.flags = known.location, known.flags
+                entry.summary.keywords = known.keywords
                 self._rows[uid], self._bodies[uid] = entry.summary, entry.body
                 stored.append(entry)
         return stored
+
+    def set_keywords(self, uid: int, keywords: str, modseq: int) -> None:
+        with self._lock:
+            if (summary := self._rows.get(uid)) is not None:
+                summary.keywords, summary.modseq = keywords, modseq
 
     def move(self, uid: int, location: str, flags: str, modseq: int) -> None:
         with self._lock:
@@ -4420,11 +4440,11 @@ class MemoryIndex:
              after: int = 0) -> list[int]:
         return [s.uid for s in self._indexed(query, mailbox) if s.uid > after]
 
-    def changes(self, since: int, mailbox: str | None) -> tuple[list[tuple[int, str, int]],
-                                                                list[int]]:
+    def changes(self, since: int, mailbox: str | None) -> tuple[
+            list[tuple[int, str, int, str]], list[int]]:
         with self._lock:
-            return ([(s.uid, s.flags, s.modseq) for s in self._indexed(mailbox=mailbox)
-                     if s.modseq > since],
+            return ([(s.uid, s.flags, s.modseq, s.keywords) for s in self._indexed(
+                mailbox=mailbox) if s.modseq > since],
                     sorted(uid for uid, modseq in self._expunged.items() if modseq > since))
 
     def next_uid(self) -> int:
@@ -5482,6 +5502,18 @@ class Store:
             summary.location, summary.flags, summary.modseq = new_location, flags, modseq
         self.events.announce("seen" if summary.seen and not was_seen else "flags", [key])
         return summary
+
+    def set_keywords(self, summary: Summary, keywords: set[str]) -> Summary:
+        """Give a message these IMAP keywords, kept in the index (a Maildir file name has
+        room for the system flags only): every session sees them, after a restart too."""
+        text = " ".join(sorted(keywords))
+        if text == summary.keywords:
+            return summary
+        with self.lock, self.index.transaction():
+            modseq = self.index.next_modseq()
+            self.index.set_keywords(summary.uid, text, modseq)
+        self.events.announce("flags", [summary.key])
+        return replace(summary, keywords=text, modseq=modseq)
 
     @property
     def modseq(self) -> int:
@@ -8437,7 +8469,9 @@ class Pop3Session(TakesTurns):
 # address sees that recipient's mail as INBOX; any other name sees all mail as INBOX, and each
 # recipient's as a read-only folder, Recipients/user@example.com. Flags are the Maildir's
 # (\Seen is S, \Answered R, \Flagged F, \Deleted T, \Draft D), so mutt, POP3, the web inbox and
-# IMAP agree; other keywords last as long as the session. UIDs and UIDVALIDITY are the index's.
+# IMAP agree; other keywords ($Important, $Label1) are kept in the index, for every session and
+# after a restart (a Maildir file name has no room for them). UIDs and UIDVALIDITY are the
+# index's.
 # ---------------------------------------------------------------------------------------------
 
 IMAP_TIMEOUT = 1800.0  # RFC 3501 section 5.4: an idle timer of at least 30 minutes
@@ -8451,6 +8485,7 @@ IMAP_LITERAL_LIMIT = 1024 * 1024  # all the literals of one command but APPEND's
 IMAP_DEPTH_LIMIT = 32  # parentheses, NOT and OR nested deeper than this are BAD
 IMAP_SEARCH_KEYS_LIMIT = 256  # words in one SEARCH: each is tried on every message
 IMAP_PATTERN_LIMIT = 256  # characters of a LIST pattern (mailbox names are shorter)
+IMAP_KEYWORDS_LIMIT = 64  # keywords on one message (clients set a handful)
 IMAP_IDLE_TICK = 0.5  # in IDLE, changes are looked for this often (RFC 2177)
 IMAP_SYSTEM_FLAGS = {"\\seen": "S", "\\answered": "R", "\\flagged": "F", "\\deleted": "T",
                      "\\draft": "D"}
@@ -9156,7 +9191,6 @@ class Selected:
     event: int  # the store's last event, then
     uidvalidity: int  # the index's when the UIDs were read: they mean nothing after it
     recent: set[int] = field(default_factory=set)
-    keywords: dict[int, set[str]] = field(default_factory=dict)  # flags of this session only
     expunged: set[int] = field(default_factory=set)  # by others, not told yet (section 7.4.1)
     own: dict[int, int] = field(default_factory=dict)  # UID -> modseq of this session's changes
 
@@ -9668,9 +9702,10 @@ class ImapSession(TakesTurns):
         self.state = ImapState.SELECTED
         unseen = self.store.uids(Query((Condition("seen", value=False),)), box.address)
         flags = "\\Answered \\Flagged \\Deleted \\Seen \\Draft"
+        permanent = "" if read_only else flags + " \\*"  # \*: new keywords are kept too
         replies = [untagged(f"FLAGS ({flags})"),
-                   untagged(f"OK [PERMANENTFLAGS ({'' if read_only else flags})] "
-                            f"{'read-only' if read_only else 'keywords last for the session'}"),
+                   untagged(f"OK [PERMANENTFLAGS ({permanent})] "
+                            f"{'read-only' if read_only else 'flags and keywords are kept'}"),
                    untagged(f"{len(uids)} EXISTS"), untagged(f"{len(self.selected.recent)} RECENT"),
                    untagged(f"OK [UIDVALIDITY {self.store.uidvalidity}] UIDs valid"),
                    untagged(f"OK [UIDNEXT {self.store.next_uid()}] predicted next UID")]
@@ -9707,10 +9742,10 @@ class ImapSession(TakesTurns):
             removed = [uid for uid in removed if uid not in still]
         s.expunged.update(uid for uid in removed if s.number(uid) is not None)
         s.modseq, replies = modseq, []
-        for uid, flags, changed in flagged:  # but this session's own changes
+        for uid, flags, changed, keywords in flagged:  # but this session's own changes
             number = s.number(uid)
             if number is not None and uid not in s.expunged and s.own.get(uid) != changed:
-                names = self.flag_names(s, uid, flags)
+                names = self.flag_names(s, uid, flags, keywords)
                 replies.append(untagged(f"{number} FETCH (FLAGS ({names}))"))
         if expunges and s.expunged:
             replies += self.forget(s, s.expunged)
@@ -9728,13 +9763,12 @@ class ImapSession(TakesTurns):
         s.uids = array.array("q", (uid for uid in s.uids if uid not in uids))
         s.expunged -= uids
         for uid in uids:
-            s.keywords.pop(uid, None)
             s.recent.discard(uid)
         return [untagged(f"{number} EXPUNGE") for number in numbers]
 
-    def flag_names(self, s: Selected, uid: int, flags: str) -> str:
+    def flag_names(self, s: Selected, uid: int, flags: str, keywords: str) -> str:
         names = [IMAP_FLAG_NAMES[f] for f in flags if f in IMAP_FLAG_NAMES]
-        names += sorted(s.keywords.get(uid, ()))
+        names += keywords.split()
         if uid in s.recent:
             names.append("\\Recent")
         return " ".join(names)
@@ -9809,11 +9843,11 @@ class ImapSession(TakesTurns):
         with imap_view(self.store, summary) if needs_file else contextlib.nullcontext() as view:
             root = outline(view) if needs_file else None
             for item in items:
-                fields.append(fetch_field(item, view, root, summary,
-                                          self.flag_names(s, summary.uid, summary.flags)))
+                fields.append(fetch_field(item, view, root, summary, self.flag_names(
+                    s, summary.uid, summary.flags, summary.keywords)))
             if marks_seen and not any(item.name == "FLAGS" for item in items):
                 fields.append([b"FLAGS (" + self.flag_names(
-                    s, summary.uid, summary.flags).encode() + b")"])
+                    s, summary.uid, summary.flags, summary.keywords).encode() + b")"])
             yield b"* %d FETCH (" % number
             for position, pieces in enumerate(fields):
                 if position:
@@ -9829,8 +9863,8 @@ class ImapSession(TakesTurns):
     # -- STORE, SEARCH, COPY, EXPUNGE, APPEND
 
     def store_flags(self, tag: str, arguments: list, by_uid: bool) -> list:
-        """STORE n [+-]FLAGS[.SILENT] (flags): system flags are the file's, kept for good;
-        keywords last for the session."""
+        """STORE n [+-]FLAGS[.SILENT] (flags): system flags are the file's, keywords the
+        index's; both kept for good, and seen by every session."""
         if len(arguments) != 3:
             raise BadCommand("usage: STORE sequence-set [+-]FLAGS[.SILENT] (flags)")
         how = str(arguments[1]).upper()
@@ -9855,8 +9889,7 @@ class ImapSession(TakesTurns):
                 summary = found.get(uid)
                 if summary is None:
                     continue
-                now = set(summary.flags)
-                mine = s.keywords.setdefault(uid, set())
+                now, mine = set(summary.flags), set(summary.keywords.split())
                 if how.startswith("+"):
                     now |= letters
                     mine |= keywords
@@ -9865,14 +9898,20 @@ class ImapSession(TakesTurns):
                     mine -= keywords
                 else:
                     now = letters | (now - set(IMAP_SYSTEM_FLAGS.values()))
-                    mine.clear()
-                    mine |= keywords
+                    mine = set(keywords)
+                if len(mine) > IMAP_KEYWORDS_LIMIT:
+                    return replies + [tagged(tag, "NO", f"[LIMIT] at most "
+                                                        f"{IMAP_KEYWORDS_LIMIT} keywords on a "
+                                                        f"message")]
                 if now != set(summary.flags):
                     summary = self.store.set_flags(summary.key, "".join(now)) or summary
                     s.own[uid] = summary.modseq
+                if mine != set(summary.keywords.split()):
+                    summary = self.store.set_keywords(summary, mine)
+                    s.own[uid] = summary.modseq
                 if not how.endswith(".SILENT"):
-                    replies.append(untagged(f"{number} FETCH (FLAGS ("
-                                            f"{self.flag_names(s, uid, summary.flags)})"
+                    names = self.flag_names(s, uid, summary.flags, summary.keywords)
+                    replies.append(untagged(f"{number} FETCH (FLAGS ({names})"
                                             + (f" UID {uid})" if by_uid else ")")))
         return replies + [tagged(tag, "OK", "STORE completed")]
 
@@ -9892,7 +9931,7 @@ class ImapSession(TakesTurns):
                 summary = summaries.get(uid)
                 if summary is None:
                     continue
-                flags = set(self.flag_names(s, uid, summary.flags).split())
+                flags = set(self.flag_names(s, uid, summary.flags, summary.keywords).split())
                 if test(SearchFacts(self.store, number, summary, flags)):
                     found.append(uid if by_uid else number)
         return replies + [untagged(" ".join(["SEARCH", *map(str, found)])),

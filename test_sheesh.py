@@ -2766,7 +2766,8 @@ def test_both_index_kinds_answer_every_read_of_the_contract_alike(tmp_path):
                 [number[m.key] for m in index.page(sheesh.Query(), "r0@d.test", 10, 0)[2]],
                 [uid - uids[0] for uid in index.uids(found)],
                 [uid - uids[0] for uid in index.uids(sheesh.Query(), "r1@d.test", uids[1])],
-                [(uid - uids[0], flags) for uid, flags, _ in index.changes(modseq, None)[0]],
+                [(uid - uids[0], flags, keywords) for uid, flags, _, keywords in
+                 index.changes(modseq, None)[0]],
                 [uid - uids[0] for uid in index.changes(modseq, None)[1]],
                 sorted(uid - uids[0] for uid in index.present(uids, "r0@d.test")),
                 [size for _, size in index.sizes("all@d.test")], len(index.oldest(3)),
@@ -6329,6 +6330,34 @@ def test_imap_answers_as_dovecot_does_for_groups_lines_languages_and_forwards(tm
         _, data = imap.fetch("1", "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
         assert data[0][1] == b"Subject: groups\r\n\r\n"  # the blank line is there
         imap.logout()
+
+
+def test_imap_keywords_are_kept_for_every_session_and_across_a_restart(tmp_path, index_kind):
+    """imapflow said 'Dropped flags the mailbox does not accept [$Important]': keywords
+    lasted for the session. Now the index keeps them, and PERMANENTFLAGS says \\*."""
+    with make_server(tmp_path, imap_port=0, index=index_kind) as server:
+        with smtplib.SMTP(server.host, server.port) as client:
+            client.sendmail("a@b.test", ["c@d.test"], b"Subject: tagged\r\n\r\nx\r\n")
+        first, second = imap_login(server), imap_login(server)
+        assert first.select("INBOX")[0] == second.select("INBOX")[0] == "OK"
+        assert b"\\*)" in first.response("PERMANENTFLAGS")[1][0]
+        assert first.store("1", "+FLAGS", "($Important $Label1)")[0] == "OK"
+        second.noop()  # the other session is told, as of any flag
+        assert second.response("FETCH")[1] == [b"1 (FLAGS ($Important $Label1))"]
+        assert second.fetch("1", "(FLAGS)")[1] == [b"1 (FLAGS ($Important $Label1))"]
+        assert second.search(None, "KEYWORD", "$Label1") == ("OK", [b"1"])
+        second.store("1", "-FLAGS", "($Label1)")
+        assert first.fetch("1", "(FLAGS)")[1][-1] == b"1 (FLAGS ($Important \\Recent))"
+        too_many = "(" + " ".join(f"$K{n}" for n in range(sheesh.IMAP_KEYWORDS_LIMIT + 1)) + ")"
+        assert first.store("1", "+FLAGS", too_many)[0] == "NO"
+        first.logout(), second.logout()
+    if not index_kind:
+        return  # an index in memory is built again at each start
+    with make_server(tmp_path, imap_port=0, index=index_kind) as again:
+        third = imap_login(again)
+        third.select("INBOX")
+        assert third.fetch("1", "(FLAGS)")[1] == [b"1 (FLAGS ($Important \\Recent))"]
+        third.logout()
 
 
 def test_imaplib_fetches_every_item_of_a_multipart_message(imap_server):
