@@ -1485,10 +1485,16 @@ class Maildir:
             os.close(self._new_fd)
             self._new_fd = None
 
-    def _unique_name(self) -> str:
-        now = time.time()
+    def _unique_name(self, moment: float | None = None) -> str:
+        """A new key: when it arrived (or the moment given: IMAP APPEND's date), and what
+        makes it unique (the process and a counter)."""
+        now = time.time() if moment is None else moment
         return (f"{int(now)}.M{int(now % 1 * 1e6):06d}P{self._pid}Q{next(self._counter)}"
                 f".{self._name_host}")
+
+    def rename_arriving(self, writer: MaildirWriter, moment: float) -> None:
+        """A message not yet committed is to arrive as of `moment` (its key says when)."""
+        writer.name = self._unique_name(moment)
 
     def begin(self, envelope: Envelope, *, trace: bool = True,
               on_delivery=None) -> MaildirWriter:
@@ -8570,6 +8576,16 @@ def imap_list(items) -> bytes:
     return b"(" + b" ".join(items) + b")"
 
 
+def internal_date(text: str) -> float | None:
+    """APPEND's date-time (RFC 3501 section 9: "17-Jul-1996 02:44:25 -0700", the day
+    perhaps space-padded) as a Unix time, or None if it is not one."""
+    try:
+        moment = datetime.datetime.strptime(text.strip(), "%d-%b-%Y %H:%M:%S %z").timestamp()
+    except (ValueError, OverflowError, OSError):
+        return None
+    return moment if 0 <= moment < 2 ** 33 else None
+
+
 def imap_date(moment: float) -> str:
     """INTERNALDATE: "17-Jul-1996 02:44:25 -0700" (RFC 3501 section 9, date-time)."""
     local = datetime.datetime.fromtimestamp(moment).astimezone()
@@ -10030,6 +10046,13 @@ class ImapSession(TakesTurns):
             return [tagged(tag, "NO", f"[SERVERBUG] {storage_problem(writer).lines[0]}")]
         flags = next((a for a in arguments[1:-1] if isinstance(a, list)), [])
         letters = "".join(IMAP_SYSTEM_FLAGS.get(str(name).lower(), "") for name in flags)
+        dates = [a for a in arguments[1:-1] if not isinstance(a, list)]
+        if dates:  # RFC 3501 section 6.3.11: the message's internal date is the one given
+            moment = internal_date(str(dates[0]))
+            if moment is None:
+                writer.abort()
+                raise BadCommand('the date is "dd-Mon-yyyy hh:mm:ss +zzzz"')
+            self.store.maildir.rename_arriving(writer, moment)
         try:
             key = writer.commit()
         except OSError as error:

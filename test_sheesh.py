@@ -6539,6 +6539,25 @@ def test_imaplib_append_stores_a_new_message(imap_server):
     ann.logout()
 
 
+def test_imap_append_keeps_the_internal_date_the_client_gives(imap_server):
+    import imaplib
+    client = imap_login(imap_server)
+    when = imaplib.Time2Internaldate(datetime.datetime(2025, 3, 14, 15, 9, 26,
+                                                       tzinfo=datetime.timezone.utc))
+    assert client.append("INBOX", None, when, b"Subject: dated\r\n\r\nold\r\n")[0] == "OK"
+    client.select("INBOX")
+    _, data = client.fetch("3", "(INTERNALDATE)")
+    moment = imaplib.Internaldate2tuple(data[0])
+    assert time.mktime(moment) == datetime.datetime(
+        2025, 3, 14, 15, 9, 26, tzinfo=datetime.timezone.utc).timestamp()
+    assert client.search(None, "BEFORE", "1-Jan-2026") == ("OK", [b"3"])  # SINCE/BEFORE use it
+    tag = client._new_tag().decode()  # a date that is not one is BAD, and stores nothing
+    client.send(f'{tag} APPEND INBOX "31-Foo-2025 25:00:00 +0000" {{1+}}\r\nx\r\n'.encode())
+    assert client.readline().startswith(f"{tag} BAD ".encode())
+    assert len(imap_server.messages()) == 3
+    client.logout()
+
+
 def test_imaplib_idle_is_told_of_new_mail_within_a_second(imap_server):
     client = imap_login(imap_server)
     client.select("INBOX")
