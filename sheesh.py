@@ -8576,6 +8576,26 @@ def imap_list(items) -> bytes:
     return b"(" + b" ".join(items) + b")"
 
 
+def esearch_reply(tag: str, by_uid: bool, returned: list[str], found: list[int]):
+    """* ESEARCH (TAG "a1") [UID] MIN n MAX n COUNT n ALL set (RFC 4731 section 3.1): MIN,
+    MAX and ALL only when something matched; numbers ascending, ALL as ranges (1:3,5)."""
+    words = [f'(TAG "{tag}")'] + ["UID"] * by_uid
+    if found and "MIN" in returned:
+        words.append(f"MIN {found[0]}")
+    if found and "MAX" in returned:
+        words.append(f"MAX {found[-1]}")
+    if "COUNT" in returned:
+        words.append(f"COUNT {len(found)}")
+    if found and "ALL" in returned:
+        ranges, start = [], found[0]
+        for before, number in zip(found, found[1:] + [None]):
+            if number != before + 1:
+                ranges.append(f"{start}:{before}" if before != start else str(start))
+                start = number
+        words.append("ALL " + ",".join(ranges))
+    return untagged(" ".join(["ESEARCH", *words]))
+
+
 def internal_date(text: str) -> float | None:
     """APPEND's date-time (RFC 3501 section 9: "17-Jul-1996 02:44:25 -0700", the day
     perhaps space-padded) as a Unix time, or None if it is not one."""
@@ -9288,7 +9308,7 @@ class ImapSession(TakesTurns):
 
     def capabilities(self) -> str:
         words = ["IMAP4rev1", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE", "NAMESPACE",
-                 "UNSELECT", "UIDPLUS", "CHILDREN"]
+                 "UNSELECT", "UIDPLUS", "CHILDREN", "ESEARCH", "STATUS=SIZE"]
         if self.state is ImapState.NOT_AUTHENTICATED:
             if self.tls_available and self.tls is None:
                 words.append("STARTTLS")
@@ -9690,10 +9710,13 @@ class ImapSession(TakesTurns):
         recent = len(self.store.uids(mailbox=box.address,
                                            after=self.locks.unclaimed(box.name)))
         values = {"MESSAGES": total, "UNSEEN": unseen, "UIDVALIDITY": self.store.uidvalidity,
-                  "UIDNEXT": self.store.next_uid(), "RECENT": recent}
+                  "UIDNEXT": self.store.next_uid(), "RECENT": recent, "SIZE": None}
         items = [str(item).upper() for item in arguments[1]]
         if not all(item in values for item in items):
-            raise BadCommand("STATUS takes MESSAGES, RECENT, UIDNEXT, UIDVALIDITY and UNSEEN")
+            raise BadCommand("STATUS takes MESSAGES, RECENT, UIDNEXT, UIDVALIDITY, UNSEEN "
+                             "and SIZE")
+        if "SIZE" in items:  # RFC 8438: the messages' sizes, as RFC822.SIZE gives each
+            values["SIZE"] = sum(size for _, size in self.store.sizes(box.address))
         answer = " ".join(f"{item} {values[item]}" for item in items)
         name = imap_string(mutf7_encode(box.name))
         return [untagged(b"STATUS " + name + f" ({answer})".encode()),
@@ -9932,6 +9955,13 @@ class ImapSession(TakesTurns):
         return replies + [tagged(tag, "OK", "STORE completed")]
 
     def search(self, tag: str, arguments: list, by_uid: bool) -> list:
+        returned = None  # ESEARCH (RFC 4731): SEARCH RETURN (MIN MAX COUNT ALL) criteria
+        if len(arguments) >= 2 and str(arguments[0]).upper() == "RETURN" and isinstance(
+                arguments[1], list):
+            returned = [str(option).upper() for option in arguments[1]] or ["ALL"]
+            if not set(returned) <= {"MIN", "MAX", "COUNT", "ALL"}:
+                raise BadCommand("SEARCH RETURN takes MIN, MAX, COUNT and ALL")
+            arguments = arguments[2:]
         if len(arguments) >= 2 and str(arguments[0]).upper() == "CHARSET":
             if str(arguments[1]).upper() not in ("UTF-8", "US-ASCII"):
                 return [tagged(tag, "NO", "[BADCHARSET (UTF-8 US-ASCII)] unknown charset")]
@@ -9950,6 +9980,9 @@ class ImapSession(TakesTurns):
                 flags = set(self.flag_names(s, uid, summary.flags, summary.keywords).split())
                 if test(SearchFacts(self.store, number, summary, flags)):
                     found.append(uid if by_uid else number)
+        if returned is not None:
+            return replies + [esearch_reply(tag, by_uid, returned, found),
+                              tagged(tag, "OK", "SEARCH completed")]
         return replies + [untagged(" ".join(["SEARCH", *map(str, found)])),
                           tagged(tag, "OK", "SEARCH completed")]
 

@@ -6539,6 +6539,36 @@ def test_imaplib_append_stores_a_new_message(imap_server):
     ann.logout()
 
 
+def test_imap_esearch_and_status_size_answer_as_their_rfcs_say(tmp_path):
+    with make_server(tmp_path, imap_port=0) as server:
+        with smtplib.SMTP(server.host, server.port) as client:
+            for subject in ("one", "two", "three", "four", "five"):
+                client.sendmail("a@b.test", ["c@d.test"], f"Subject: {subject}\r\n\r\nx\r\n")
+        imap = imap_login(server)
+        assert b"ESEARCH" in imap.capability()[1][0] and b"STATUS=SIZE" in imap.capability()[1][0]
+        imap.select("INBOX")
+        imap.store("4", "+FLAGS", "(\\Seen)")
+        tag = imap._new_tag().decode()
+        imap.send(f"{tag} SEARCH RETURN (MIN MAX COUNT ALL) UNSEEN\r\n".encode())
+        assert imap.readline() == f'* ESEARCH (TAG "{tag}") MIN 1 MAX 5 COUNT 4 ALL 1:3,5\r\n'.encode()
+        assert imap.readline().startswith(f"{tag} OK".encode())
+        tag = imap._new_tag().decode()
+        imap.send(f"{tag} UID SEARCH RETURN () SUBJECT nothing-like-it\r\n".encode())
+        assert imap.readline() == f'* ESEARCH (TAG "{tag}") UID\r\n'.encode()  # no ALL: none
+        assert imap.readline().startswith(f"{tag} OK".encode())
+        tag = imap._new_tag().decode()
+        imap.send(f"{tag} SEARCH RETURN (COUNT) SEEN\r\n".encode())
+        assert imap.readline() == f'* ESEARCH (TAG "{tag}") COUNT 1\r\n'.encode()
+        imap.readline()
+        tag = imap._new_tag().decode()
+        imap.send(f"{tag} SEARCH RETURN (SAVE) ALL\r\n".encode())
+        assert imap.readline().startswith(f"{tag} BAD ".encode())
+        _, data = imap.status("INBOX", "(MESSAGES SIZE)")
+        assert data == [b'"INBOX" (MESSAGES 5 SIZE %d)' % sum(
+            len(m.raw) for m in server.messages())]  # CRLF already: the same octets
+        imap.logout()
+
+
 def test_imap_append_keeps_the_internal_date_the_client_gives(imap_server):
     import imaplib
     client = imap_login(imap_server)
