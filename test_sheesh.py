@@ -6742,19 +6742,25 @@ def test_curl_lists_and_fetches_over_imap(imap_server):
     assert fetched.stdout == imap_server.messages()[0].raw
 
 
-def test_mbsync_pulls_the_inbox_byte_for_byte(imap_server, tmp_path):
-    if shutil.which("mbsync") is None:
-        pytest.skip("mbsync is not installed (.ci/run installs Debian's isync)")
+def mbsync_pull(server, tmp_path) -> tuple[subprocess.CompletedProcess, Path]:
+    """mbsync pulling the server's INBOX into a local Maildir: its result, and the Maildir."""
     local = tmp_path / "synced"
     local.mkdir()
     config = tmp_path / "mbsyncrc"
-    config.write_text(f"IMAPAccount sheesh\nHost {imap_server.host}\nPort {imap_server.imap_port}"
+    config.write_text(f"IMAPAccount sheesh\nHost {server.host}\nPort {server.imap_port}"
                       f"\nUser anyone\nPass anything\nSSLType None\nAuthMechs LOGIN\n\n"
                       f"IMAPStore remote\nAccount sheesh\n\nMaildirStore local\nPath {local}/"
                       f"\nInbox {local}/INBOX\n\nChannel inbox\nFar :remote:INBOX\n"
                       f"Near :local:\nSync Pull\nCreate Near\nSyncState *\n")
     result = subprocess.run(["mbsync", "-c", str(config), "inbox"], capture_output=True,
                             timeout=30, env={**os.environ, "HOME": str(tmp_path)})
+    return result, local
+
+
+def test_mbsync_pulls_the_inbox_byte_for_byte(imap_server, tmp_path):
+    if shutil.which("mbsync") is None:
+        pytest.skip("mbsync is not installed (.ci/run installs Debian's isync)")
+    result, local = mbsync_pull(imap_server, tmp_path)
     assert result.returncode == 0, result.stderr
     # mbsync keeps a Maildir with Unix line endings, and marks each message it stores with
     # an X-TUID header line of its own: those apart, byte for byte
@@ -6808,17 +6814,8 @@ def test_a_message_with_no_header_section_stays_all_body_for_every_reader(tmp_pa
             assert parsed.defects == []  # was MissingHeaderBodySeparatorDefect
         from_mailbox = [m.get_payload() for m in mailbox.Maildir(server.store.path)]
         assert sorted(from_mailbox) == ["body\n", "hello", "hello\n"]
-        if shutil.which("mbsync") is not None:  # as test_mbsync_pulls_the_inbox_byte_for_byte
-            local = tmp_path / "synced"
-            local.mkdir()
-            config = tmp_path / "mbsyncrc"
-            config.write_text(
-                f"IMAPAccount sheesh\nHost {server.host}\nPort {server.imap_port}\nUser anyone"
-                f"\nPass anything\nSSLType None\nAuthMechs LOGIN\n\nIMAPStore remote\nAccount "
-                f"sheesh\n\nMaildirStore local\nPath {local}/\nInbox {local}/INBOX\n\nChannel "
-                f"inbox\nFar :remote:INBOX\nNear :local:\nSync Pull\nCreate Near\nSyncState *\n")
-            result = subprocess.run(["mbsync", "-c", str(config), "inbox"], capture_output=True,
-                                    timeout=30, env={**os.environ, "HOME": str(tmp_path)})
+        if shutil.which("mbsync") is not None:
+            result, local = mbsync_pull(server, tmp_path)
             assert result.returncode == 0 and b"incomplete header" not in result.stderr, (
                 result.stderr)
             assert len([name for sub in ("new", "cur")
