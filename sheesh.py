@@ -3184,7 +3184,7 @@ class Summary:
                 "to": self.to, "cc": self.cc, "subject": self.subject, "date": self.date,
                 "message_id": self.message_id, "attachments": len(self.attachments),
                 "seen": self.seen, "flags": self.flags, "dsn": self.dsn,
-                "checks": self.checks}
+                "checks": self.checks, "keywords": self.keywords.split()}
 
 
 @dataclass
@@ -10803,6 +10803,7 @@ nav a.on{background:var(--selected)}
 .badge{display:inline-block;padding:0 6px;border-radius:9px;font-size:11px;border:1px solid}
 .badge.stored{color:var(--good)}.badge.refused,.badge.error{color:var(--bad)}
 .badge.none,.badge.info{color:var(--muted)}.badge.warning{color:#b7791f}
+.badge.keyword{margin-left:6px;font-weight:400}
 .checks ul{list-style:none;padding:0;margin:0}
 .checks li{padding:8px 0;border-bottom:1px solid var(--line)}
 #pager{padding:6px 12px;border-top:1px solid var(--line);display:flex;align-items:center;
@@ -11044,7 +11045,9 @@ async function loadMessages() {
   const rows = data.messages.map((m) => el("a", {
       "class": "row" + (m.seen ? "" : " unread"), "href": messageLink(m.id), "data-id": m.id},
     el("div", {"class": "line"}, el("span", {}, m.from || "<" + m.sender + ">"), time(m.time)),
-    el("div", {"class": "line"}, el("span", {"class": "subject"}, m.subject || "(no subject)")),
+    el("div", {"class": "line"}, el("span", {"class": "subject"}, m.subject || "(no subject)",
+       ...m.keywords.map((word) => el("span", {"class": "badge info keyword",
+                                              "title": "an IMAP keyword"}, word)))),
     el("div", {"class": "line small"}, el("span", {}, "to " + m.recipients.join(", ")),
        el("span", {"class": "aside"},
           m.checks && m.checks.error ? el("span", {"class": "badge error", "title":

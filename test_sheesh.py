@@ -4655,6 +4655,23 @@ def test_inline_images_are_not_counted_or_listed_as_attachments(web_server):
     assert json.loads(http(web_server, "/api/messages")[2])["messages"][0]["attachments"] == 0
 
 
+def test_browser_shows_the_keywords_an_imap_client_set_escaped(tmp_path, browser):
+    with make_server(tmp_path, http_port=0, imap_port=0) as server:
+        send(server, "labelled")
+        imap = imap_login(server)
+        imap.select("INBOX")
+        imap.store("1", "+FLAGS", "($Important <b>bold</b>)")
+        imap.logout()
+        listed = json.loads(http(server, "/api/messages")[2])["messages"][0]
+        assert listed["keywords"] == ["$Important", "<b>bold</b>"]
+        browser.open(server.web_url)
+        browser.wait_for("document.querySelectorAll('.row .keyword').length === 2",
+                         "the keywords on the row")
+        assert browser.evaluate("[...document.querySelectorAll('.row .keyword')].map("
+                                "(k) => k.textContent)") == ["$Important", "<b>bold</b>"]
+        assert browser.evaluate("document.querySelectorAll('.row b').length") == 0
+
+
 def test_browser_says_why_an_action_failed_counts_the_search_and_fits_a_phone(
         tmp_path, upstream, browser):
     with relaying(tmp_path, upstream, relay_match=r"@allowed\.test$") as server:
@@ -6351,6 +6368,7 @@ def test_imap_keywords_are_kept_for_every_session_and_across_a_restart(tmp_path,
         too_many = "(" + " ".join(f"$K{n}" for n in range(sheesh.IMAP_KEYWORDS_LIMIT + 1)) + ")"
         assert first.store("1", "+FLAGS", too_many)[0] == "NO"
         first.logout(), second.logout()
+        assert [m.summary.keywords for m in server.messages()] == ["$Important"]
     if not index_kind:
         return  # an index in memory is built again at each start
     with make_server(tmp_path, imap_port=0, index=index_kind) as again:
