@@ -3960,14 +3960,21 @@ class SqlIndex:
         # 41 against 14 microseconds a message), though the batches come newest first.
         stored = sorted((entry for entry in entries if entry.summary.uid in waiting),
                         key=lambda entry: entry.summary.uid)
+        # A message listed for the first time gets a mod-sequence of its own (RFC 7162
+        # section 3.1: positive, and larger than any before), so CHANGEDSINCE finds it; one
+        # read again (a rebuild, a refold) keeps its own, and sessions see nothing change.
+        modseq = self.next_modseq() if stored else 0
         db.executemany(
             "UPDATE messages SET indexed = 1, size = ?, crlf_size = ?, sender = ?, "
             "recipients = ?, from_ = ?, to_ = ?, cc = ?, subject = ?, date = ?, "
-            "message_id = ?, attachments = ?, dsn = ? WHERE uid = ?",
+            "message_id = ?, attachments = ?, dsn = ?, modseq = CASE modseq WHEN 0 THEN ? "
+            "ELSE modseq END WHERE uid = ?",
             [(s.size, s.crlf_size, s.sender, "\n".join(s.recipients), s.from_, s.to, s.cc,
               s.subject, s.date, s.message_id, "\n".join(s.attachments),
-              json.dumps(s.dsn) if s.dsn else None, s.uid)
+              json.dumps(s.dsn) if s.dsn else None, modseq, s.uid)
              for s in (entry.summary for entry in stored)])
+        for entry in stored:
+            entry.summary.modseq = entry.summary.modseq or modseq
         db.executemany("INSERT OR IGNORE INTO recipients SELECT ?, ? WHERE NOT EXISTS "
                        "(SELECT 1 FROM hidden WHERE address = ? AND key = ?)",
                        [(address.lower(), entry.summary.uid, address.lower(), entry.summary.key)
@@ -4358,12 +4365,15 @@ class MemoryIndex:
     def fill(self, entries: list[IndexEntry]) -> list[IndexEntry]:
         stored = []
         with self._lock:
+            modseq = 0
             for entry in entries:
                 uid, known = entry.summary.uid, self._rows.get(entry.summary.uid)
                 if known is None or uid in self._bodies:
                     continue
+                modseq = modseq or self.next_modseq()  # as SqlIndex.fill
                 entry.summary.location, entry.summary.flags = known.location, known.flags
                 entry.summary.keywords = known.keywords
+                entry.summary.modseq = known.modseq or modseq
                 self._rows[uid], self._bodies[uid] = entry.summary, entry.body
                 stored.append(entry)
         return stored
@@ -8576,9 +8586,22 @@ def imap_list(items) -> bytes:
     return b"(" + b" ".join(items) + b")"
 
 
-def esearch_reply(tag: str, by_uid: bool, returned: list[str], found: list[int]):
+def flat_words(arguments: list) -> set[str]:
+    """The atoms of a parsed command, at any depth, in upper case."""
+    words = set()
+    for argument in arguments:
+        if isinstance(argument, list):
+            words |= flat_words(argument)
+        elif not isinstance(argument, bytes):
+            words.add(str(argument).upper())
+    return words
+
+
+def esearch_reply(tag: str, by_uid: bool, returned: list[str], found: list[int],
+                  modseq: int | None = None):
     """* ESEARCH (TAG "a1") [UID] MIN n MAX n COUNT n ALL set (RFC 4731 section 3.1): MIN,
-    MAX and ALL only when something matched; numbers ascending, ALL as ranges (1:3,5)."""
+    MAX and ALL only when something matched; numbers ascending, ALL as ranges (1:3,5); and
+    MODSEQ n for a search by MODSEQ (RFC 7162 section 3.1.5)."""
     words = [f'(TAG "{tag}")'] + ["UID"] * by_uid
     if found and "MIN" in returned:
         words.append(f"MIN {found[0]}")
@@ -8587,13 +8610,20 @@ def esearch_reply(tag: str, by_uid: bool, returned: list[str], found: list[int])
     if "COUNT" in returned:
         words.append(f"COUNT {len(found)}")
     if found and "ALL" in returned:
-        ranges, start = [], found[0]
-        for before, number in zip(found, found[1:] + [None]):
-            if number != before + 1:
-                ranges.append(f"{start}:{before}" if before != start else str(start))
-                start = number
-        words.append("ALL " + ",".join(ranges))
+        words.append("ALL " + number_set(found))
+    if modseq is not None:
+        words.append(f"MODSEQ {modseq}")
     return untagged(" ".join(["ESEARCH", *words]))
+
+
+def number_set(numbers: list[int]) -> str:
+    """Ascending numbers as an IMAP sequence set, in ranges: 1:3,5."""
+    ranges, start = [], numbers[0]
+    for before, number in zip(numbers, numbers[1:] + [None]):
+        if number != before + 1:
+            ranges.append(f"{start}:{before}" if before != start else str(start))
+            start = number
+    return ",".join(ranges)
 
 
 def internal_date(text: str) -> float | None:
@@ -8626,6 +8656,13 @@ def parse_imap_date(text: str) -> datetime.date:
                              int(found.group(1)))
     except ValueError:  # 31-Feb-2024, or the year 0000
         raise BadCommand(f"{text!r} is not a day of the calendar") from None
+
+
+def imap_modseq(text: str) -> int:
+    """A mod-sequence value (RFC 7162 section 7: 63 bits unsigned)."""
+    if not (0 < len(text) <= 19 and text.isdigit() and text.isascii() and int(text) < 2 ** 63):
+        raise BadCommand(f"{text[:25]!r} is not a mod-sequence value")
+    return int(text)
 
 
 def imap_number(text: str, what: str = "a number", smallest: int = 0) -> int:
@@ -9135,6 +9172,13 @@ def search_key(arguments: list, position: int, largest: int, largest_uid: int, d
         case "UID":
             ranges = sequence_set(str(take()), largest_uid)
             return (lambda facts: in_ranges(facts.summary.uid, ranges)), position
+        case "MODSEQ":  # RFC 7162 section 3.1.5: [entry-name entry-type] mod-sequence
+            value = str(take())
+            if value.startswith("/"):  # the entry's name and type: one value serves all
+                take()
+                value = str(take())
+            least = imap_modseq(value)
+            return (lambda facts: max(facts.summary.modseq, 1) >= least), position
         case _ if re.fullmatch(r"[\d:*,]+", key):
             ranges = sequence_set(key, largest)
             return (lambda facts: in_ranges(facts.number, ranges)), position
@@ -9256,6 +9300,7 @@ class ImapSession(TakesTurns):
     # to wake this session's read (without it, IDLE looks every IMAP_IDLE_TICK seconds).
     wake: Callable[[], None] | None = None
     unknown_commands: int = 0
+    condstore: bool = False  # RFC 7162: MODSEQ in FETCH, once enabled
     auth_failures: int = 0
     _incoming: Incoming = field(default_factory=lambda: Incoming(IMAP_LINE_LIMIT))
     _pieces: list = field(default_factory=list)  # the command so far: text, literal, text...
@@ -9308,7 +9353,7 @@ class ImapSession(TakesTurns):
 
     def capabilities(self) -> str:
         words = ["IMAP4rev1", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE", "NAMESPACE",
-                 "UNSELECT", "UIDPLUS", "CHILDREN", "ESEARCH", "STATUS=SIZE"]
+                 "UNSELECT", "UIDPLUS", "CHILDREN", "ESEARCH", "STATUS=SIZE", "CONDSTORE"]
         if self.state is ImapState.NOT_AUTHENTICATED:
             if self.tls_available and self.tls is None:
                 words.append("STARTTLS")
@@ -9515,8 +9560,12 @@ class ImapSession(TakesTurns):
 
     def authenticated(self, tag: str, verb: str, arguments: list) -> list:
         match verb:
-            case "ENABLE":
-                return [untagged("ENABLED"), tagged(tag, "OK", "nothing to enable")]
+            case "ENABLE":  # RFC 5161; CONDSTORE is the one that changes anything here
+                enabled = ["CONDSTORE"] if any(str(name).upper() == "CONDSTORE"
+                                               for name in arguments) else []
+                self.condstore = self.condstore or bool(enabled)
+                return [untagged(" ".join(["ENABLED", *enabled])),
+                        tagged(tag, "OK", "ENABLE completed")]
             case "NAMESPACE":
                 return [untagged('NAMESPACE (("" "/")) NIL NIL'),
                         tagged(tag, "OK", "NAMESPACE completed")]
@@ -9710,11 +9759,13 @@ class ImapSession(TakesTurns):
         recent = len(self.store.uids(mailbox=box.address,
                                            after=self.locks.unclaimed(box.name)))
         values = {"MESSAGES": total, "UNSEEN": unseen, "UIDVALIDITY": self.store.uidvalidity,
-                  "UIDNEXT": self.store.next_uid(), "RECENT": recent, "SIZE": None}
+                  "UIDNEXT": self.store.next_uid(), "RECENT": recent, "SIZE": None,
+                  "HIGHESTMODSEQ": max(self.store.modseq, 1)}
         items = [str(item).upper() for item in arguments[1]]
         if not all(item in values for item in items):
-            raise BadCommand("STATUS takes MESSAGES, RECENT, UIDNEXT, UIDVALIDITY, UNSEEN "
-                             "and SIZE")
+            raise BadCommand("STATUS takes MESSAGES, RECENT, UIDNEXT, UIDVALIDITY, UNSEEN, "
+                             "SIZE and HIGHESTMODSEQ")
+        self.condstore = self.condstore or "HIGHESTMODSEQ" in items
         if "SIZE" in items:  # RFC 8438: the messages' sizes, as RFC822.SIZE gives each
             values["SIZE"] = sum(size for _, size in self.store.sizes(box.address))
         answer = " ".join(f"{item} {values[item]}" for item in items)
@@ -9724,8 +9775,11 @@ class ImapSession(TakesTurns):
 
     def select(self, tag: str, verb: str, arguments: list) -> list:
         """SELECT (read-write) or EXAMINE (read-only): the mailbox, and what is in it."""
+        if len(arguments) == 2 and isinstance(arguments[1], list) and [
+                str(name).upper() for name in arguments[1]] == ["CONDSTORE"]:
+            self.condstore, arguments = True, arguments[:1]  # RFC 7162 section 3.1.8
         if len(arguments) != 1:
-            raise BadCommand(f"usage: {verb} mailbox")
+            raise BadCommand(f"usage: {verb} mailbox [(CONDSTORE)]")
         self.selected, self.state = None, ImapState.AUTHENTICATED
         box = self.find_mailbox(arguments[0])
         if box is None:
@@ -9748,6 +9802,8 @@ class ImapSession(TakesTurns):
                    untagged(f"{len(uids)} EXISTS"), untagged(f"{len(self.selected.recent)} RECENT"),
                    untagged(f"OK [UIDVALIDITY {self.store.uidvalidity}] UIDs valid"),
                    untagged(f"OK [UIDNEXT {self.store.next_uid()}] predicted next UID")]
+        if self.condstore:  # the store's: a mailbox's highest is never above it
+            replies.append(untagged(f"OK [HIGHESTMODSEQ {max(modseq, 1)}] highest"))
         if unseen:
             replies.append(untagged(f"OK [UNSEEN {self.selected.number(unseen[0])}] first unseen"))
         access = "READ-ONLY" if read_only else "READ-WRITE"
@@ -9785,7 +9841,8 @@ class ImapSession(TakesTurns):
             number = s.number(uid)
             if number is not None and uid not in s.expunged and s.own.get(uid) != changed:
                 names = self.flag_names(s, uid, flags, keywords)
-                replies.append(untagged(f"{number} FETCH (FLAGS ({names}))"))
+                modseq_item = f" MODSEQ ({max(changed, 1)})" if self.condstore else ""
+                replies.append(untagged(f"{number} FETCH (FLAGS ({names}){modseq_item})"))
         if expunges and s.expunged:
             replies += self.forget(s, s.expunged)
         new = self.store.uids(mailbox=s.mailbox.address, after=s.uids[-1] if s.uids else 0)
@@ -9844,11 +9901,22 @@ class ImapSession(TakesTurns):
     def fetch(self, tag: str, arguments: list, by_uid: bool) -> list:
         """FETCH: the replies are made as they are sent (Streamed), a message at a time, so
         FETCH 1:* BODY[] of a mailbox of 100,000 messages holds one in memory at most."""
+        changed_since = None
+        if len(arguments) == 3 and isinstance(arguments[2], list):  # RFC 7162 3.1.4.1
+            modifier = [str(word).upper() for word in arguments[2]]
+            if len(modifier) != 2 or modifier[0] != "CHANGEDSINCE":
+                raise BadCommand("FETCH takes the modifier (CHANGEDSINCE mod-sequence)")
+            changed_since, arguments = imap_modseq(modifier[1]), arguments[:2]
         if len(arguments) != 2:
-            raise BadCommand("usage: FETCH sequence-set items")
+            raise BadCommand("usage: FETCH sequence-set items [(CHANGEDSINCE mod-sequence)]")
         items = fetch_items(arguments[1])
         if by_uid and not any(item.name == "UID" for item in items):
             items.insert(0, FetchItem("UID"))  # RFC 3501 section 6.4.8
+        if changed_since is not None or any(item.name == "MODSEQ" for item in items):
+            self.condstore = True  # a CONDSTORE enabling command (section 3.1)
+        if self.condstore and not any(item.name == "MODSEQ" for item in items) and (
+                changed_since is not None or any(item.name == "FLAGS" for item in items)):
+            items.append(FetchItem("MODSEQ"))
         chosen = self.chosen(arguments[0], by_uid)
         replies = self.updates(expunges=by_uid)
         s, store = self.selected, self.store
@@ -9861,6 +9929,9 @@ class ImapSession(TakesTurns):
                     [uid for _, uid in batch])}
                 for number, uid in batch:
                     summary = found.get(uid)
+                    if changed_since is not None and (
+                            summary is None or summary.modseq <= changed_since):
+                        continue  # only what changed since (a gone one: nothing to say)
                     if summary is not None and marks_seen and not summary.seen:
                         summary = store.set_flags(summary.key, summary.flags + "S") or summary
                         s.own[uid] = summary.modseq
@@ -9887,6 +9958,8 @@ class ImapSession(TakesTurns):
             if marks_seen and not any(item.name == "FLAGS" for item in items):
                 fields.append([b"FLAGS (" + self.flag_names(
                     s, summary.uid, summary.flags, summary.keywords).encode() + b")"])
+                if self.condstore and not any(item.name == "MODSEQ" for item in items):
+                    fields.append([b"MODSEQ (%d)" % max(summary.modseq, 1)])
             yield b"* %d FETCH (" % number
             for position, pieces in enumerate(fields):
                 if position:
@@ -9904,8 +9977,17 @@ class ImapSession(TakesTurns):
     def store_flags(self, tag: str, arguments: list, by_uid: bool) -> list:
         """STORE n [+-]FLAGS[.SILENT] (flags): system flags are the file's, keywords the
         index's; both kept for good, and seen by every session."""
+        unchanged_since = None
+        if len(arguments) == 4 and isinstance(arguments[1], list):  # RFC 7162 3.1.3
+            modifier = [str(word).upper() for word in arguments[1]]
+            if len(modifier) != 2 or modifier[0] != "UNCHANGEDSINCE":
+                raise BadCommand("STORE takes the modifier (UNCHANGEDSINCE mod-sequence)")
+            unchanged_since = imap_modseq(modifier[1])
+            arguments = [arguments[0], *arguments[2:]]
+            self.condstore = True
         if len(arguments) != 3:
-            raise BadCommand("usage: STORE sequence-set [+-]FLAGS[.SILENT] (flags)")
+            raise BadCommand("usage: STORE sequence-set [(UNCHANGEDSINCE n)] [+-]FLAGS[.SILENT] "
+                             "(flags)")
         how = str(arguments[1]).upper()
         if how.removesuffix(".SILENT") not in ("FLAGS", "+FLAGS", "-FLAGS"):
             raise BadCommand("STORE takes FLAGS, +FLAGS or -FLAGS, optionally .SILENT")
@@ -9921,12 +10003,15 @@ class ImapSession(TakesTurns):
         if s.read_only:
             return [tagged(tag, "NO", "[READ-ONLY] the mailbox is read-only")]
         chosen = self.chosen(arguments[0], by_uid)
-        replies = self.updates(expunges=by_uid)
+        replies, modified = self.updates(expunges=by_uid), []
         for batch in batched(chosen, 200):
             found = {m.uid: m for m in self.store.by_uids([uid for _, uid in batch])}
             for number, uid in batch:
                 summary = found.get(uid)
                 if summary is None:
+                    continue
+                if unchanged_since is not None and summary.modseq > unchanged_since:
+                    modified.append(uid if by_uid else number)  # changed meanwhile: left
                     continue
                 now, mine = set(summary.flags), set(summary.keywords.split())
                 if how.startswith("+"):
@@ -9948,10 +10033,16 @@ class ImapSession(TakesTurns):
                 if mine != set(summary.keywords.split()):
                     summary = self.store.set_keywords(summary, mine)
                     s.own[uid] = summary.modseq
-                if not how.endswith(".SILENT"):
+                if not how.endswith(".SILENT") or self.condstore:  # 3.1.3: MODSEQ is told
                     names = self.flag_names(s, uid, summary.flags, summary.keywords)
-                    replies.append(untagged(f"{number} FETCH (FLAGS ({names})"
+                    shown = "" if how.endswith(".SILENT") else f"FLAGS ({names})"
+                    if self.condstore:
+                        shown = f"{shown} MODSEQ ({max(summary.modseq, 1)})".lstrip()
+                    replies.append(untagged(f"{number} FETCH ({shown}"
                                             + (f" UID {uid})" if by_uid else ")")))
+        if modified:
+            return replies + [tagged(tag, "OK", f"[MODIFIED {number_set(modified)}] "
+                                                "Conditional STORE failed")]
         return replies + [tagged(tag, "OK", "STORE completed")]
 
     def search(self, tag: str, arguments: list, by_uid: bool) -> list:
@@ -9970,7 +10061,9 @@ class ImapSession(TakesTurns):
         if words_in(arguments) > IMAP_SEARCH_KEYS_LIMIT:
             raise BadCommand(f"a SEARCH of at most {IMAP_SEARCH_KEYS_LIMIT} words")
         test = search_program(arguments, len(s.uids), self.largest_uid())
-        replies, found = self.updates(expunges=by_uid), []
+        by_modseq = "MODSEQ" in flat_words(arguments)
+        self.condstore = self.condstore or by_modseq
+        replies, found, highest = self.updates(expunges=by_uid), [], 0
         for batch in batched(enumerate(s.uids, start=1), 500):
             summaries = {m.uid: m for m in self.store.by_uids([uid for _, uid in batch])}
             for number, uid in batch:
@@ -9980,10 +10073,14 @@ class ImapSession(TakesTurns):
                 flags = set(self.flag_names(s, uid, summary.flags, summary.keywords).split())
                 if test(SearchFacts(self.store, number, summary, flags)):
                     found.append(uid if by_uid else number)
+                    highest = max(highest, summary.modseq, 1)
+        # RFC 7162 section 3.1.5: a search by MODSEQ says the highest of what it found.
+        told = [f"(MODSEQ {highest})"] if by_modseq and found else []
         if returned is not None:
-            return replies + [esearch_reply(tag, by_uid, returned, found),
+            return replies + [esearch_reply(tag, by_uid, returned, found,
+                                            highest if told else None),
                               tagged(tag, "OK", "SEARCH completed")]
-        return replies + [untagged(" ".join(["SEARCH", *map(str, found)])),
+        return replies + [untagged(" ".join(["SEARCH", *map(str, found), *told])),
                           tagged(tag, "OK", "SEARCH completed")]
 
     def copy(self, tag: str, arguments: list, by_uid: bool) -> list:
@@ -10154,7 +10251,7 @@ def fetch_items(argument) -> list[FetchItem]:
             raise BadCommand("cannot read the FETCH items")
         upper = str(name).upper()
         if upper in ("FLAGS", "UID", "INTERNALDATE", "RFC822.SIZE", "ENVELOPE",
-                     "BODYSTRUCTURE", "BODY"):
+                     "BODYSTRUCTURE", "BODY", "MODSEQ"):
             items.append(FetchItem(upper))
         elif upper in ("RFC822", "RFC822.HEADER", "RFC822.TEXT"):
             kind = {"RFC822": "", "RFC822.HEADER": "HEADER", "RFC822.TEXT": "TEXT"}[upper]
@@ -10177,6 +10274,8 @@ def fetch_field(item: FetchItem, view, root: MimePart | None, summary: Summary,
     match item.name:
         case "UID":
             return [b"UID %d" % summary.uid]
+        case "MODSEQ":  # RFC 7162 section 3.1.4.1: positive, so at least 1
+            return [b"MODSEQ (%d)" % max(summary.modseq, 1)]
         case "FLAGS":
             return [f"FLAGS ({flags})".encode()]
         case "INTERNALDATE":

@@ -6587,6 +6587,58 @@ def test_imap_esearch_and_status_size_answer_as_their_rfcs_say(tmp_path):
         imap.logout()
 
 
+def imap_exchange(client, command):
+    """Send one command (a raw line); its untagged lines and its tagged one."""
+    tag = client._new_tag().decode()
+    client.send(f"{tag} {command}\r\n".encode())
+    lines = []
+    while not (line := client.readline()).startswith(tag.encode()):
+        lines.append(line.rstrip(b"\r\n").decode())
+    return lines, line.rstrip(b"\r\n").decode()[len(tag) + 1:]
+
+
+def test_imap_condstore_modseqs_changedsince_unchangedsince_and_search(tmp_path):
+    """RFC 7162's CONDSTORE over the index's modification sequences: a new message has
+    one of its own, each change a higher one."""
+    with make_server(tmp_path, imap_port=0) as server:
+        for subject in ("one", "two"):
+            send(server, subject)
+            server.store.catch_up()
+        imap, other = imap_login(server), imap_login(server)
+        assert b"CONDSTORE" in imap.capability()[1][0]
+        lines, done = imap_exchange(imap, "SELECT INBOX (CONDSTORE)")
+        [highest] = [int(re.search(r"HIGHESTMODSEQ (\d+)", line).group(1)) for line in lines
+                     if "HIGHESTMODSEQ" in line]
+        lines, _ = imap_exchange(imap, "FETCH 1:* (FLAGS MODSEQ)")
+        modseqs = [int(re.search(r"MODSEQ \((\d+)\)", line).group(1)) for line in lines]
+        assert len(modseqs) == 2 and 0 < modseqs[0] < modseqs[1] <= highest
+        assert imap_exchange(other, "ENABLE CONDSTORE")[0] == ["* ENABLED CONDSTORE"]
+        imap_exchange(other, "SELECT INBOX")
+        lines, _ = imap_exchange(imap, "STORE 1 +FLAGS (\\Flagged)")
+        flagged = int(re.search(r"MODSEQ \((\d+)\)", lines[0]).group(1))
+        assert flagged > highest and "\\Flagged" in lines[0]
+        lines, _ = imap_exchange(other, "NOOP")  # told, with the new mod-sequence
+        assert lines == [f"* 1 FETCH (FLAGS (\\Flagged) MODSEQ ({flagged}))"]
+        lines, _ = imap_exchange(imap, f"FETCH 1:* (FLAGS) (CHANGEDSINCE {highest})")
+        assert len(lines) == 1 and lines[0].startswith("* 1 FETCH") and f"MODSEQ ({flagged})" in (
+            lines[0])
+        lines, done = imap_exchange(imap, f"STORE 1:2 (UNCHANGEDSINCE {highest}) +FLAGS (\\Seen)")
+        assert done == "OK [MODIFIED 1] Conditional STORE failed"
+        assert [line.split(" FETCH")[0] for line in lines] == ["* 2"]  # 1 was left as it was
+        lines, _ = imap_exchange(imap, f"SEARCH MODSEQ {highest + 1}")
+        now = max(int(m) for m in re.findall(r"MODSEQ \((\d+)\)", " ".join(
+            imap_exchange(imap, "FETCH 1:* (MODSEQ)")[0])))
+        assert lines == [f"* SEARCH 1 2 (MODSEQ {now})"]
+        lines, _ = imap_exchange(imap, f'UID SEARCH RETURN (COUNT) MODSEQ "/flags/\\\\seen" '
+                                       f'all {flagged + 1}')
+        assert len(lines) == 1 and lines[0].endswith(f") UID COUNT 1 MODSEQ {now}")
+        lines, _ = imap_exchange(imap, "STATUS INBOX (HIGHESTMODSEQ)")
+        assert lines == [f'* STATUS "INBOX" (HIGHESTMODSEQ {now})']
+        assert imap_exchange(imap, "FETCH 1 (FLAGS) (CHANGEDSINCE x)")[1].startswith("BAD")
+        assert imap_exchange(imap, "STORE 1 (SOMETHING 1) +FLAGS (\\Seen)")[1].startswith("BAD")
+        imap.logout(), other.logout()
+
+
 def test_imap_append_keeps_the_internal_date_the_client_gives(imap_server):
     import imaplib
     client = imap_login(imap_server)
