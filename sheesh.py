@@ -8586,6 +8586,57 @@ def imap_list(items) -> bytes:
     return b"(" + b" ".join(items) + b")"
 
 
+@dataclass
+class StoreRequest:
+    """STORE's arguments, read: which messages, the condition (RFC 7162's UNCHANGEDSINCE),
+    how (+FLAGS adds, -FLAGS takes away, FLAGS replaces), and the flags, as Maildir letters
+    and keywords."""
+
+    sequence: object  # as parsed: ImapSession.chosen reads it
+    unchanged_since: int | None
+    how: str
+    letters: set[str]
+    keywords: set[str]
+
+    @property
+    def silent(self) -> bool:
+        return self.how.endswith(".SILENT")
+
+    @classmethod
+    def parse(cls, arguments: list) -> StoreRequest:
+        unchanged_since = None
+        if len(arguments) == 4 and isinstance(arguments[1], list):  # RFC 7162 3.1.3
+            modifier = [str(word).upper() for word in arguments[1]]
+            if len(modifier) != 2 or modifier[0] != "UNCHANGEDSINCE":
+                raise BadCommand("STORE takes the modifier (UNCHANGEDSINCE mod-sequence)")
+            unchanged_since = imap_modseq(modifier[1])
+            arguments = [arguments[0], *arguments[2:]]
+        if len(arguments) != 3:
+            raise BadCommand("usage: STORE sequence-set [(UNCHANGEDSINCE n)] [+-]FLAGS[.SILENT] "
+                             "(flags)")
+        how = str(arguments[1]).upper()
+        if how.removesuffix(".SILENT") not in ("FLAGS", "+FLAGS", "-FLAGS"):
+            raise BadCommand("STORE takes FLAGS, +FLAGS or -FLAGS, optionally .SILENT")
+        names = arguments[2] if isinstance(arguments[2], list) else [arguments[2]]
+        if not all(isinstance(name, Atom) for name in names):  # RFC 3501 section 9: flag
+            raise BadCommand("flags are atoms, as \\Seen or $Label, in one list")
+        if any(str(n).startswith("\\") and str(n).lower() not in IMAP_SYSTEM_FLAGS for n in names):
+            raise BadCommand("\\Recent and unknown system flags cannot be stored")
+        return cls(arguments[0], unchanged_since, how,
+                   {IMAP_SYSTEM_FLAGS[str(n).lower()] for n in names
+                    if str(n).lower() in IMAP_SYSTEM_FLAGS},
+                   {str(n) for n in names if not str(n).startswith("\\")})
+
+    def applied_to(self, summary: Summary) -> tuple[set[str], set[str]]:
+        """The message's letters and keywords once this STORE is done."""
+        letters, keywords = set(summary.flags), set(summary.keywords.split())
+        if self.how.startswith("+"):
+            return letters | self.letters, keywords | self.keywords
+        if self.how.startswith("-"):
+            return letters - self.letters, keywords - self.keywords
+        return self.letters | (letters - set(IMAP_SYSTEM_FLAGS.values())), set(self.keywords)
+
+
 def flat_words(arguments: list) -> set[str]:
     """The atoms of a parsed command, at any depth, in upper case."""
     words = set()
@@ -9975,34 +10026,14 @@ class ImapSession(TakesTurns):
     # -- STORE, SEARCH, COPY, EXPUNGE, APPEND
 
     def store_flags(self, tag: str, arguments: list, by_uid: bool) -> list:
-        """STORE n [+-]FLAGS[.SILENT] (flags): system flags are the file's, keywords the
-        index's; both kept for good, and seen by every session."""
-        unchanged_since = None
-        if len(arguments) == 4 and isinstance(arguments[1], list):  # RFC 7162 3.1.3
-            modifier = [str(word).upper() for word in arguments[1]]
-            if len(modifier) != 2 or modifier[0] != "UNCHANGEDSINCE":
-                raise BadCommand("STORE takes the modifier (UNCHANGEDSINCE mod-sequence)")
-            unchanged_since = imap_modseq(modifier[1])
-            arguments = [arguments[0], *arguments[2:]]
-            self.condstore = True
-        if len(arguments) != 3:
-            raise BadCommand("usage: STORE sequence-set [(UNCHANGEDSINCE n)] [+-]FLAGS[.SILENT] "
-                             "(flags)")
-        how = str(arguments[1]).upper()
-        if how.removesuffix(".SILENT") not in ("FLAGS", "+FLAGS", "-FLAGS"):
-            raise BadCommand("STORE takes FLAGS, +FLAGS or -FLAGS, optionally .SILENT")
-        names = arguments[2] if isinstance(arguments[2], list) else [arguments[2]]
-        if not all(isinstance(name, Atom) for name in names):  # RFC 3501 section 9: flag
-            raise BadCommand("flags are atoms, as \\Seen or $Label, in one list")
-        letters = {IMAP_SYSTEM_FLAGS[str(n).lower()] for n in names
-                   if str(n).lower() in IMAP_SYSTEM_FLAGS}
-        keywords = {str(n) for n in names if not str(n).startswith("\\")}
-        if any(str(n).startswith("\\") and str(n).lower() not in IMAP_SYSTEM_FLAGS for n in names):
-            raise BadCommand("\\Recent and unknown system flags cannot be stored")
+        """STORE n [(UNCHANGEDSINCE m)] [+-]FLAGS[.SILENT] (flags): system flags are the
+        file's, keywords the index's; both kept for good, and seen by every session."""
+        request = StoreRequest.parse(arguments)
+        self.condstore = self.condstore or request.unchanged_since is not None
         s = self.selected
         if s.read_only:
             return [tagged(tag, "NO", "[READ-ONLY] the mailbox is read-only")]
-        chosen = self.chosen(arguments[0], by_uid)
+        chosen = self.chosen(request.sequence, by_uid)
         replies, modified = self.updates(expunges=by_uid), []
         for batch in batched(chosen, 200):
             found = {m.uid: m for m in self.store.by_uids([uid for _, uid in batch])}
@@ -10010,32 +10041,24 @@ class ImapSession(TakesTurns):
                 summary = found.get(uid)
                 if summary is None:
                     continue
-                if unchanged_since is not None and summary.modseq > unchanged_since:
+                if request.unchanged_since is not None and (
+                        summary.modseq > request.unchanged_since):
                     modified.append(uid if by_uid else number)  # changed meanwhile: left
                     continue
-                now, mine = set(summary.flags), set(summary.keywords.split())
-                if how.startswith("+"):
-                    now |= letters
-                    mine |= keywords
-                elif how.startswith("-"):
-                    now -= letters
-                    mine -= keywords
-                else:
-                    now = letters | (now - set(IMAP_SYSTEM_FLAGS.values()))
-                    mine = set(keywords)
-                if len(mine) > IMAP_KEYWORDS_LIMIT:
+                letters, keywords = request.applied_to(summary)
+                if len(keywords) > IMAP_KEYWORDS_LIMIT:
                     return replies + [tagged(tag, "NO", f"[LIMIT] at most "
                                                         f"{IMAP_KEYWORDS_LIMIT} keywords on a "
                                                         f"message")]
-                if now != set(summary.flags):
-                    summary = self.store.set_flags(summary.key, "".join(now)) or summary
+                if letters != set(summary.flags):
+                    summary = self.store.set_flags(summary.key, "".join(letters)) or summary
                     s.own[uid] = summary.modseq
-                if mine != set(summary.keywords.split()):
-                    summary = self.store.set_keywords(summary, mine)
+                if keywords != set(summary.keywords.split()):
+                    summary = self.store.set_keywords(summary, keywords)
                     s.own[uid] = summary.modseq
-                if not how.endswith(".SILENT") or self.condstore:  # 3.1.3: MODSEQ is told
+                if not request.silent or self.condstore:  # 3.1.3: MODSEQ is told
                     names = self.flag_names(s, uid, summary.flags, summary.keywords)
-                    shown = "" if how.endswith(".SILENT") else f"FLAGS ({names})"
+                    shown = "" if request.silent else f"FLAGS ({names})"
                     if self.condstore:
                         shown = f"{shown} MODSEQ ({max(summary.modseq, 1)})".lstrip()
                     replies.append(untagged(f"{number} FETCH ({shown}"
