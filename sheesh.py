@@ -2306,8 +2306,9 @@ class Login:
             self.failures += 1
             self._mistakes.append(mistake)
         elif isinstance(secret, bytes) and mistake not in self._mistakes:
-            # Kept too, to compare the next CRAM-MD5 answer (to a new challenge) with: at most
-            # one a counted CRAM-MD5 mistake, so the list stays as short as the count.
+            # A password that made an earlier CRAM-MD5 answer is kept too: the next CRAM-MD5
+            # answer, to a new challenge, can be compared with it only. There is one such
+            # password for each counted CRAM-MD5 mistake, so the list stays short.
             self._mistakes.append(mistake)
         self.refused_user = user
         return BAD_CREDENTIALS
@@ -2315,20 +2316,19 @@ class Login:
 
 def same_mistake(one: tuple, other: tuple) -> bool:
     """Whether two wrong credentials are the same user and password. A CRAM-MD5 answer
-    hides its password, but the password of a plain one shows whether it made that answer;
-    two CRAM-MD5 answers to different challenges cannot be compared, and count apart."""
+    (challenge, digest) hides its password, but a plain password shows whether it made that
+    answer; two CRAM-MD5 answers to different challenges cannot be compared, and count apart."""
     (user, secret), (other_user, other_secret) = one, other
     if user != other_user:
         return False
-    if isinstance(secret, tuple):
-        secret, other_secret = other_secret, secret
-    if isinstance(other_secret, tuple):
-        if isinstance(secret, tuple):
-            return secret == other_secret
-        challenge, digest = other_secret
-        return hmac.compare_digest(hmac.new(secret, challenge, "md5").hexdigest().encode(),
-                                   digest)
-    return hmac.compare_digest(secret, other_secret)
+    passwords = [s for s in (secret, other_secret) if isinstance(s, bytes)]
+    answers = [s for s in (secret, other_secret) if isinstance(s, tuple)]
+    if len(passwords) == 2:
+        return hmac.compare_digest(*passwords)
+    if len(answers) == 2:
+        return answers[0] == answers[1]
+    [password], [(challenge, digest)] = passwords, answers
+    return hmac.compare_digest(hmac.new(password, challenge, "md5").hexdigest().encode(), digest)
 
 
 class LoginGuard:
@@ -4541,11 +4541,15 @@ class MemoryIndex:
 INDEX_QUIET = 0.05  # deliveries paused this long: index what arrived
 INDEX_DELAY_MAX = 5.0  # and never later than this after a message arrived
 INDEX_BACKLOG_MAX = 50_000  # keys queued for the index; beyond, the next scan finds them
-INDEX_ROUND_MAX = 50  # with someone waiting for news, arrivals indexed in one round (then
-# they are told); with no one, a round takes the whole queue, which costs less a message
-INDEX_BEHIND = 50  # with someone waiting for news, arrivals the indexer may be behind by;
-INDEX_BEHIND_PAUSE = 0.001  # beyond, each session pauses this long (for each INDEX_BEHIND
-INDEX_BEHIND_PAUSE_MAX = 0.02  # it is behind, up to this) before its 250
+# With someone waiting for news (IDLE, a wait, an event stream), a round of indexing takes at
+# most INDEX_ROUND_MAX arrivals, and those waiting are told of each round; with no one, a round
+# takes the whole queue, which costs less per message. While the indexer is more than
+# INDEX_BEHIND arrivals behind a watched flood, each session pauses before its 250:
+# INDEX_BEHIND_PAUSE for every INDEX_BEHIND it is behind, at most INDEX_BEHIND_PAUSE_MAX.
+INDEX_ROUND_MAX = 50
+INDEX_BEHIND = 50
+INDEX_BEHIND_PAUSE = 0.001
+INDEX_BEHIND_PAUSE_MAX = 0.02
 WATCHED_DELAY = 0.02  # with someone waiting, announce arrivals gathered this long,
 WATCHED_DELAY_EACH = 0.0005  # and this much longer for each one waiting,
 WATCHED_DELAY_MAX = 0.25  # up to this
